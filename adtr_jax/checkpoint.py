@@ -1,0 +1,51 @@
+"""Orbax checkpoints of the trainable state, with metadata naming the frozen backbone it belongs to."""
+from __future__ import annotations
+
+import pathlib
+
+import jax
+import orbax.checkpoint as ocp
+from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
+
+
+def manager(directory: str | pathlib.Path, max_to_keep: int = 3) -> ocp.CheckpointManager:
+  """Keeps the latest `max_to_keep` steps plus the one with the lowest epoch-mean training loss."""
+  policy = pp.AnyPreservationPolicy([
+      pp.LatestN(n=max_to_keep),
+      # BestN keeps the highest values; negate so the lowest loss wins.
+      pp.BestN(get_metric_fn=lambda m: -m['train_loss'], n=1),
+  ])
+  options = ocp.CheckpointManagerOptions(
+      preservation_policy=policy, best_fn=lambda m: m['train_loss'], best_mode='min', create=True)
+  return ocp.CheckpointManager(pathlib.Path(directory).absolute(), options=options,
+                               item_names=('state', 'meta'))
+
+
+def save(mgr: ocp.CheckpointManager, step: int, state, meta: dict, train_loss: float) -> None:
+  """Saves the state pytree and a JSON dict (backbone, weight hash, config, calibration...)."""
+  mgr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                         meta=ocp.args.JsonSave(meta)),
+           metrics={'train_loss': float(train_loss)})
+
+
+def select_step(mgr: ocp.CheckpointManager, which: str) -> int:
+  """'latest' or 'best' -> a saved step; a clear error when the workdir has none."""
+  if which not in ('latest', 'best'):
+    raise ValueError(f"eval.checkpoint={which!r} must be 'latest' or 'best'")
+  step = mgr.latest_step() if which == 'latest' else mgr.best_step()
+  if step is None:
+    raise FileNotFoundError(f'no checkpoint in {mgr.directory}: train first (--mode=train)')
+  return step
+
+
+def restore(mgr: ocp.CheckpointManager, step: int, abstract_state):
+  """Restores (state, meta) at `step` into the structure and shardings of `abstract_state`."""
+  target = jax.tree.map(ocp.utils.to_shape_dtype_struct, abstract_state)
+  out = mgr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target),
+                                                  meta=ocp.args.JsonRestore()))
+  return out.state, out.meta
+
+
+def read_meta(mgr: ocp.CheckpointManager, step: int) -> dict:
+  """Only the JSON metadata of a step (cheap: no arrays are read)."""
+  return mgr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta

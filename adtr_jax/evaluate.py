@@ -1,0 +1,163 @@
+"""Evaluation: score maps for a category's test split, metrics.json, heatmap overlays."""
+from __future__ import annotations
+
+import json
+import pathlib
+
+import jax
+import ml_collections
+import numpy as np
+from absl import logging
+from flax import nnx
+from tqdm.auto import tqdm
+
+from adtr_jax import checkpoint, metrics, scoring, sharding, visualize
+from adtr_jax.data import datasets, pipeline
+from adtr_jax.models.adtr import build_model
+from adtr_jax.train import TrainState, device_inputs, init_state, make_optimizer
+
+
+def score_fn(params, frozen, images, *, graphdef, scoring_cfg, image_size: int):
+  """images [B, S, S, 3] -> (score maps [B, S, S], image scores [B]). Pure; dropout off."""
+  model = nnx.merge(graphdef, params, frozen)
+  f, f_hat = model(images, deterministic=True)
+  maps = scoring.pixel_score_map(f, f_hat, image_size, scoring_cfg.gaussian_sigma)
+  scores = scoring.image_score(maps, scoring_cfg.image_score, scoring_cfg.avgpool_size,
+                               scoring_cfg.topk)
+  return maps, scores
+
+
+def jit_score_fn(mesh, graphdef, config):
+  rep, dat = sharding.replicated(mesh), sharding.data_sharded(mesh)
+
+  def fn(params, frozen, images):
+    return score_fn(params, frozen, images, graphdef=graphdef, scoring_cfg=config.scoring,
+                    image_size=config.dataset.image_size)
+
+  return jax.jit(fn, in_shardings=(rep, rep, dat), out_shardings=(dat, dat))
+
+
+def restore_model(config, workdir: pathlib.Path, mesh):
+  """Builds the model and restores the trained reconstructor from `workdir`/checkpoints.
+
+  Returns (graphdef, params, frozen, meta).
+  """
+  model, info = build_model(config)
+  tx, _ = make_optimizer(config.train, 1)  # only gives the state's structure for restoring
+  graphdef, state, frozen = init_state(model, tx)
+  state, frozen = sharding.put_replicated((state, frozen), mesh)
+  mgr = checkpoint.manager(workdir / 'checkpoints', config.train.max_checkpoints)
+  step = checkpoint.select_step(mgr, config.eval.checkpoint)
+  state, meta = checkpoint.restore(mgr, step, state)
+  if meta['backbone'].get('weights_sha256') != info.get('weights_sha256'):
+    raise ValueError(f'{workdir} was trained with backbone weights {meta["backbone"]} '
+                     f'but the config loads {info}')
+  mgr.close()
+  logging.info('restored %s step %d', workdir, step)
+  meta['step'] = step
+  return graphdef, state.params, frozen, meta
+
+
+def score_split(config, source, graphdef, params, frozen, mesh, desc: str) -> dict:
+  """Scores every example of `source` once (padding rows dropped). Returns numpy arrays:
+
+  'maps' [N, S, S] float32, 'scores' [N], 'labels' [N], 'masks' [N, S, S] bool, 'index' [N].
+  """
+  fn = jit_score_fn(mesh, graphdef, config)
+  bs = config.eval.batch_size
+  sharding.check_batch_size(bs, mesh, 'eval.batch_size')
+  out = {'maps': [], 'scores': [], 'labels': [], 'masks': []}
+  n_batches = pipeline.num_batches(len(source), bs, drop_remainder=False)
+  for batch in tqdm(pipeline.batches(
+      source, batch_size=bs, image_size=config.dataset.image_size, shuffle=False, seed=0, epoch=0,
+      drop_remainder=False, process_index=jax.process_index(), process_count=jax.process_count(),
+      num_workers=config.dataset.num_workers), total=n_batches, desc=desc, unit='batch',
+      disable=jax.process_index() != 0):
+    inputs = sharding.put_batch(device_inputs(batch), mesh)
+    maps, scores = fn(params, frozen, inputs['image'])
+    valid = sharding.to_host(inputs['valid'])
+    out['maps'].append(sharding.to_host(maps)[valid])
+    out['scores'].append(sharding.to_host(scores)[valid])
+    out['labels'].append(sharding.to_host(inputs['label'])[valid])
+    out['masks'].append(sharding.to_host(inputs['mask'])[valid] >= 0.5)
+  result = {k: np.concatenate(v) for k, v in out.items()}
+  # Unshuffled, padded only at the end: the valid rows are the split in order, each exactly once.
+  if len(result['labels']) != len(source):
+    raise RuntimeError(f'scored {len(result["labels"])} of {len(source)} test images')
+  result['index'] = np.arange(len(source))
+  return result
+
+
+def save_heatmaps(config, source, result: dict, out_dir: pathlib.Path, has_masks: bool) -> list[str]:
+  """Overlays for the highest- and lowest-scoring anomalous and the highest-scoring normal images."""
+  n = config.eval.num_heatmaps
+  scores, labels = result['scores'], result['labels']
+  order = np.argsort(-scores, kind='stable')
+  anomalous = [i for i in order if labels[i] == 1]
+  normal = [i for i in order if labels[i] == 0]
+  picks = {'top_anomalous': anomalous[:max(n // 2, 1)],
+           'low_anomalous': anomalous[::-1][:max(n // 4, 1)],
+           'top_normal': normal[:max(n // 4, 1)]}
+  vmin, vmax = np.percentile(result['maps'], [1.0, 99.9])
+  written = []
+  for kind, rows in picks.items():
+    for rank, i in enumerate(rows):
+      example = datasets.load_example(source, int(result['index'][i]), config.dataset.image_size)
+      panel = visualize.overlay_panel(example['image'], result['masks'][i] if has_masks else None,
+                                      result['maps'][i], vmin, vmax)
+      path = out_dir / f'{kind}_{rank:02d}_score{scores[i]:.3f}_{pathlib.Path(example["path"]).stem}.png'
+      if jax.process_index() == 0:
+        visualize.save_png(panel, path)
+      written.append(str(path))
+  return written
+
+
+def evaluate_category(config, category: str, workdir: pathlib.Path) -> dict:
+  """Metrics (fractions in [0, 1]) for one category; heatmaps under workdir/heatmaps."""
+  mesh = sharding.make_mesh()
+  data = datasets.load_category(config, category)
+  graphdef, params, frozen, meta = restore_model(config, workdir, mesh)
+  result = score_split(config, data.test, graphdef, params, frozen, mesh, f'eval {category}')
+  values = metrics.compute_all(result['scores'], result['labels'],
+                               result['maps'] if data.has_masks else None,
+                               result['masks'] if data.has_masks else None)
+  heatmaps = save_heatmaps(config, data.test, result, workdir / 'heatmaps', data.has_masks)
+  values.update(num_test_images=int(len(result['labels'])),
+                num_anomalous=int(result['labels'].sum()), checkpoint_step=int(meta['step']),
+                heatmap_dir=str(workdir / 'heatmaps'), num_heatmaps=len(heatmaps))
+  return values
+
+
+METRIC_KEYS = ('image_auroc', 'image_ap', 'image_f1_max', 'pixel_auroc', 'pixel_ap', 'pixel_f1_max',
+               'pixel_aupro')
+
+
+def summarise(per_category: dict) -> dict:
+  """Mean over categories of each metric present in all of them (NaN-free means only)."""
+  mean = {}
+  for key in METRIC_KEYS:
+    vals = [v[key] for v in per_category.values() if key in v]
+    if len(vals) == len(per_category):
+      mean[key] = float(np.mean(vals))
+  return mean
+
+
+def markdown_table(per_category: dict, mean: dict) -> str:
+  """Paper-style percentages with one decimal, one row per category."""
+  keys = [k for k in METRIC_KEYS if k in mean]
+  lines = ['| category | ' + ' | '.join(keys) + ' |', '|---' * (len(keys) + 1) + '|']
+  for name, vals in list(per_category.items()) + [('mean', mean)]:
+    lines.append(f'| {name} | ' + ' | '.join(f'{100 * vals[k]:.1f}' for k in keys) + ' |')
+  return '\n'.join(lines)
+
+
+def evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict:
+  """Evaluates every configured category; writes workdir/metrics.json and metrics.md."""
+  per_category = {c: evaluate_category(config, c, workdir / c) for c in datasets.categories(config)}
+  report = {'categories': per_category, 'mean': summarise(per_category)}
+  table = markdown_table(per_category, report['mean'])
+  if jax.process_index() == 0:
+    (workdir / 'metrics.json').write_text(json.dumps(report, indent=2) + '\n')
+    (workdir / 'metrics.md').write_text(table + '\n')
+  print(table)
+  return report

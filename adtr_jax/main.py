@@ -1,0 +1,51 @@
+r"""ADTR command line.
+
+  python -m adtr_jax.main --config=configs/elpv.py --workdir=workdirs/elpv
+  python -m adtr_jax.main --config=configs/magnetic_tile.py --workdir=workdirs/mt \
+      --config.train.num_epochs=20 --mode=train_and_eval
+
+Any config field can be overridden with --config.<field>=<value>. Re-running a killed `train` command
+with the same --workdir resumes from its latest checkpoint.
+"""
+import pathlib
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file(
+    'config', None, 'A configs/*.py file (its get_config()); override fields with --config.a.b=value.',
+    lock_config=True)
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints, logs, metrics and heatmaps.')
+_MODE = flags.DEFINE_enum('mode', 'train_and_eval', ['train', 'eval', 'train_and_eval'],
+                          'train: train (resuming if possible); eval: evaluate the saved model; '
+                          'train_and_eval: both.')
+_DISTRIBUTED = flags.DEFINE_bool('distributed', False,
+                                  'Call jax.distributed.initialize() first (multi-host TPU/GPU runs).')
+flags.mark_flags_as_required(['config', 'workdir'])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  # Imported here so that --help answers without starting JAX.
+  import jax
+
+  if _DISTRIBUTED.value:
+    jax.distributed.initialize()
+  from adtr_jax import evaluate, train
+  config, workdir = _CONFIG.value, pathlib.Path(_WORKDIR.value)
+  logging.info('JAX devices: %s (process %d of %d)', jax.devices(), jax.process_index(),
+               jax.process_count())
+  workdir.mkdir(parents=True, exist_ok=True)
+  if jax.process_index() == 0:
+    (workdir / 'config.json').write_text(config.to_json_best_effort(indent=2) + '\n')
+  if _MODE.value == 'eval':
+    report = evaluate.evaluate(config, workdir)
+  else:
+    report = train.train_and_evaluate(config, workdir, evaluate_after=_MODE.value == 'train_and_eval')
+  if 'eval' in report or _MODE.value == 'eval':
+    print(f'metrics: {workdir / "metrics.json"}; heatmaps: {workdir}/<category>/heatmaps/')
+
+
+if __name__ == '__main__':
+  app.run(main)

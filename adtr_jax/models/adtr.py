@@ -1,0 +1,47 @@
+"""ADTR = frozen multi-scale CNN embedding + trainable reconstruction transformer."""
+from __future__ import annotations
+
+import jax
+import ml_collections
+from flax import nnx
+
+from adtr_jax.models.backbone import Backbone, build_backbone
+from adtr_jax.models.reconstructor import Reconstructor
+
+# Only the reconstructor's parameters are trained; everything under `backbone` is frozen (its weights
+# are neither optimizer state nor checkpointed: checkpoints record the weight file's hash instead).
+TRAINABLE = nnx.All(nnx.Param, nnx.PathContains('reconstructor'))
+
+
+class ADTR(nnx.Module):
+  """images [B, S, S, 3] in [0, 1] -> (features f, reconstruction f_hat), both [B, S/s, S/s, C]."""
+
+  def __init__(self, backbone: Backbone, reconstructor: Reconstructor):
+    self.backbone = backbone
+    self.reconstructor = reconstructor
+
+  def __call__(self, images: jax.Array, *, deterministic: bool = True,
+               rngs: nnx.Rngs | None = None) -> tuple[jax.Array, jax.Array]:
+    features = self.backbone(images)
+    return features, self.reconstructor(features, deterministic=deterministic, rngs=rngs)
+
+
+def feature_grid(config: ml_collections.ConfigDict) -> tuple[int, int]:
+  """The token grid (H, W) that dataset.image_size and backbone.out_stride give."""
+  size, stride = config.dataset.image_size, config.backbone.out_stride
+  if size % stride:
+    raise ValueError(f'dataset.image_size={size} must be a multiple of backbone.out_stride={stride}')
+  return size // stride, size // stride
+
+
+def build_model(config: ml_collections.ConfigDict, seed: int | None = None) -> tuple[ADTR, dict]:
+  """Builds ADTR with pretrained backbone weights loaded. Returns (model, backbone metadata)."""
+  rngs = nnx.Rngs(config.seed if seed is None else seed)
+  backbone, info = build_backbone(config.backbone, rngs=rngs)
+  m = config.model
+  reconstructor = Reconstructor(
+      backbone.out_channels, feature_grid(config), hidden_dim=m.hidden_dim,
+      num_encoder_layers=m.num_encoder_layers, num_decoder_layers=m.num_decoder_layers,
+      num_heads=m.num_heads, ffn_dim=m.ffn_dim, dropout=m.dropout,
+      aux_query=m.get('aux_query', True), rngs=rngs)
+  return ADTR(backbone, reconstructor), info

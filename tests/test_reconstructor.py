@@ -1,0 +1,48 @@
+"""The reconstruction transformer's structure and behaviour."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from adtr_jax.models.reconstructor import Reconstructor
+
+
+def _model(aux_query=True, dropout=0.1):
+  return Reconstructor(12, (3, 4), hidden_dim=16, num_encoder_layers=2, num_decoder_layers=2,
+                       num_heads=4, ffn_dim=32, dropout=dropout, aux_query=aux_query, rngs=nnx.Rngs(0))
+
+
+def test_paper_defaults():
+  m = Reconstructor(720, (16, 16), rngs=nnx.Rngs(0))
+  assert m.input_proj.kernel.shape == (720, 256) and m.output_proj.kernel.shape == (256, 720)
+  assert len(m.encoder) == 4 and len(m.decoder) == 4
+  assert m.pos_embed.shape == (256, 256) and m.aux_query.shape == (256, 256)
+  assert m.encoder[0].ffn.fc1.kernel.shape == (256, 1024)
+  assert m.encoder[0].self_attn.attn.num_heads == 8
+
+
+def test_shapes_and_dropout():
+  m = _model()
+  x = jax.random.normal(jax.random.key(1), (2, 3, 4, 12))
+  y = m(x)
+  assert y.shape == x.shape
+  np.testing.assert_array_equal(y, m(x))  # deterministic by default
+  a = m(x, deterministic=False, rngs=nnx.Rngs(dropout=1))
+  b = m(x, deterministic=False, rngs=nnx.Rngs(dropout=2))
+  assert not np.allclose(a, b)
+
+
+def test_aux_query_decouples_decoder_input_from_tokens():
+  """With the auxiliary query, the decoder's input does not depend on the tokens (only memory does)."""
+  with_q, without_q = _model(True, 0.0), _model(False, 0.0)
+  assert with_q.aux_query is not None and without_q.aux_query is None
+  x = jax.random.normal(jax.random.key(1), (1, 3, 4, 12))
+  assert with_q(x).shape == without_q(x).shape == x.shape
+
+
+def test_grid_mismatch_is_a_clear_error():
+  with pytest.raises(ValueError, match='image_size'):
+    _model()(jnp.zeros((1, 4, 4, 12)))
+  with pytest.raises(ValueError, match='num_heads'):
+    Reconstructor(8, (2, 2), hidden_dim=30, num_heads=8, rngs=nnx.Rngs(0))

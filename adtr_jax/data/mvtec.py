@@ -1,0 +1,152 @@
+"""The MVTec-AD folder layout: finding a category's images and masks, and decoding them.
+
+<root>/<category>/train/good/*            normal training images
+<root>/<category>/test/<type>/*           'good' (normal) or a defect type (anomalous)
+<root>/<category>/ground_truth/<type>/<stem>_mask.png   pixel masks of the anomalous test images
+"""
+from __future__ import annotations
+
+import io
+import pathlib
+
+import numpy as np
+from PIL import Image
+
+IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.bmp', '.tif', '.tiff')
+GOOD = 'good'
+MASK_SUFFIX = '_mask'
+
+
+class DatasetError(ValueError):
+  """Missing, misplaced or unreadable input data; the message names the path."""
+
+
+def _entries(folder: pathlib.Path) -> list[pathlib.Path]:
+  """Sorted entries of `folder`, hidden ones (.DS_Store, ._foo) left out."""
+  return sorted(p for p in folder.iterdir() if not p.name.startswith('.'))
+
+
+def _images(folder: pathlib.Path) -> list[pathlib.Path]:
+  return [p for p in _entries(folder) if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS]
+
+
+def _missing_category(root: pathlib.Path, category: str) -> DatasetError:
+  if not root.is_dir():
+    return DatasetError(f'dataset root {root} does not exist (category {category!r})')
+  found = [p.name for p in _entries(root) if (p / 'train').is_dir()]
+  return DatasetError(f'category folder {root / category} does not exist; categories under {root}: '
+                      f'{", ".join(found) or "none (no <category>/train folders)"}')
+
+
+def _record(path: pathlib.Path, defect_type: str, mask_path: str = '') -> dict:
+  return {'path': str(path), 'label': int(defect_type != GOOD), 'defect_type': defect_type,
+          'mask_path': mask_path}
+
+
+def _scan_train(cat: pathlib.Path) -> list[dict]:
+  train = cat / 'train'
+  if not train.is_dir():
+    raise DatasetError(f'{train} does not exist: a category needs train/{GOOD}/ with normal images')
+  others = [p.name for p in _entries(train) if p.name != GOOD]
+  if others:
+    raise DatasetError(f'{train} may only contain {GOOD}/ (training is on normal images only), '
+                       f'found: {", ".join(others)}')
+  images = _images(train / GOOD) if (train / GOOD).is_dir() else []
+  if not images:
+    raise DatasetError(f'{train / GOOD} is missing or has no images ({", ".join(IMAGE_EXTENSIONS)})')
+  return [_record(p, GOOD) for p in images]
+
+
+def _masks_by_stem(folder: pathlib.Path) -> dict[str, pathlib.Path]:
+  """'<stem>' -> path of '<stem>_mask.<ext>' in `folder` (empty if the folder is missing)."""
+  if not folder.is_dir():
+    return {}
+  return {p.stem[:-len(MASK_SUFFIX)]: p for p in _images(folder) if p.stem.endswith(MASK_SUFFIX)}
+
+
+def _scan_test(cat: pathlib.Path, require_masks: bool) -> list[dict]:
+  test, truth = cat / 'test', cat / 'ground_truth'
+  if not test.is_dir():
+    raise DatasetError(f'{test} does not exist: a category needs test/<type>/ folders')
+  # Partial masks would silently count defects as normal pixels, so masks are all-or-nothing.
+  need_masks = require_masks or truth.is_dir()
+  records = []
+  for folder in (p for p in _entries(test) if p.is_dir()):
+    masks = _masks_by_stem(truth / folder.name)
+    for path in _images(folder):
+      if folder.name == GOOD:
+        records.append(_record(path, GOOD))
+      elif path.stem in masks:
+        records.append(_record(path, folder.name, str(masks[path.stem])))
+      elif need_masks:
+        expected = truth / folder.name / f'{path.stem}{MASK_SUFFIX}.png'
+        raise DatasetError(f'anomalous test image {path} has no mask {expected}' +
+                           ('' if require_masks else f' (delete {truth} to use image labels only)'))
+      else:
+        records.append(_record(path, folder.name))
+  if not records:
+    raise DatasetError(f'the test split {test} has no images in test/<type>/ folders')
+  return records
+
+
+def scan_category(root, category: str, require_masks: bool = True) -> dict[str, list[dict]]:
+  """Lists a category's files: {'train': [...], 'test': [...]}, sorted by defect type then name.
+
+  Each record is {'path', 'label' (0 normal, 1 anomalous), 'defect_type', 'mask_path' ('' for
+  normal images, and for every image when the category has no ground_truth/ folder and
+  require_masks=False)}. Raises DatasetError naming the path of whatever is missing or misplaced.
+  """
+  root = pathlib.Path(root)
+  cat = root / category
+  if not category or not cat.is_dir():
+    raise _missing_category(root, category)
+  return {'train': _scan_train(cat), 'test': _scan_test(cat, require_masks)}
+
+
+def _open(data: bytes, path) -> Image.Image:
+  """Fully decodes `data` (so truncated files fail here, not later)."""
+  try:
+    image = Image.open(io.BytesIO(data))
+    image.load()
+    return image
+  except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+    raise DatasetError(f'cannot decode image {path}: {e}') from e
+
+
+def _read(path) -> bytes:
+  try:
+    return pathlib.Path(path).read_bytes()
+  except OSError as e:
+    raise DatasetError(f'cannot read {path}: {e}') from e
+
+
+def _to_uint8(image: Image.Image, path) -> Image.Image:
+  """16- and 32-bit greyscale -> 8-bit 'L' (PIL's own conversion clips instead of scaling)."""
+  if image.mode.startswith('I;16') or image.mode == 'I':
+    wide = np.asarray(image, dtype=np.float64)
+    return Image.fromarray(np.clip(np.round(wide / 257.0), 0, 255).astype(np.uint8))
+  if image.mode == 'F':
+    raise DatasetError(f'{path}: floating-point image mode {image.mode!r} is not supported')
+  return image
+
+
+def decode_image(data: bytes, path='<bytes>') -> np.ndarray:
+  """Encoded image -> uint8 [H, W, 3] (greyscale repeated, alpha dropped, palette expanded)."""
+  image = _to_uint8(_open(data, path), path)
+  return np.asarray(image.convert('RGB'), dtype=np.uint8)
+
+
+def decode_mask(data: bytes, path='<bytes>') -> np.ndarray:
+  """Encoded mask -> bool [H, W], True where the grey value is >= 128 (JPEG-era masks are not 0/255)."""
+  image = _to_uint8(_open(data, path), path)
+  return np.asarray(image.convert('L'), dtype=np.uint8) >= 128
+
+
+def load_image(path) -> np.ndarray:
+  """uint8 [H, W, 3]; DatasetError naming `path` if it cannot be read or decoded."""
+  return decode_image(_read(path), path)
+
+
+def load_mask(path) -> np.ndarray:
+  """bool [H, W] binarised at grey value 128; DatasetError naming `path` if unreadable."""
+  return decode_mask(_read(path), path)

@@ -1,6 +1,7 @@
 r"""Throughput of the jitted train step and of scoring, on random input, after compilation.
 
   python -m adtr_jax.benchmark --config=configs/mvtec.py [--batch_size=8 --image_size=224]
+  python -m adtr_jax.benchmark --metrics   # the metric suite on an MVTec-sized synthetic test set
 
 Prints one JSON line: train_images_per_s, infer_images_per_s, the devices and the model's size.
 Runs on every device JAX sees (the batch is sharded over them).
@@ -16,6 +17,7 @@ _CONFIG = config_flags.DEFINE_config_file('config', 'configs/default.py', 'Model
 _BATCH = flags.DEFINE_integer('batch_size', 8, 'Global batch size.')
 _SIZE = flags.DEFINE_integer('image_size', 224, 'Input size in pixels (square).')
 _STEPS = flags.DEFINE_integer('steps', 10, 'Timed steps (after 2 warm-up steps).')
+_METRICS = flags.DEFINE_bool('metrics', False, 'Time the metrics (150 images of 256x256) instead.')
 
 
 def _time(fn, steps: int) -> float:
@@ -70,6 +72,10 @@ def run(config, batch_size: int, steps: int) -> dict:
 
 def main(argv):
   del argv
+  if _METRICS.value:
+    from adtr_jax import metrics
+    print(json.dumps(metrics.time_metrics(n=150, size=256)))
+    return
   config = _CONFIG.value
   config.dataset.image_size = _SIZE.value
   config.scoring.avgpool_size = min(config.scoring.avgpool_size, _SIZE.value)

@@ -1,6 +1,7 @@
 """Evaluation: score maps for a category's test split, metrics.json, heatmap overlays."""
 from __future__ import annotations
 
+import csv
 import json
 import pathlib
 
@@ -9,6 +10,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 from flax import nnx
+from sklearn import metrics as skm
 from tqdm.auto import tqdm
 
 from adtr_jax import checkpoint, metrics, scoring, sharding, visualize
@@ -112,6 +114,34 @@ def save_heatmaps(config, source, result: dict, out_dir: pathlib.Path, has_masks
   return written
 
 
+def _thin(x: np.ndarray, y: np.ndarray, n: int = 4000):
+  """At most n points of a curve, for drawing (pixel-level curves have millions of points)."""
+  if len(x) <= n:
+    return x, y
+  keep = np.unique(np.linspace(0, len(x) - 1, n).round().astype(int))
+  return x[keep], y[keep]
+
+
+def save_curves(result: dict, out_dir: pathlib.Path, has_masks: bool, fpr_limit: float = 0.3) -> list:
+  """Image ROC and (with masks) pixel PRO up to fpr_limit, as PNGs in out_dir. Returns their paths."""
+  fpr, tpr, _ = skm.roc_curve(result['labels'], result['scores'])
+  auroc = skm.auc(fpr, tpr)
+  plots = {'image_roc.png': visualize.line_plot(fpr, tpr, f'image ROC (AUROC {100 * auroc:.1f})',
+                                                'false positive rate', 'TPR')}
+  if has_masks and result['masks'].any():
+    fpr, pro = metrics.pro_curve(result['maps'], result['masks'], fpr_limit)
+    aupro = np.trapezoid(pro, fpr) / fpr_limit
+    plots['pixel_pro.png'] = visualize.line_plot(
+        *_thin(fpr, pro), f'pixel PRO (AUPRO@{fpr_limit} {100 * aupro:.1f})', 'false positive rate',
+        'PRO', xmax=fpr_limit)
+  paths = []
+  for name, image in plots.items():
+    if jax.process_index() == 0:
+      visualize.save_png(image, out_dir / name)
+    paths.append(str(out_dir / name))
+  return paths
+
+
 def evaluate_category(config, category: str, workdir: pathlib.Path) -> dict:
   """Metrics (fractions in [0, 1]) for one category; heatmaps under workdir/heatmaps."""
   mesh = sharding.make_mesh()
@@ -122,9 +152,10 @@ def evaluate_category(config, category: str, workdir: pathlib.Path) -> dict:
                                result['maps'] if data.has_masks else None,
                                result['masks'] if data.has_masks else None)
   heatmaps = save_heatmaps(config, data.test, result, workdir / 'heatmaps', data.has_masks)
+  curves = save_curves(result, workdir, data.has_masks)
   values.update(num_test_images=int(len(result['labels'])),
                 num_anomalous=int(result['labels'].sum()), checkpoint_step=int(meta['step']),
-                heatmap_dir=str(workdir / 'heatmaps'), num_heatmaps=len(heatmaps))
+                heatmap_dir=str(workdir / 'heatmaps'), num_heatmaps=len(heatmaps), curves=curves)
   return values
 
 
@@ -161,3 +192,43 @@ def evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict:
     (workdir / 'metrics.md').write_text(table + '\n')
   print(table)
   return report
+
+
+def predict(config: ml_collections.ConfigDict, workdir: pathlib.Path, folder) -> pathlib.Path:
+  """Scores every image of `folder` with the model trained in workdir/<category>.
+
+  Writes <category>/predict/predictions.csv (path, image_score, decision) and heatmap overlays; the
+  decision compares the score with the threshold calibrated at the end of training. Returns the CSV.
+  """
+  names = datasets.categories(config)
+  if len(names) != 1:
+    raise ValueError(f'--mode=predict needs one --config.dataset.category, got {names}')
+  cat_dir = pathlib.Path(workdir) / names[0]
+  mesh = sharding.make_mesh()
+  source = datasets.FolderSource(folder)
+  graphdef, params, frozen, meta = restore_model(config, cat_dir, mesh)
+  if 'calibration' not in meta:
+    raise ValueError(f'the checkpoint in {cat_dir} has no calibrated threshold: it was trained with '
+                     'calibration.holdout_fraction=0 or did not finish; train with a held-out fraction')
+  threshold = meta['calibration']['threshold']
+  result = score_split(config, source, graphdef, params, frozen, mesh, f'predict {names[0]}')
+  out_dir = cat_dir / 'predict'
+  vmin, vmax = np.percentile(result['maps'], [1.0, 99.9])
+  rows = []
+  for i, path in enumerate(source.paths):
+    decision = 'anomalous' if result['scores'][i] > threshold else 'normal'
+    rows.append({'path': str(path), 'image_score': float(result['scores'][i]), 'decision': decision})
+    if jax.process_index() == 0:
+      image = datasets.load_example(source, i, config.dataset.image_size)['image']
+      panel = visualize.overlay_panel(image, None, result['maps'][i], vmin, vmax)
+      visualize.save_png(panel, out_dir / 'heatmaps' / f'{decision}_{path.stem}.png')
+  csv_path = out_dir / 'predictions.csv'
+  if jax.process_index() == 0:
+    with csv_path.open('w', newline='') as f:
+      writer = csv.DictWriter(f, fieldnames=['path', 'image_score', 'decision'])
+      writer.writeheader()
+      writer.writerows(rows)
+  n_bad = sum(r['decision'] == 'anomalous' for r in rows)
+  print(f'{n_bad} of {len(rows)} images anomalous (threshold {threshold:.4g}, calibrated for '
+        f'{meta["calibration"]["target_fpr"]:.0%} false positives); {csv_path}')
+  return csv_path

@@ -3,6 +3,8 @@ r"""ADTR command line.
   python -m adtr_jax.main --config=configs/elpv.py --workdir=workdirs/elpv
   python -m adtr_jax.main --config=configs/magnetic_tile.py --workdir=workdirs/mt \
       --config.train.num_epochs=20 --mode=train_and_eval
+  python -m adtr_jax.main --config=configs/elpv.py --workdir=workdirs/elpv --mode=predict \
+      --predict_dir=/path/to/new/images
 
 Any config field can be overridden with --config.<field>=<value>. Re-running a killed `train` command
 with the same --workdir resumes from its latest checkpoint.
@@ -16,9 +18,11 @@ _CONFIG = config_flags.DEFINE_config_file(
     'config', None, 'A configs/*.py file (its get_config()); override fields with --config.a.b=value.',
     lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints, logs, metrics and heatmaps.')
-_MODE = flags.DEFINE_enum('mode', 'train_and_eval', ['train', 'eval', 'train_and_eval'],
+_MODE = flags.DEFINE_enum('mode', 'train_and_eval', ['train', 'eval', 'train_and_eval', 'predict'],
                           'train: train (resuming if possible); eval: evaluate the saved model; '
-                          'train_and_eval: both.')
+                          'train_and_eval: both; predict: score the images of --predict_dir.')
+_PREDICT_DIR = flags.DEFINE_string('predict_dir', None,
+                                   '--mode=predict: a folder of images to score with the trained model.')
 _DISTRIBUTED = flags.DEFINE_bool('distributed', False,
                                   'Call jax.distributed.initialize() first (multi-host TPU/GPU runs).')
 flags.mark_flags_as_required(['config', 'workdir'])
@@ -39,6 +43,11 @@ def main(argv):
   workdir.mkdir(parents=True, exist_ok=True)
   if jax.process_index() == 0:
     (workdir / 'config.json').write_text(config.to_json_best_effort(indent=2) + '\n')
+  if _MODE.value == 'predict':
+    if not _PREDICT_DIR.value:
+      raise app.UsageError('--mode=predict needs --predict_dir=<folder of images>')
+    evaluate.predict(config, workdir, _PREDICT_DIR.value)
+    return
   if _MODE.value == 'eval':
     report = evaluate.evaluate(config, workdir)
   else:

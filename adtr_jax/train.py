@@ -68,7 +68,7 @@ def train_step(state: TrainState, frozen: nnx.State, batch: dict, key: jax.Array
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
-  return new_state, {'loss': value, 'grad_norm': optax.global_norm(grads)}
+  return new_state, {'loss': value, 'grad_norm': optax.tree.norm(grads)}
 
 
 def jit_train_step(mesh, graphdef, tx, loss: Callable = loss_fn):
@@ -113,6 +113,16 @@ class JsonlLog:
     if jax.process_index() == 0:
       with self.path.open('a') as f:
         f.write(json.dumps(record) + '\n')
+
+
+def calibrate(config, calib, graphdef, params, frozen, mesh) -> dict:
+  """The decision threshold: the (1 - target_fpr) quantile of held-out normal images' scores."""
+  from adtr_jax import evaluate  # evaluate imports this module
+  scores = evaluate.score_split(config, calib, graphdef, params, frozen, mesh, 'calibrate')['scores']
+  target = config.calibration.target_fpr
+  threshold = float(np.quantile(scores, 1.0 - target, method='higher'))
+  return {'threshold': threshold, 'target_fpr': target, 'num_images': int(len(scores)),
+          'heldout_fpr': float(np.mean(scores > threshold))}
 
 
 def train(config: ml_collections.ConfigDict, category: str, workdir: pathlib.Path) -> dict:
@@ -167,6 +177,8 @@ def train(config: ml_collections.ConfigDict, category: str, workdir: pathlib.Pat
         t0, n0 = time.perf_counter(), step
     epoch_loss = float(np.mean(jax.device_get(losses_dev)))
     log.write(step=step, epoch=epoch, epoch_mean_loss=epoch_loss)
+    if step == total_steps and data.calib is not None:
+      meta = dict(meta, calibration=calibrate(config, data.calib, graphdef, state.params, frozen, mesh))
     if (epoch + 1) % cfg.checkpoint_every_epochs == 0 or step == total_steps:
       checkpoint.save(mgr, step, state, meta, epoch_loss)
   bar.close()

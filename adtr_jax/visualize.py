@@ -30,3 +30,33 @@ def overlay_panel(image: np.ndarray, mask: np.ndarray | None, score_map: np.ndar
 def save_png(array: np.ndarray, path: pathlib.Path) -> None:
   path.parent.mkdir(parents=True, exist_ok=True)
   Image.fromarray(array).save(path)
+
+
+def line_plot(x: np.ndarray, y: np.ndarray, title: str, xlabel: str, ylabel: str,
+              xmax: float = 1.0, size: int = 360) -> np.ndarray:
+  """A curve y(x) on [0, xmax] x [0, 1] with axes, ticks and labels -> uint8 [size, size, 3].
+
+  Drawn with PIL so that plotting needs no extra dependency.
+  """
+  from PIL import ImageDraw
+  img = Image.new('RGB', (size, size), 'white')
+  draw = ImageDraw.Draw(img)
+  left, top, right, bottom = 48, 28, size - 14, size - 40
+  def to_px(xv, yv):
+    return (left + (right - left) * np.clip(xv / xmax, 0, 1), bottom - (bottom - top) * np.clip(yv, 0, 1))
+  draw.rectangle([left, top, right, bottom], outline='black')
+  for t in (0.0, 0.25, 0.5, 0.75, 1.0):
+    px, _ = to_px(t * xmax, 0)
+    _, py = to_px(0, t)
+    draw.line([(px, bottom), (px, bottom + 4)], fill='black')
+    draw.text((px - 10, bottom + 6), f'{t * xmax:.2g}', fill='black')
+    draw.line([(left - 4, py), (left, py)], fill='black')
+    draw.text((left - 30, py - 6), f'{t:.2g}', fill='black')
+  draw.text((left, 8), title, fill='black')
+  draw.text(((left + right) // 2 - 3 * len(xlabel), size - 18), xlabel, fill='black')
+  draw.text((4, top - 16), ylabel, fill='black')
+  keep = x <= xmax
+  points = [tuple(map(float, to_px(a, b))) for a, b in zip(x[keep], y[keep])]
+  if len(points) >= 2:
+    draw.line(points, fill=(200, 30, 30), width=2)
+  return np.asarray(img)

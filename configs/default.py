@@ -60,6 +60,12 @@ def get_config() -> ml_collections.ConfigDict:
   # Gaussian smoothing of the upsampled score map (0 = off), in input pixels.
   config.scoring.gaussian_sigma = 4.0
 
+  # The image-level decision threshold (for --mode=predict) is calibrated at the end of training on
+  # normal training images held out from training: the (1 - target_fpr) quantile of their scores.
+  config.calibration = ml_collections.ConfigDict()
+  config.calibration.holdout_fraction = 0.1
+  config.calibration.target_fpr = 0.05
+
   config.eval = ml_collections.ConfigDict()
   config.eval.batch_size = 16
   # 'latest', or 'best' (lowest mean training loss of an epoch: no test data is used to pick it).

@@ -14,7 +14,7 @@ def get_config():
   config.dataset.image_size = 224   # 14 x 14 tokens
   config.backbone.arch = 'efficientnet_lite0'
   config.train.batch_size = 16
-  config.train.num_epochs = 10
-  config.train.lr_decay_epochs = (8,)
+  config.train.num_epochs = 8
+  config.train.lr_decay_epochs = (6,)
   config.scoring.avgpool_size = 14
   return config

@@ -33,7 +33,7 @@ def _texture(rng, size: int):
   return np.clip((img + rng.normal(0, 0.03, img.shape)) * 255, 0, 255).astype(np.uint8)
 
 
-def make_toy_mvtec(root: pathlib.Path, n_train=16, n_good=4, n_bad=4, size=64, seed=0):
+def make_toy_mvtec(root: pathlib.Path, n_train=18, n_good=4, n_bad=4, size=64, seed=0):
   """A small MVTec-layout category 'toy' with striped normals and dark-square defects (with masks)."""
   from PIL import Image
   rng = np.random.default_rng(seed)

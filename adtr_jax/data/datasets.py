@@ -8,7 +8,9 @@ from typing import Any
 
 import ml_collections
 
-from adtr_jax.data import builder, elpv, pipeline
+import numpy as np
+
+from adtr_jax.data import builder, elpv, mvtec, pipeline
 
 SOURCES = ('mvtec', 'elpv')
 
@@ -20,6 +22,54 @@ class CategoryData:
   test: Any
   has_masks: bool        # pixel-level ground truth for the anomalous test images
   root: pathlib.Path     # the MVTec-layout folder that holds <category>/
+  calib: Any = None      # normal training images held out to calibrate the decision threshold
+
+
+class Subset:
+  """Rows `indices` of `source` (a random-access source), in that order."""
+
+  def __init__(self, source, indices):
+    self.source, self.indices = source, [int(i) for i in indices]
+
+  def __len__(self) -> int:
+    return len(self.indices)
+
+  def __getitem__(self, i: int) -> dict:
+    return self.source[self.indices[i]]
+
+
+class FolderSource:
+  """The images of a folder (sorted, no labels), for --mode=predict: [i] -> {'image', 'label': 0, 'path'}."""
+
+  def __init__(self, folder):
+    folder = pathlib.Path(folder).expanduser()
+    if not folder.is_dir():
+      raise mvtec.DatasetError(f'{folder} is not a folder of images')
+    self.paths = sorted(p for p in folder.iterdir()
+                        if p.is_file() and p.suffix.lower() in mvtec.IMAGE_EXTENSIONS)
+    if not self.paths:
+      raise mvtec.DatasetError(f'{folder} has no images ({", ".join(mvtec.IMAGE_EXTENSIONS)})')
+
+  def __len__(self) -> int:
+    return len(self.paths)
+
+  def __getitem__(self, i: int) -> dict:
+    return {'image': mvtec.load_image(self.paths[i]), 'label': 0, 'path': str(self.paths[i])}
+
+
+def split_calibration(train, fraction: float, seed: int):
+  """Holds out round(fraction * N) (at least 1) seeded-random normal training rows -> (train, calib).
+
+  fraction 0 -> (train, None): everything trains and no decision threshold is calibrated.
+  """
+  if not 0.0 <= fraction < 1.0:
+    raise ValueError(f'calibration.holdout_fraction={fraction} must be in [0, 1)')
+  if fraction == 0.0:
+    return train, None
+  n = len(train)
+  held = max(1, round(fraction * n))
+  order = np.random.default_rng(seed).permutation(n)
+  return Subset(train, np.sort(order[held:])), Subset(train, np.sort(order[:held]))
 
 
 def categories(config: ml_collections.ConfigDict) -> list[str]:
@@ -60,8 +110,9 @@ def load_category(config: ml_collections.ConfigDict, category: str) -> CategoryD
   else:
     raise ValueError(f'--config.dataset.source={source!r} is not one of {", ".join(SOURCES)}')
   splits = builder.prepare(root, category, cache_dir(config) / 'tfds', require_masks)
-  return CategoryData(train=splits['train'], test=splits['test'],
-                      has_masks=splits['test'].has_masks, root=root)
+  train, calib = split_calibration(splits['train'], config.calibration.holdout_fraction, config.seed)
+  return CategoryData(train=train, test=splits['test'], has_masks=splits['test'].has_masks,
+                      root=root, calib=calib)
 
 
 def load_example(source, index: int, size: int) -> dict:

@@ -155,7 +155,8 @@ def evaluate_category(config, category: str, workdir: pathlib.Path) -> dict:
   curves = save_curves(result, workdir, data.has_masks)
   values.update(num_test_images=int(len(result['labels'])),
                 num_anomalous=int(result['labels'].sum()), checkpoint_step=int(meta['step']),
-                heatmap_dir=str(workdir / 'heatmaps'), num_heatmaps=len(heatmaps), curves=curves)
+                heatmap_dir=str(workdir / 'heatmaps'), num_heatmaps=len(heatmaps), curves=curves,
+                labelled_anomalies_used_in_training=list(data.labelled_files))
   return values
 
 

@@ -18,9 +18,10 @@ _CONFIG = config_flags.DEFINE_config_file(
     'config', None, 'A configs/*.py file (its get_config()); override fields with --config.a.b=value.',
     lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints, logs, metrics and heatmaps.')
-_MODE = flags.DEFINE_enum('mode', 'train_and_eval', ['train', 'eval', 'train_and_eval', 'predict'],
+_MODE = flags.DEFINE_enum('mode', 'train_and_eval', ['train', 'eval', 'train_and_eval', 'predict', 'show_anomalies'],
                           'train: train (resuming if possible); eval: evaluate the saved model; '
-                          'train_and_eval: both; predict: score the images of --predict_dir.')
+                          'train_and_eval: both; predict: score the images of --predict_dir; show_anomalies: '
+                          'write a few training anomalies with their masks as PNGs.')
 _PREDICT_DIR = flags.DEFINE_string('predict_dir', None,
                                    '--mode=predict: a folder of images to score with the trained model.')
 _DISTRIBUTED = flags.DEFINE_bool('distributed', False,
@@ -47,6 +48,17 @@ def main(argv):
     if not _PREDICT_DIR.value:
       raise app.UsageError('--mode=predict needs --predict_dir=<folder of images>')
     evaluate.predict(config, workdir, _PREDICT_DIR.value)
+    return
+  if _MODE.value == 'show_anomalies':
+    from adtr_jax.data import datasets, mixing
+    for category in datasets.categories(config):
+      train_source = datasets.load_category(config, category).train
+      if not isinstance(train_source, mixing.MixedSource):
+        raise app.UsageError('no anomalies configured: set --config.anomalies.synthetic, '
+                             'num_labelled or external_dir')
+      paths = mixing.save_examples(train_source, workdir / category / 'anomalies',
+                                   config.dataset.image_size)
+      print(f'{len(paths)} training anomalies with masks in {workdir / category / "anomalies"}')
     return
   if _MODE.value == 'eval':
     report = evaluate.evaluate(config, workdir)

@@ -45,6 +45,27 @@ def loss_fn(features: jax.Array, reconstruction: jax.Array, batch: dict) -> jax.
   return losses.normal_loss(features, reconstruction, batch['valid'].astype(jnp.float32))
 
 
+def make_loss(cfg: ml_collections.ConfigDict) -> Callable:
+  """config.loss -> loss(features [B, h, w, C], reconstruction, batch) -> scalar.
+
+  'pixel' uses batch['mask'] [B, S, S] brought to the token grid by cfg.mask_downsample;
+  'image' uses batch['label'] [B]. Padding rows (valid False) have weight 0 in every case.
+  """
+  if cfg.type == 'mse':
+    return loss_fn
+  if cfg.type == 'pixel':
+    def pixel(f, f_hat, batch):
+      grid = losses.downsample_mask(batch['mask'], f.shape[1:3], cfg.mask_downsample)
+      return losses.pixel_loss(f, f_hat, grid, cfg.alpha, batch['valid'].astype(jnp.float32))
+    return pixel
+  if cfg.type == 'image':
+    def image(f, f_hat, batch):
+      return losses.image_loss(f, f_hat, batch['label'].astype(jnp.float32), cfg.alpha, cfg.topk,
+                               batch['valid'].astype(jnp.float32))
+    return image
+  raise ValueError(f"loss.type={cfg.type!r} must be 'mse', 'pixel' or 'image'")
+
+
 DEVICE_KEYS = ('image', 'mask', 'label', 'valid')
 
 
@@ -125,6 +146,17 @@ def calibrate(config, calib, graphdef, params, frozen, mesh) -> dict:
           'heldout_fpr': float(np.mean(scores > threshold))}
 
 
+def _init_from(config, category: str, state: TrainState, info: dict) -> TrainState:
+  """Fresh optimizer and step, reconstructor weights from init_from/<category> (its latest step)."""
+  mgr = checkpoint.manager(pathlib.Path(config.init_from) / category / 'checkpoints')
+  step = checkpoint.select_step(mgr, 'latest')
+  _check_same_backbone(checkpoint.read_meta(mgr, step), info, mgr.directory)
+  restored, _ = checkpoint.restore(mgr, step, state)
+  mgr.close()
+  logging.info('initialised %s from %s step %d', category, mgr.directory, step)
+  return state.replace(params=restored.params)
+
+
 def train(config: ml_collections.ConfigDict, category: str, workdir: pathlib.Path) -> dict:
   """Trains one category in `workdir` (resuming from its latest checkpoint). Returns a summary."""
   workdir.mkdir(parents=True, exist_ok=True)
@@ -147,9 +179,11 @@ def train(config: ml_collections.ConfigDict, category: str, workdir: pathlib.Pat
     _check_same_backbone(checkpoint.read_meta(mgr, latest), info, mgr.directory)
     state, _ = checkpoint.restore(mgr, latest, state)
     logging.info('resumed %s from step %d', category, latest)
+  elif config.init_from:
+    state = _init_from(config, category, state, info)
   step = int(state.step)
   total_steps = cfg.num_epochs * steps_per_epoch
-  step_fn = jit_train_step(mesh, graphdef, tx)
+  step_fn = jit_train_step(mesh, graphdef, tx, make_loss(config.loss))
   key = sharding.put_replicated(jax.random.key(config.seed), mesh)
   log = JsonlLog(workdir / 'train_log.jsonl')
   epoch_loss = None
@@ -159,8 +193,9 @@ def train(config: ml_collections.ConfigDict, category: str, workdir: pathlib.Pat
   while step < total_steps:
     epoch, skip = divmod(step, steps_per_epoch)
     losses_dev, t0, n0 = [], time.perf_counter(), step
+    source = data.train.for_epoch(epoch) if hasattr(data.train, 'for_epoch') else data.train
     for batch in pipeline.batches(
-        data.train, batch_size=cfg.batch_size, image_size=config.dataset.image_size, shuffle=True,
+        source, batch_size=cfg.batch_size, image_size=config.dataset.image_size, shuffle=True,
         seed=config.seed, epoch=epoch, drop_remainder=True, skip_batches=skip,
         process_index=jax.process_index(), process_count=jax.process_count(),
         num_workers=config.dataset.num_workers):

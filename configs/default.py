@@ -60,6 +60,22 @@ def get_config() -> ml_collections.ConfigDict:
   # Gaussian smoothing of the upsampled score map (0 = off), in input pixels.
   config.scoring.gaussian_sigma = 4.0
 
+  # Anomaly-aware training (the paper's second contribution). 'mse' = L_norm on normal images only;
+  # 'pixel' = L_px with pixel labels; 'image' = L_img with image labels (q = mean of the top-k phi).
+  config.loss = ml_collections.ConfigDict()
+  config.loss.type = 'mse'
+  config.loss.alpha = 0.003
+  config.loss.topk = 20
+  # How a pixel mask becomes labels on the token grid: 'area' (anomalous fraction) or 'max' (any).
+  config.loss.mask_downsample = 'area'
+  config.anomalies = ml_collections.ConfigDict()
+  config.anomalies.num_labelled = 0      # real anomalies per defect type moved from test to training
+  config.anomalies.synthetic = 'none'    # 'none', or confetti / cutpaste / perlin (comma-separated)
+  config.anomalies.external_dir = ''     # a folder of irrelevant images used as image-level anomalies
+  config.anomalies.fraction = 0.25       # expected anomalous fraction of a training batch
+  # Start from the trained reconstructor of another workdir (e.g. a normal-only run), as the paper does.
+  config.init_from = ''
+
   # The image-level decision threshold (for --mode=predict) is calibrated at the end of training on
   # normal training images held out from training: the (1 - target_fpr) quantile of their scores.
   config.calibration = ml_collections.ConfigDict()

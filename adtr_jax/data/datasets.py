@@ -10,7 +10,7 @@ import ml_collections
 
 import numpy as np
 
-from adtr_jax.data import builder, elpv, mvtec, pipeline
+from adtr_jax.data import builder, elpv, mixing, mvtec, pipeline
 
 SOURCES = ('mvtec', 'elpv')
 
@@ -23,6 +23,7 @@ class CategoryData:
   has_masks: bool        # pixel-level ground truth for the anomalous test images
   root: pathlib.Path     # the MVTec-layout folder that holds <category>/
   calib: Any = None      # normal training images held out to calibrate the decision threshold
+  labelled_files: tuple = ()  # real anomalies moved from test into training (few-shot protocol)
 
 
 class Subset:
@@ -111,8 +112,18 @@ def load_category(config: ml_collections.ConfigDict, category: str) -> CategoryD
     raise ValueError(f'--config.dataset.source={source!r} is not one of {", ".join(SOURCES)}')
   splits = builder.prepare(root, category, cache_dir(config) / 'tfds', require_masks)
   train, calib = split_calibration(splits['train'], config.calibration.holdout_fraction, config.seed)
-  return CategoryData(train=train, test=splits['test'], has_masks=splits['test'].has_masks,
-                      root=root, calib=calib)
+  test, has_masks = splits['test'], splits['test'].has_masks
+  mixing.check(config, has_masks)
+  labelled, files = None, ()
+  if config.anomalies.num_labelled > 0:
+    records = mvtec.scan_category(root, category, require_masks)['test']  # the rows' order
+    taken, rest = mixing.take_labelled(records, config.anomalies.num_labelled, config.seed)
+    labelled, test = Subset(test, taken), Subset(test, rest)
+    files = tuple(records[i]['path'] for i in taken)
+  if mixing.uses_anomalies(config):
+    train = mixing.build(config, train, labelled)
+  return CategoryData(train=train, test=test, has_masks=has_masks, root=root, calib=calib,
+                      labelled_files=files)
 
 
 def load_example(source, index: int, size: int) -> dict:

@@ -156,7 +156,8 @@ def evaluate_category(config, category: str, workdir: pathlib.Path) -> dict:
   values.update(num_test_images=int(len(result['labels'])),
                 num_anomalous=int(result['labels'].sum()), checkpoint_step=int(meta['step']),
                 heatmap_dir=str(workdir / 'heatmaps'), num_heatmaps=len(heatmaps), curves=curves,
-                labelled_anomalies_used_in_training=list(data.labelled_files))
+                labelled_anomalies_removed_from_test=list(data.labelled_files),
+                labelled_use=config.anomalies.labelled_use)
   return values
 
 

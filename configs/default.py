@@ -70,6 +70,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.loss.mask_downsample = 'area'
   config.anomalies = ml_collections.ConfigDict()
   config.anomalies.num_labelled = 0      # real anomalies per defect type moved from test to training
+  # 'train': they train; 'exclude': they only leave the test set (a baseline on the same test images).
+  config.anomalies.labelled_use = 'train'
   config.anomalies.synthetic = 'none'    # 'none', or confetti / cutpaste / perlin (comma-separated)
   config.anomalies.external_dir = ''     # a folder of irrelevant images used as image-level anomalies
   config.anomalies.fraction = 0.25       # expected anomalous fraction of a training batch

@@ -46,6 +46,10 @@ def test_few_shot_labelled_anomalies_leave_the_test_split(toy_root, cache_dir):
   slots = [mixed[len(mixed.normal) + s] for s in range(mixed.num_slots)]
   assert {s['path'] for s in slots} <= set(data.labelled_files)
   assert all(s['label'] == 1 and s['mask'].any() for s in slots)
+  config.loss.type, config.anomalies.labelled_use = 'mse', 'exclude'  # same test set, no training use
+  baseline = datasets.load_category(config, 'toy')
+  assert baseline.labelled_files == data.labelled_files and len(baseline.test) == 6
+  assert not isinstance(baseline.train, mixing.MixedSource)
   config.anomalies.num_labelled = 4
   with pytest.raises(ValueError, match="leaves no 'square' test image"):
     datasets.load_category(config, 'toy')
@@ -101,7 +105,7 @@ def test_init_from_a_normal_run_then_pixel_loss_with_synthetic_anomalies(toy_roo
   log = [json.loads(line) for line in (tmp_path / 'aware' / 'toy' / 'train_log.jsonl').open()]
   assert all(np.isfinite(r['loss']) for r in log if 'loss' in r)
   toy = report['eval']['categories']['toy']
-  assert len(toy['labelled_anomalies_used_in_training']) == 1
+  assert len(toy['labelled_anomalies_removed_from_test']) == 1 and toy['labelled_use'] == 'train'
   assert toy['num_test_images'] == 7
   mgr = checkpoint.manager(tmp_path / 'aware' / 'toy' / 'checkpoints')
   assert mgr.latest_step() == report['train'][0]['steps']

@@ -118,8 +118,9 @@ def load_category(config: ml_collections.ConfigDict, category: str) -> CategoryD
   if config.anomalies.num_labelled > 0:
     records = mvtec.scan_category(root, category, require_masks)['test']  # the rows' order
     taken, rest = mixing.take_labelled(records, config.anomalies.num_labelled, config.seed)
-    labelled, test = Subset(test, taken), Subset(test, rest)
-    files = tuple(records[i]['path'] for i in taken)
+    test, files = Subset(test, rest), tuple(records[i]['path'] for i in taken)
+    if mixing.trains_on_labelled(config):
+      labelled = Subset(splits['test'], taken)
   if mixing.uses_anomalies(config):
     train = mixing.build(config, train, labelled)
   return CategoryData(train=train, test=test, has_masks=has_masks, root=root, calib=calib,

@@ -32,9 +32,16 @@ def synthetic_names(cfg: ml_collections.ConfigDict) -> list[str]:
   return names
 
 
+def trains_on_labelled(config: ml_collections.ConfigDict) -> bool:
+  a = config.anomalies
+  if a.labelled_use not in ('train', 'exclude'):
+    raise ValueError(f"anomalies.labelled_use={a.labelled_use!r} must be 'train' or 'exclude'")
+  return a.num_labelled > 0 and a.labelled_use == 'train'
+
+
 def uses_anomalies(config: ml_collections.ConfigDict) -> bool:
   a = config.anomalies
-  return bool(a.num_labelled > 0 or synthetic_names(a) or a.external_dir)
+  return bool(trains_on_labelled(config) or synthetic_names(a) or a.external_dir)
 
 
 def check(config: ml_collections.ConfigDict, has_masks: bool) -> None:
@@ -48,7 +55,7 @@ def check(config: ml_collections.ConfigDict, has_masks: bool) -> None:
   if loss != 'mse' and not uses_anomalies(config):
     raise ValueError(f'loss.type={loss!r} needs anomalies: set anomalies.num_labelled, anomalies.synthetic '
                      'or anomalies.external_dir')
-  if loss == 'pixel' and a.num_labelled > 0 and not has_masks:
+  if loss == 'pixel' and trains_on_labelled(config) and not has_masks:
     raise ValueError("loss.type='pixel' with anomalies.num_labelled > 0 needs pixel masks, but this "
                      "category has image-level labels only: use loss.type='image'")
   if not 0.0 < a.fraction < 1.0:

@@ -34,7 +34,7 @@ def own_toy(tmp_path):
 
 def test_toy_prepared_and_read_back(toy_root, toy_splits):
   train, test = toy_splits['train'], toy_splits['test']
-  assert (len(train), len(test)) == (16, 8)
+  assert (len(train), len(test)) == (18, 8)
   files = sorted((toy_root / 'toy/test').glob('*/*.png'))
   assert [test[i]['path'] for i in range(len(test))] == [str(p) for p in files]
   for i in range(len(test)):
@@ -84,8 +84,8 @@ def test_rebuilt_only_when_the_folder_changes(own_toy, tmp_path):
   shutil.copy(own_toy / 'toy/train/good/000.png', own_toy / 'toy/train/good/new.png')
   changed = builder.prepare(own_toy, 'toy', tmp_path / 'tfds')['train']
   assert changed.data_dir != first.data_dir
-  assert (len(first), len(changed)) == (16, 17)
-  assert changed[16]['path'].endswith('new.png')
+  assert (len(first), len(changed)) == (18, 19)
+  assert changed[18]['path'].endswith('new.png')
   assert not pathlib.Path(first.data_dir).exists()  # the stale copy is removed
 
 
@@ -290,8 +290,9 @@ def test_elpv_loads_as_image_level_category(tmp_path):
   assert not data.has_masks and data.root == tmp_path / 'elpv'
   labels = collections.Counter(int(data.test[i]['label']) for i in range(len(data.test)))
   split = json.loads((data.root / 'elpv_mono/split.json').read_text())['counts']
-  assert (len(data.train), labels[0], labels[1]) == (
+  assert (len(data.train) + len(data.calib), labels[0], labels[1]) == (
       split['train/good'], split['test/good'], split['test/defective'])
+  assert len(data.calib) == round(0.1 * split['train/good'])  # the calibration hold-out
   with pytest.raises(ValueError, match='elpv_cell_type'):
     datasets.load_category(config, 'elpv_poly')
 

@@ -96,7 +96,8 @@ def scan_category(root, category: str, require_masks: bool = True) -> dict[str, 
   normal images, and for every image when the category has no ground_truth/ folder and
   require_masks=False)}. Raises DatasetError naming the path of whatever is missing or misplaced.
   """
-  root = pathlib.Path(root)
+  # Resolved like the prepared dataset's paths, so scan records and dataset rows name files alike.
+  root = pathlib.Path(root).expanduser().resolve()
   cat = root / category
   if not category or not cat.is_dir():
     raise _missing_category(root, category)

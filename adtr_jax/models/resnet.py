@@ -1,0 +1,3 @@
+"""ResNet / Wide-ResNet backbones (placeholder until implemented)."""
+ARCHS: dict = {}
+FORMATS = ('torchvision', 'timm')

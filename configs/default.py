@@ -41,6 +41,12 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.num_heads = 8
   config.model.ffn_dim = 1024
   config.model.dropout = 0.1
+  # Ablations (the paper's model: True, 'transformer', 'features'). aux_query=False feeds the decoder
+  # the encoder output; type 'mlp' / 'cnn' replaces attention by token-wise MLP / 3x3 conv blocks;
+  # target 'pixels' reconstructs s x s image patches instead of backbone features.
+  config.model.aux_query = True
+  config.model.type = 'transformer'
+  config.model.target = 'features'
 
   config.train = ml_collections.ConfigDict()
   config.train.batch_size = 16  # global, over all devices and hosts

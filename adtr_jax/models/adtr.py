@@ -5,8 +5,12 @@ import jax
 import ml_collections
 from flax import nnx
 
+from adtr_jax.models import ablations
 from adtr_jax.models.backbone import Backbone, build_backbone
 from adtr_jax.models.reconstructor import Reconstructor
+
+# model.type -> reconstruction network; only 'transformer' is ADTR, the others are ablations.
+RECONSTRUCTORS = {'transformer': Reconstructor, 'mlp': ablations.TokenMLP, 'cnn': ablations.ConvNet}
 
 # Only the reconstructor's parameters are trained; everything under `backbone` is frozen (its weights
 # are neither optimizer state nor checkpointed: checkpoints record the weight file's hash instead).
@@ -16,7 +20,7 @@ TRAINABLE = nnx.All(nnx.Param, nnx.PathContains('reconstructor'))
 class ADTR(nnx.Module):
   """images [B, S, S, 3] in [0, 1] -> (features f, reconstruction f_hat), both [B, S/s, S/s, C]."""
 
-  def __init__(self, backbone: Backbone, reconstructor: Reconstructor):
+  def __init__(self, backbone: Backbone | ablations.PixelEmbedding, reconstructor: nnx.Module):
     self.backbone = backbone
     self.reconstructor = reconstructor
 
@@ -37,9 +41,18 @@ def feature_grid(config: ml_collections.ConfigDict) -> tuple[int, int]:
 def build_model(config: ml_collections.ConfigDict, seed: int | None = None) -> tuple[ADTR, dict]:
   """Builds ADTR with pretrained backbone weights loaded. Returns (model, backbone metadata)."""
   rngs = nnx.Rngs(config.seed if seed is None else seed)
-  backbone, info = build_backbone(config.backbone, rngs=rngs)
   m = config.model
-  reconstructor = Reconstructor(
+  target, kind = m.get('target', 'features'), m.get('type', 'transformer')
+  if target == 'features':
+    backbone, info = build_backbone(config.backbone, rngs=rngs)
+  elif target == 'pixels':  # ablation: reconstruct image patches, no CNN
+    backbone = ablations.PixelEmbedding(config.backbone.out_stride)
+    info = {'arch': 'pixels', 'weights_sha256': None, 'out_channels': backbone.out_channels}
+  else:
+    raise ValueError(f"model.target={target!r} must be 'features' or 'pixels'")
+  if kind not in RECONSTRUCTORS:
+    raise ValueError(f'model.type={kind!r} must be one of {sorted(RECONSTRUCTORS)}')
+  reconstructor = RECONSTRUCTORS[kind](
       backbone.out_channels, feature_grid(config), hidden_dim=m.hidden_dim,
       num_encoder_layers=m.num_encoder_layers, num_decoder_layers=m.num_decoder_layers,
       num_heads=m.num_heads, ffn_dim=m.ffn_dim, dropout=m.dropout,

@@ -1,0 +1,36 @@
+r"""The paper's exact MVTec-AD settings: EfficientNet-B4 layers 1-5 (C = 720), 256 px, 16 x 16 tokens.
+
+EfficientNet-B4 ImageNet weights cannot be downloaded here; bring your own checkpoint (torchvision,
+timm or efficientnet_pytorch) and name it, converted or not:
+
+  python -m adtr_jax.main --config=configs/mvtec_paper.py --workdir=workdirs/mvtec_paper \
+      --config.dataset.root=/data/mvtec_ad --config.backbone.weights=/weights/efficientnet_b4.pth
+
+(`python -m adtr_jax.convert --arch=efficientnet_b4 --src=... --dst=b4.npz` converts once up front.)
+"""
+from configs import default
+
+
+def get_config():
+  config = default.get_config()
+  config.dataset.source = 'mvtec'
+  config.dataset.category = ('bottle,cable,capsule,carpet,grid,hazelnut,leather,metal_nut,pill,screw,'
+                             'tile,toothbrush,transistor,wood,zipper')
+  config.dataset.image_size = 256
+  config.backbone.arch = 'efficientnet_b4'
+  config.backbone.layers = ('layer1', 'layer2', 'layer3', 'layer4', 'layer5')
+  config.backbone.out_stride = 16          # 256 / 16 = 16 x 16 tokens
+  config.backbone.weights = ''             # required: --config.backbone.weights=FILE
+  config.model.hidden_dim = 256
+  config.model.num_encoder_layers = 4
+  config.model.num_decoder_layers = 4
+  config.model.num_heads = 8
+  config.model.ffn_dim = 1024
+  config.train.batch_size = 16
+  config.train.learning_rate = 1e-4
+  config.train.weight_decay = 1e-4
+  config.train.num_epochs = 500
+  config.train.lr_decay_epochs = (400,)
+  config.train.lr_decay_factor = 0.1
+  config.scoring.image_score = 'max_avgpool'
+  return config

@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 from adtr_jax import checkpoint, metrics, scoring, sharding, visualize
 from adtr_jax.data import datasets, pipeline
 from adtr_jax.models.adtr import build_model
-from adtr_jax.train import TrainState, device_inputs, init_state, make_optimizer
+from adtr_jax.train import device_inputs, init_state, make_optimizer
 
 
 def score_fn(params, frozen, images, *, graphdef, scoring_cfg, image_size: int):

@@ -53,17 +53,32 @@ def test_pretrained_weights_recognise_a_cat(arch, shared_cache, record_property)
   assert info['arch'] == arch and len(info['weights_sha256']) == 64
 
 
-@pytest.mark.parametrize('arch', sorted(ARCHS))
+# Every family's layerK interface: (format to build, channels of layer1..layer5).
+FAMILY_LAYERS = {
+    **{arch: ('efficientnet_pytorch', c) for arch, c in CHANNELS.items()},
+    'efficientnet_b0': ('timm_tf', (16, 24, 40, 112, 320)),
+    'efficientnet_b4': ('efficientnet_pytorch', (24, 32, 56, 160, 448)),  # sum 720, the paper's C
+    'resnet18': ('torchvision', (64, 64, 128, 256, 512)),
+    'resnet34': ('torchvision', (64, 64, 128, 256, 512)),
+    'resnet50': ('torchvision', (64, 256, 512, 1024, 2048)),
+    'wide_resnet50_2': ('timm', (64, 256, 512, 1024, 2048)),
+}
+
+
+@pytest.mark.parametrize('arch', sorted(FAMILY_LAYERS))
 def test_feature_strides_and_channels(arch):
-  model = nnx.eval_shape(lambda: efficientnet.build(arch, 'efficientnet_pytorch', rngs=nnx.Rngs(0)))
+  fmt, channels = FAMILY_LAYERS[arch]
+  family = weights.family(arch)
+  assert family.layer_channels(arch) == dict(zip(backbone.LAYERS, channels))
+  model = nnx.eval_shape(lambda: family.build(arch, fmt, rngs=nnx.Rngs(0)))
   x = jax.ShapeDtypeStruct((2, 64, 96, 3), jnp.float32)
   feats = nnx.eval_shape(lambda m, x: m.features(x), model, x)
   assert list(feats) == list(backbone.LAYERS)
-  for name, channels in zip(backbone.LAYERS, CHANNELS[arch]):
+  for name, c in zip(backbone.LAYERS, channels):
     s = backbone.LAYER_STRIDES[name]
-    assert feats[name].shape == (2, 64 // s, 96 // s, channels), name
-  assert efficientnet.layer_channels(arch) == dict(zip(backbone.LAYERS, CHANNELS[arch]))
+    assert feats[name].shape == (2, 64 // s, 96 // s, c), name
   assert nnx.eval_shape(lambda m, x: m(x), model, x).shape == (2, 1000)
+  assert (family.packaged_weights(arch) is None) == (arch not in ARCHS)
 
 
 def test_backbone_resizes_and_concatenates_selected_layers(shared_cache):

@@ -1,5 +1,4 @@
 """L_norm and the score functions on hand-made inputs."""
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest

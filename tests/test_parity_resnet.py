@@ -22,8 +22,6 @@ from tests import torch_refs
 
 RTOL, ATOL = 1e-5, 1e-5
 SIZE = 64
-CHANNELS = {'resnet18': (64, 64, 128, 256, 512), 'resnet34': (64, 64, 128, 256, 512),
-            'resnet50': (64, 256, 512, 1024, 2048), 'wide_resnet50_2': (64, 256, 512, 1024, 2048)}
 # Our 'layerK' (stride 2^K) -> the torch module whose output it is (see resnet.py's docstring); the
 # stem's ReLU is `relu` in torchvision and `act1` in timm.
 TORCH_LAYER = {'layer1': ('relu', 'act1'), 'layer2': 'layer1', 'layer3': 'layer2', 'layer4': 'layer3',
@@ -73,11 +71,7 @@ def _torch_outputs(model, images: np.ndarray) -> dict[str, np.ndarray]:
 
 def _flax_model(arch: str, fmt: str, params: dict) -> resnet.ResNet:
   """An abstractly built model filled with converted weights (every variable must be given)."""
-  model = nnx.eval_shape(lambda: resnet.build(arch, fmt, rngs=nnx.Rngs(0)))
-  state = nnx.state(model)
-  nnx.replace_by_pure_dict(state, jax.tree.map(jnp.asarray, params))
-  nnx.update(model, state)
-  return model
+  return weights.load_into(nnx.eval_shape(lambda: resnet.build(arch, fmt, rngs=nnx.Rngs(0))), params)
 
 
 @nnx.jit
@@ -140,20 +134,6 @@ def test_convert_layouts_and_format_detection():
   assert resnet.detect_format({'_conv_stem.weight', 'conv1.weight'}) is None
   with pytest.raises(ValueError, match='timm'):
     weights.convert(state, 'resnet18', 'efficientnet_pytorch')
-
-
-@pytest.mark.parametrize('arch', sorted(CHANNELS))
-def test_feature_strides_and_channels(arch):
-  model = nnx.eval_shape(lambda: resnet.build(arch, 'torchvision', rngs=nnx.Rngs(0)))
-  x = jax.ShapeDtypeStruct((2, 64, 96, 3), jnp.float32)
-  feats = nnx.eval_shape(lambda m, x: m.features(x), model, x)
-  assert list(feats) == list(backbone.LAYERS)
-  for name, channels in zip(backbone.LAYERS, CHANNELS[arch]):
-    s = backbone.LAYER_STRIDES[name]
-    assert feats[name].shape == (2, 64 // s, 96 // s, channels), name
-  assert resnet.layer_channels(arch) == dict(zip(backbone.LAYERS, CHANNELS[arch]))
-  assert nnx.eval_shape(lambda m, x: m(x), model, x).shape == (2, 1000)
-  assert weights.family(arch) is resnet and resnet.packaged_weights(arch) is None
 
 
 def test_features_skip_stages_after_the_deepest_requested_layer():

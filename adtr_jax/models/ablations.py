@@ -10,7 +10,6 @@ All share the reconstructor call signature: x [B, H, W, C] -> [B, H, W, C].
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 from flax import nnx
 
 

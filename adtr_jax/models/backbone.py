@@ -60,18 +60,6 @@ class Backbone(nnx.Module):
     return jax.lax.stop_gradient(jnp.concatenate(maps, axis=-1))
 
 
-def load_pretrained(backbone: Backbone, params: dict) -> None:
-  """Puts converted weights (`weights.convert` layout) into backbone.cnn; all variables must be given."""
-  state = nnx.state(backbone.cnn)
-  have = {tuple(map(str, k)) for k in weights.flatten_tree(nnx.to_pure_dict(state))}
-  given = {tuple(map(str, k)) for k in weights.flatten_tree(params)}
-  if have != given:
-    raise ValueError(f'pretrained weights do not match the backbone: missing {sorted(have - given)}, '
-                     f'unexpected {sorted(given - have)}')
-  nnx.replace_by_pure_dict(state, jax.tree.map(jnp.asarray, params))
-  nnx.update(backbone.cnn, state)
-
-
 def build_backbone(cfg: ml_collections.ConfigDict, *, rngs: nnx.Rngs) -> tuple[Backbone, dict]:
   """config.backbone (arch, layers, out_stride, weights) -> (pretrained Backbone, JSON-able info).
 
@@ -85,7 +73,7 @@ def build_backbone(cfg: ml_collections.ConfigDict, *, rngs: nnx.Rngs) -> tuple[B
   params, info = weights.load_params(cfg.arch, cfg.get('weights', ''), cfg.get('weights_format', 'auto'))
   backbone = nnx.eval_shape(
       lambda: Backbone(cfg.arch, cfg.layers, cfg.out_stride, info['format'], rngs=nnx.Rngs(0)))
-  load_pretrained(backbone, params)
+  weights.load_into(backbone.cnn, params)
   info = dict(info, layers=list(backbone.layers), out_stride=backbone.out_stride,
               out_channels=backbone.out_channels)
   return backbone, info

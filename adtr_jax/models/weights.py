@@ -20,6 +20,8 @@ import os
 import pathlib
 import tempfile
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -161,6 +163,19 @@ def convert(state_dict: dict[str, np.ndarray], arch: str, fmt: str = 'auto') -> 
   if unfilled:  # a family's module table that forgets a Flax variable is our bug, not the user's
     raise RuntimeError(f'conversion table for {arch} ({fmt}) leaves {unfilled} unset')
   return unflatten_tree(flat)
+
+
+def load_into(module: nnx.Module, params: dict) -> nnx.Module:
+  """Fills every variable of `module` (e.g. built with nnx.eval_shape) from converted params; returns it."""
+  state = nnx.state(module)
+  have = {tuple(map(str, k)) for k in flatten_tree(nnx.to_pure_dict(state))}
+  given = {tuple(map(str, k)) for k in flatten_tree(params)}
+  if have != given:
+    raise ValueError(f'pretrained weights do not match the backbone: missing {sorted(have - given)}, '
+                     f'unexpected {sorted(given - have)}')
+  nnx.replace_by_pure_dict(state, jax.tree.map(jnp.asarray, params))
+  nnx.update(module, state)
+  return module
 
 
 def unflatten_tree(flat: dict[tuple, np.ndarray]) -> dict:

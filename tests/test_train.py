@@ -169,8 +169,11 @@ def test_killed_run_resumes_from_its_checkpoint(toy_root, cache_dir, tmp_path):
   mesh = sharding.make_mesh()
   _, p_resumed, _, _ = evaluate.restore_model(config, workdir / 'toy', mesh)
   _, p_straight, _, _ = evaluate.restore_model(config, straight / 'toy', mesh)
+  # Two processes may round differently (XLA CPU splits reductions by thread count), and Adam amplifies
+  # that over 24 steps to ~1e-5 on a few entries; a wrong resume (fresh optimizer moments, another data
+  # order or dropout stream) moves parameters by about the learning rate, 1e-3, per step.
   for a, b in zip(jax.tree.leaves(p_resumed), jax.tree.leaves(p_straight)):
-    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-3, atol=2e-5)
 
   ev = _cli([*args[:2], '--mode=eval', f'--config.dataset.root={toy_root}'])
   out, _ = ev.communicate(timeout=600)

@@ -50,8 +50,9 @@ def variant_config(base, name: str):
 
 def _row(name: str, config, report: dict, minutes: float) -> str:
   b, m = config.backbone, config.model
-  setup = (f'{b.arch if m.target == "features" else "pixels"}, {"+".join(b.layers)}, {m.type}, '
-           f'aux query {"on" if m.aux_query else "off"}')
+  embedding = (f'{b.arch}, {"+".join(b.layers)}' if m.target == 'features'
+               else f'pixels, {b.out_stride}x{b.out_stride} patches')
+  setup = f'{embedding}, {m.type}, aux query {"on" if m.aux_query else "off"}'
   return (f'| {name} | {setup} | {100 * report["image_auroc"]:.1f} | {100 * report["pixel_auroc"]:.1f} | '
           f'{100 * report["pixel_aupro"]:.1f} | {minutes:.1f} |')
 

@@ -102,15 +102,7 @@ def _assert_parity(source, arch, fmt, norm, record_property):
   ref = _torch_outputs(source, ref_model,
                        torch.from_numpy(((images - mean) / std).transpose(0, 3, 1, 2).copy()))
   ours = jax.tree.map(np.asarray, _run(model, jnp.asarray(images)))
-  diffs = {}
-  for name in (*backbone.LAYERS, 'logits'):
-    assert ours[name].shape == ref[name].shape, (name, ours[name].shape, ref[name].shape)
-    diff, scale = float(np.max(np.abs(ours[name] - ref[name]))), float(np.max(np.abs(ref[name])))
-    diffs[name] = (diff, scale)
-    assert diff <= RTOL * scale + ATOL, f'{arch} {name}: max abs diff {diff:.3g}, max |ref| {scale:.3g}'
-  print(f'\n{arch} ({fmt}) max abs diff (max |ref|): '
-        + ', '.join(f'{k} {d:.2e} ({s:.1f})' for k, (d, s) in diffs.items()))
-  record_property('max_abs_diff', {k: d for k, (d, _) in diffs.items()})
+  torch_refs.assert_outputs_match(ours, ref, f'{arch} ({fmt})', record_property, RTOL, ATOL)
 
 
 @pytest.mark.parametrize('arch', ['efficientnet_b0', 'efficientnet_b4'])

@@ -85,16 +85,7 @@ def _assert_parity(arch, fmt, ref_model, state, record_property):
   images = _images()
   ours = jax.tree.map(np.asarray, _run(model, jnp.asarray(images)))
   ref = _torch_outputs(ref_model, images)
-  diffs = {}
-  for name in (*backbone.LAYERS, 'logits'):
-    assert ours[name].shape == ref[name].shape, name
-    diff, scale = float(np.max(np.abs(ours[name] - ref[name]))), float(np.max(np.abs(ref[name])))
-    diffs[name] = (diff, scale)
-    assert diff <= RTOL * scale + ATOL, f'{arch} {name}: max abs diff {diff:.3g}, max |ref| {scale:.3g}'
-  print(f'{arch} ({fmt}) max abs diff (max |ref|): '
-        + ', '.join(f'{k} {d:.2e} ({s:.1f})' for k, (d, s) in diffs.items()))
-  record_property('max_abs_diff', {k: d for k, (d, _) in diffs.items()})
-  return diffs
+  return torch_refs.assert_outputs_match(ours, ref, f'{arch} ({fmt})', record_property, RTOL, ATOL)
 
 
 @pytest.mark.parametrize('arch', ['resnet18', 'resnet34', 'resnet50', 'wide_resnet50_2'])

@@ -62,5 +62,24 @@ def randomize_batchnorm(model, seed: int = 0) -> None:
       m.bias.data.copy_(torch.randn(n, generator=g) * 0.1)
 
 
+def assert_outputs_match(ours: dict, ref: dict, label: str, record_property, rtol: float = 1e-5,
+                         atol: float = 1e-5) -> dict:
+  """Per output (layer1..layer5, logits): max|ours - ref| <= rtol * max|ref| + atol; prints and records
+  the measured differences. Returns {name: (max abs diff, max |ref|)}."""
+  import numpy as np
+
+  from adtr_jax.models import backbone
+  diffs = {}
+  for name in (*backbone.LAYERS, 'logits'):  # every output must be there, on both sides
+    assert ours[name].shape == ref[name].shape, (name, ours[name].shape, ref[name].shape)
+    diff, scale = float(np.max(np.abs(ours[name] - ref[name]))), float(np.max(np.abs(ref[name])))
+    diffs[name] = (diff, scale)
+    assert diff <= rtol * scale + atol, f'{label} {name}: max abs diff {diff:.3g}, max |ref| {scale:.3g}'
+  print(f'\n{label} max abs diff (max |ref|): '
+        + ', '.join(f'{k} {d:.2e} ({s:.1f})' for k, (d, s) in diffs.items()))
+  record_property('max_abs_diff', {k: d for k, (d, _) in diffs.items()})
+  return diffs
+
+
 def state_dict_numpy(model) -> dict:
   return {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()}

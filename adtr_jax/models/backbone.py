@@ -67,9 +67,9 @@ def build_backbone(cfg: ml_collections.ConfigDict, *, rngs: nnx.Rngs) -> tuple[B
   (no random initialisation to compute and throw away) and then filled with the converted weights.
   """
   del rngs
-  # Checked first so bad layers/out_stride/arch fail before any weight file is read.
+  # Checked first so bad layers/out_stride fail before any weight file is read (load_params checks
+  # the arch before reading).
   _check(tuple(cfg.layers), cfg.out_stride)
-  weights.family(cfg.arch)
   params, info = weights.load_params(cfg.arch, cfg.get('weights', ''), cfg.get('weights_format', 'auto'))
   backbone = nnx.eval_shape(
       lambda: Backbone(cfg.arch, cfg.layers, cfg.out_stride, info['format'], rngs=nnx.Rngs(0)))

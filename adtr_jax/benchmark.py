@@ -1,11 +1,16 @@
-r"""Throughput of the jitted train step and of scoring, on random input, after compilation.
+r"""Throughput of the jitted train step (from images and from cached features) and of scoring.
 
   python -m adtr_jax.benchmark --config=configs/mvtec.py [--batch_size=8 --image_size=224]
+  python -m adtr_jax.benchmark --config=configs/mvtec.py --breakdown   # where a train step's time goes
   python -m adtr_jax.benchmark --metrics   # the metric suite on an MVTec-sized synthetic test set
 
-Prints one JSON line: train_images_per_s, infer_images_per_s, the devices and the model's size.
+Prints one JSON line: train_images_per_s (backbone + reconstructor, from uint8 images),
+train_cached_images_per_s (from features cached on the device, `--steps` steps per jitted call),
+infer_images_per_s, train_flops_per_image (XLA's cost analysis of the step), mfu (accelerators only:
+achieved FLOP/s of the cached step over the chip's dense bfloat16 peak), the devices and the model size.
 Runs on every device JAX sees (the batch is sharded over them).
 """
+import functools
 import json
 import time
 
@@ -16,13 +21,18 @@ _CONFIG = config_flags.DEFINE_config_file('config', 'configs/default.py', 'Model
                                           lock_config=False)
 _BATCH = flags.DEFINE_integer('batch_size', 8, 'Global batch size.')
 _SIZE = flags.DEFINE_integer('image_size', 224, 'Input size in pixels (square).')
-_STEPS = flags.DEFINE_integer('steps', 10, 'Timed steps (after 2 warm-up steps).')
+_STEPS = flags.DEFINE_integer('steps', 10, 'Timed steps (after warm-up).')
 _METRICS = flags.DEFINE_bool('metrics', False, 'Time the metrics (150 images of 256x256) instead.')
+_BREAKDOWN = flags.DEFINE_bool('breakdown', False, 'Time the parts of a train step separately.')
+
+# Dense bfloat16 peak FLOP/s by device_kind prefix (vendor data sheets, SXM parts).
+PEAK_BF16_FLOPS = {'NVIDIA H100': 989e12, 'NVIDIA H200': 989e12, 'NVIDIA A100': 312e12,
+                   'TPU v4': 275e12, 'TPU v5 lite': 197e12, 'TPU v5p': 459e12, 'TPU v6 lite': 918e12}
 
 
-def _time(fn, steps: int) -> float:
+def _time(fn, steps: int, warmup: int = 2) -> float:
   """Seconds per call of fn() (which must block until its result is ready)."""
-  for _ in range(2):
+  for _ in range(warmup):
     fn()
   t0 = time.perf_counter()
   for _ in range(steps):
@@ -30,44 +40,137 @@ def _time(fn, steps: int) -> float:
   return (time.perf_counter() - t0) / steps
 
 
-def run(config, batch_size: int, steps: int) -> dict:
+def peak_flops(device) -> float | None:
+  kind = getattr(device, 'device_kind', '')
+  return next((v for k, v in PEAK_BF16_FLOPS.items() if kind.startswith(k)), None)
+
+
+def _setup(config, batch_size: int):
   import jax
   import numpy as np
 
-  from adtr_jax import evaluate, sharding, train
+  from adtr_jax import sharding, train
   from adtr_jax.models.adtr import build_model
-
   mesh = sharding.make_mesh()
   sharding.check_batch_size(batch_size, mesh, '--batch_size')
   model, info = build_model(config)
-  tx, _ = train.make_optimizer(config.train, 1)
+  tx, _ = train.make_optimizer(config.train, 1, 1000)
   graphdef, state, frozen = train.init_state(model, tx)
   state, frozen = sharding.put_replicated((state, frozen), mesh)
   size = config.dataset.image_size
   rng = np.random.default_rng(0)
   batch = sharding.put_batch({
-      'image': rng.random((batch_size, size, size, 3), dtype=np.float32),
-      'mask': np.zeros((batch_size, size, size), np.float32),
-      'label': np.zeros((batch_size,), np.int32), 'valid': np.ones((batch_size,), bool)}, mesh)
+      'image': rng.integers(0, 256, (batch_size, size, size, 3), dtype=np.uint8),
+      'valid': np.ones((batch_size,), bool)}, mesh)
   key = sharding.put_replicated(jax.random.key(0), mesh)
-  step_fn = train.jit_train_step(mesh, graphdef, tx)
-  score = evaluate.jit_score_fn(mesh, graphdef, config)
+  return mesh, info, graphdef, tx, state, frozen, batch, key
+
+
+def run(config, batch_size: int, steps: int) -> dict:
+  import jax
+  from flax import nnx
+
+  from adtr_jax import feature_cache, inference, loop, train
+  mesh, info, graphdef, tx, state, frozen, batch, key = _setup(config, batch_size)
+  step_fn = functools.partial(train.train_step, graphdef=graphdef, tx=tx)
+  step = train.jit_step(step_fn, mesh)
+  score = inference.jit_score_fn(mesh, graphdef, config)
   holder = {'state': state}
 
   def train_once():
-    holder['state'], m = step_fn(holder['state'], frozen, batch, key)
+    holder['state'], m = step(holder['state'], frozen, batch, key)
     jax.block_until_ready(m['loss'])
 
   def infer_once():
     jax.block_until_ready(score(holder['state'].params, frozen, batch['image']))
 
   t_train, t_infer = _time(train_once, steps), _time(infer_once, steps)
+  flops = step.lower(holder['state'], frozen, batch, key).compile().cost_analysis().get('flops', 0.0)
+
+  # Cached features: a cache of 4 batches on the device, `steps` steps per jitted call.
+  features = jax.jit(lambda f, x: nnx.merge(graphdef, holder['state'].params, f).embed(x))(
+      frozen, batch['image'])
+  cache = feature_cache.place(jax.device_get(features).repeat(4, axis=0), mesh, 'device')
+  chunk = loop.device_cache_chunk(step_fn, mesh, num_rows=4 * batch_size, steps_per_epoch=4,
+                                  batch_size=batch_size)
+
+  def cached_once():
+    holder['state'], m = chunk(holder['state'], frozen, cache, key, 0, steps)
+    jax.block_until_ready(m['loss'])
+
+  t_cached = _time(cached_once, 1, warmup=1) / steps
+  cached_flops = train.jit_step(step_fn, mesh).lower(
+      holder['state'], frozen, {'features': features, 'valid': batch['valid']}, key
+  ).compile().cost_analysis().get('flops', 0.0)
+  peak = peak_flops(jax.devices()[0])
   n_params = sum(x.size for x in jax.tree.leaves(holder['state'].params))
   return {'train_images_per_s': round(batch_size / t_train, 2),
+          'train_cached_images_per_s': round(batch_size / t_cached, 2),
+          'cached_speedup': round(t_train / t_cached, 2),
           'infer_images_per_s': round(batch_size / t_infer, 2),
-          'batch_size': batch_size, 'image_size': size, 'backbone': info['arch'],
-          'layers': list(config.backbone.layers), 'trainable_params': int(n_params),
-          'devices': [str(d) for d in jax.devices()], 'jax': jax.__version__}
+          'train_flops_per_image': float(flops) / batch_size,
+          'train_cached_flops_per_image': float(cached_flops) / batch_size,
+          'mfu': (round(cached_flops / t_cached / (peak * jax.device_count()), 4) if peak else None),
+          'batch_size': batch_size, 'image_size': config.dataset.image_size, 'backbone': info['arch'],
+          'layers': list(config.backbone.layers), 'dtype': config.model.dtype,
+          'trainable_params': int(n_params), 'devices': [str(d) for d in jax.devices()],
+          'jax': jax.__version__}
+
+
+def breakdown(config, batch_size: int, steps: int) -> dict:
+  """Seconds per train step spent in each part, each part jitted and timed on its own."""
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  import optax
+  from flax import nnx
+
+  from adtr_jax import train
+  from adtr_jax.data import pipeline
+  from adtr_jax.models import reconstructor as rec
+  _, _, graphdef, tx, state, frozen, batch, key = _setup(config, batch_size)
+  model = nnx.merge(graphdef, state.params, frozen)
+  embed = jax.jit(lambda x: model.embed(x))
+  features = embed(batch['image'])
+  grads_fn = jax.jit(functools.partial(train.loss_and_grads, graphdef=graphdef))
+  fbatch = {'features': features, 'valid': batch['valid']}
+  grads = grads_fn(state.params, frozen, fbatch, key)[1]
+  update = jax.jit(lambda g, o, p: optax.apply_updates(p, tx.update(g, o, p)[0]))
+  m = config.model
+  tokens = features.shape[1] * features.shape[2]
+  x = jax.random.normal(key, (batch_size, tokens, m.hidden_dim))
+  n_attn = m.num_encoder_layers + 2 * m.num_decoder_layers
+  n_ffn = m.num_encoder_layers + m.num_decoder_layers
+
+  def sublayer_time(module, call):
+    g, p = nnx.split(module)
+    f = jax.jit(jax.grad(lambda p, x: jnp.sum(call(nnx.merge(g, p), x))))
+    return _time(lambda: jax.block_until_ready(f(p, x)), steps)
+
+  rngs = nnx.Rngs(0)
+  attn = rec.Attention(m.hidden_dim, m.num_heads, 0.0, dtype=jnp.float32, implementation='xla',
+                       rngs=rngs)
+  ffn = rec.FeedForward(m.hidden_dim, m.ffn_dim, 0.0, dtype=jnp.float32, rngs=rngs)
+  parts = {
+      'backbone_forward_s': _time(lambda: jax.block_until_ready(embed(batch['image'])), steps),
+      'reconstructor_forward_backward_s': _time(
+          lambda: jax.block_until_ready(grads_fn(state.params, frozen, fbatch, key)), steps),
+      'attention_forward_backward_s': n_attn * sublayer_time(
+          attn, lambda a, x: a(x, x, x, deterministic=True, rngs=None)),
+      'ffn_forward_backward_s': n_ffn * sublayer_time(
+          ffn, lambda f, x: f(x, deterministic=True, rngs=None)),
+      'optimizer_s': _time(lambda: jax.block_until_ready(update(grads, state.opt_state, state.params)),
+                           steps),
+  }
+  # Host input: decode + resize a batch of real-size images (a 1024 px PNG stand-in) vs the cache.
+  rng = np.random.default_rng(0)
+  big = [{'image': rng.integers(0, 256, (1024, 1024, 3), dtype=np.uint8), 'label': 0}
+         for _ in range(batch_size)]
+  size = config.dataset.image_size
+  parts['host_resize_batch_s'] = _time(
+      lambda: [pipeline.load_resized(big, i, size) for i in range(batch_size)], 2, warmup=0)
+  parts.update(batch_size=batch_size, image_size=size, devices=[str(d) for d in jax.devices()])
+  return parts
 
 
 def main(argv):
@@ -79,7 +182,8 @@ def main(argv):
   config = _CONFIG.value
   config.dataset.image_size = _SIZE.value
   config.scoring.avgpool_size = min(config.scoring.avgpool_size, _SIZE.value)
-  print(json.dumps(run(config, _BATCH.value, _STEPS.value)))
+  fn = breakdown if _BREAKDOWN.value else run
+  print(json.dumps(fn(config, _BATCH.value, _STEPS.value)))
 
 
 if __name__ == '__main__':

@@ -13,30 +13,12 @@ from flax import nnx
 from sklearn import metrics as skm
 from tqdm.auto import tqdm
 
-from adtr_jax import checkpoint, metrics, scoring, sharding, visualize
-from adtr_jax.data import datasets, pipeline
+from adtr_jax import checkpoint, metrics, sharding, visualize
+from adtr_jax.data import datasets
+from adtr_jax.data.folder import FolderSource
+from adtr_jax.inference import score_split
 from adtr_jax.models.adtr import build_model
-from adtr_jax.train import device_inputs, init_state, make_optimizer
-
-
-def score_fn(params, frozen, images, *, graphdef, scoring_cfg, image_size: int):
-  """images [B, S, S, 3] -> (score maps [B, S, S], image scores [B]). Pure; dropout off."""
-  model = nnx.merge(graphdef, params, frozen)
-  f, f_hat = model(images, deterministic=True)
-  maps = scoring.pixel_score_map(f, f_hat, image_size, scoring_cfg.gaussian_sigma)
-  scores = scoring.image_score(maps, scoring_cfg.image_score, scoring_cfg.avgpool_size,
-                               scoring_cfg.topk)
-  return maps, scores
-
-
-def jit_score_fn(mesh, graphdef, config):
-  rep, dat = sharding.replicated(mesh), sharding.data_sharded(mesh)
-
-  def fn(params, frozen, images):
-    return score_fn(params, frozen, images, graphdef=graphdef, scoring_cfg=config.scoring,
-                    image_size=config.dataset.image_size)
-
-  return jax.jit(fn, in_shardings=(rep, rep, dat), out_shardings=(dat, dat))
+from adtr_jax.train_state import init_state, make_optimizer
 
 
 def restore_model(config, workdir: pathlib.Path, mesh):
@@ -45,7 +27,7 @@ def restore_model(config, workdir: pathlib.Path, mesh):
   Returns (graphdef, params, frozen, meta).
   """
   model, info = build_model(config)
-  tx, _ = make_optimizer(config.train, 1)  # only gives the state's structure for restoring
+  tx, _ = make_optimizer(config.train, 1, 1)  # only gives the state's structure for restoring
   graphdef, state, frozen = init_state(model, tx)
   state, frozen = sharding.put_replicated((state, frozen), mesh)
   mgr = checkpoint.manager(workdir / 'checkpoints', config.train.max_checkpoints)
@@ -58,36 +40,6 @@ def restore_model(config, workdir: pathlib.Path, mesh):
   logging.info('restored %s step %d', workdir, step)
   meta['step'] = step
   return graphdef, state.params, frozen, meta
-
-
-def score_split(config, source, graphdef, params, frozen, mesh, desc: str) -> dict:
-  """Scores every example of `source` once (padding rows dropped). Returns numpy arrays:
-
-  'maps' [N, S, S] float32, 'scores' [N], 'labels' [N], 'masks' [N, S, S] bool, 'index' [N].
-  """
-  fn = jit_score_fn(mesh, graphdef, config)
-  bs = config.eval.batch_size
-  sharding.check_batch_size(bs, mesh, 'eval.batch_size')
-  out = {'maps': [], 'scores': [], 'labels': [], 'masks': []}
-  n_batches = pipeline.num_batches(len(source), bs, drop_remainder=False)
-  for batch in tqdm(pipeline.batches(
-      source, batch_size=bs, image_size=config.dataset.image_size, shuffle=False, seed=0, epoch=0,
-      drop_remainder=False, process_index=jax.process_index(), process_count=jax.process_count(),
-      num_workers=config.dataset.num_workers), total=n_batches, desc=desc, unit='batch',
-      disable=jax.process_index() != 0):
-    inputs = sharding.put_batch(device_inputs(batch), mesh)
-    maps, scores = fn(params, frozen, inputs['image'])
-    valid = sharding.to_host(inputs['valid'])
-    out['maps'].append(sharding.to_host(maps)[valid])
-    out['scores'].append(sharding.to_host(scores)[valid])
-    out['labels'].append(sharding.to_host(inputs['label'])[valid])
-    out['masks'].append(sharding.to_host(inputs['mask'])[valid] >= 0.5)
-  result = {k: np.concatenate(v) for k, v in out.items()}
-  # Unshuffled, padded only at the end: the valid rows are the split in order, each exactly once.
-  if len(result['labels']) != len(source):
-    raise RuntimeError(f'scored {len(result["labels"])} of {len(source)} test images')
-  result['index'] = np.arange(len(source))
-  return result
 
 
 def save_heatmaps(config, source, result: dict, out_dir: pathlib.Path, has_masks: bool) -> list[str]:
@@ -207,7 +159,7 @@ def predict(config: ml_collections.ConfigDict, workdir: pathlib.Path, folder) ->
     raise ValueError(f'--mode=predict needs one --config.dataset.category, got {names}')
   cat_dir = pathlib.Path(workdir) / names[0]
   mesh = sharding.make_mesh()
-  source = datasets.FolderSource(folder)
+  source = FolderSource(folder)
   graphdef, params, frozen, meta = restore_model(config, cat_dir, mesh)
   if 'calibration' not in meta:
     raise ValueError(f'the checkpoint in {cat_dir} has no calibrated threshold: it was trained with '

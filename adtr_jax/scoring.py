@@ -29,12 +29,16 @@ def gaussian_blur(maps: jax.Array, sigma: float) -> jax.Array:
   return x[..., 0]
 
 
-def pixel_score_map(features: jax.Array, reconstruction: jax.Array, image_size: int,
-                    gaussian_sigma: float = 0.0) -> jax.Array:
-  """Score map at input resolution: [B, h, w, C] x2 -> [B, S, S] (bilinear upsampling, optional blur)."""
-  s = feature_score_map(features, reconstruction)
+def upsample_map(s: jax.Array, image_size: int, gaussian_sigma: float = 0.0) -> jax.Array:
+  """A score map on the feature grid [B, h, w] -> [B, S, S] (bilinear upsampling, optional blur)."""
   s = jax.image.resize(s, (s.shape[0], image_size, image_size), method='bilinear')
   return gaussian_blur(s, gaussian_sigma) if gaussian_sigma > 0 else s
+
+
+def pixel_score_map(features: jax.Array, reconstruction: jax.Array, image_size: int,
+                    gaussian_sigma: float = 0.0) -> jax.Array:
+  """Score map at input resolution: [B, h, w, C] x2 -> [B, S, S] (see upsample_map)."""
+  return upsample_map(feature_score_map(features, reconstruction), image_size, gaussian_sigma)
 
 
 def image_score(maps: jax.Array, method: str = 'max_avgpool', avgpool_size: int = 16,

@@ -1,10 +1,12 @@
-"""Training: a pure, jitted step over a device mesh, and a resumable loop around it."""
+"""Training: a pure, jitted step over a device mesh, fed from cached features or images (see loop.py)."""
 from __future__ import annotations
 
 import json
+import math
 import pathlib
 import time
-from typing import Any, Callable
+import functools
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -12,33 +14,13 @@ import ml_collections
 import numpy as np
 import optax
 from absl import logging
-from flax import nnx, struct
+from flax import nnx
 from tqdm.auto import tqdm
 
-from adtr_jax import checkpoint, losses, sharding
-from adtr_jax.data import datasets, pipeline
-from adtr_jax.models.adtr import TRAINABLE, build_model
-
-
-@struct.dataclass
-class TrainState:
-  """Everything that changes during training. The frozen backbone is not in here."""
-  step: jax.Array          # [] int32
-  params: Any              # nnx.State of the reconstructor's parameters
-  opt_state: Any
-
-
-def make_optimizer(cfg: ml_collections.ConfigDict, steps_per_epoch: int):
-  """AdamW with global-norm clipping and step decay (lr x factor at each of cfg.lr_decay_epochs).
-
-  Returns (optax transformation, learning-rate schedule).
-  """
-  boundaries = {int(e) * steps_per_epoch: cfg.lr_decay_factor for e in cfg.lr_decay_epochs}
-  schedule = optax.piecewise_constant_schedule(cfg.learning_rate, boundaries)
-  tx = optax.chain(optax.clip_by_global_norm(cfg.grad_clip_norm),
-                   optax.adamw(schedule, weight_decay=cfg.weight_decay))
-  return tx, schedule
-
+from adtr_jax import checkpoint, evaluate, feature_cache, inference, loop, losses, sharding
+from adtr_jax.data import datasets, mixing
+from adtr_jax.models.adtr import build_model
+from adtr_jax.train_state import TrainState, init_state, make_optimizer, total_steps
 
 def loss_fn(features: jax.Array, reconstruction: jax.Array, batch: dict) -> jax.Array:
   """The normal-only objective L_norm over the batch's valid rows. features [B, h, w, C]."""
@@ -66,48 +48,47 @@ def make_loss(cfg: ml_collections.ConfigDict) -> Callable:
   raise ValueError(f"loss.type={cfg.type!r} must be 'mse', 'pixel' or 'image'")
 
 
-DEVICE_KEYS = ('image', 'mask', 'label', 'valid')
+def input_keys(loss_cfg: ml_collections.ConfigDict) -> tuple[str, ...]:
+  """The batch entries the step reads for this loss (the pixel mask only for 'pixel')."""
+  return {'mse': ('image', 'valid'), 'pixel': ('image', 'mask', 'valid'),
+          'image': ('image', 'label', 'valid')}[loss_cfg.type]
 
 
-def device_inputs(batch: dict) -> dict:
-  """The batch entries the step uses (host-only bookkeeping such as 'index' stays on the host)."""
-  return {k: batch[k] for k in DEVICE_KEYS}
+def loss_and_grads(params, frozen: nnx.State, batch: dict, dropout_key: jax.Array, *,
+                   graphdef: nnx.GraphDef, loss: Callable = loss_fn):
+  """(loss, grads) of one batch (pure). batch holds 'features' [B, h, w, C] (from the feature cache)
+  or 'image' [B, S, S, 3] uint8 (the frozen backbone runs first), plus 'valid' [B] and what `loss`
+  reads; sharded on 'data'."""
+  def objective(params):
+    model = nnx.merge(graphdef, params, frozen)
+    f = batch['features'] if 'features' in batch else model.embed(batch['image'])
+    f_hat = model.reconstructor(f, deterministic=False, rngs=nnx.Rngs(dropout=dropout_key))
+    return loss(f, f_hat, batch)
+  return jax.value_and_grad(objective)(params)
 
 
 def train_step(state: TrainState, frozen: nnx.State, batch: dict, key: jax.Array, *,
                graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
                loss: Callable = loss_fn) -> tuple[TrainState, dict]:
-  """One optimisation step (pure). batch: 'image' [B, S, S, 3], 'valid' [B], ... sharded on 'data'."""
-  dropout_key = jax.random.fold_in(key, state.step)
-
-  def objective(params):
-    model = nnx.merge(graphdef, params, frozen)
-    f, f_hat = model(batch['image'], deterministic=False, rngs=nnx.Rngs(dropout=dropout_key))
-    return loss(f, f_hat, batch)
-
-  value, grads = jax.value_and_grad(objective)(state.params)
+  """One optimisation step (pure); dropout is a function of (key, step)."""
+  value, grads = loss_and_grads(state.params, frozen, batch, jax.random.fold_in(key, state.step),
+                                graphdef=graphdef, loss=loss)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
   return new_state, {'loss': value, 'grad_norm': optax.tree.norm(grads)}
 
 
-def jit_train_step(mesh, graphdef, tx, loss: Callable = loss_fn):
-  """train_step jitted with the state replicated and the batch sharded on 'data' (state donated)."""
+def jit_step(step_fn: Callable, mesh):
+  """step_fn(state, frozen, batch, key) jitted: state replicated, batch sharded on 'data', state donated."""
   rep, dat = sharding.replicated(mesh), sharding.data_sharded(mesh)
-
-  def step(state, frozen, batch, key):
-    return train_step(state, frozen, batch, key, graphdef=graphdef, tx=tx, loss=loss)
-
-  return jax.jit(step, in_shardings=(rep, rep, dat, rep), out_shardings=(rep, rep),
+  return jax.jit(step_fn, in_shardings=(rep, rep, dat, rep), out_shardings=(rep, rep),
                  donate_argnums=(0,))
 
 
-def init_state(model: nnx.Module, tx) -> tuple[nnx.GraphDef, TrainState, nnx.State]:
-  """Splits the model into (graphdef, trainable state, frozen state)."""
-  graphdef, params, frozen = nnx.split(model, TRAINABLE, ...)
-  state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
-  return graphdef, state, frozen
+def jit_train_step(mesh, graphdef, tx, loss: Callable = loss_fn):
+  """train_step for one model, jitted (see jit_step)."""
+  return jit_step(functools.partial(train_step, graphdef=graphdef, tx=tx, loss=loss), mesh)
 
 
 def checkpoint_meta(config, category: str, backbone_info: dict, steps_per_epoch: int) -> dict:
@@ -138,8 +119,7 @@ class JsonlLog:
 
 def calibrate(config, calib, graphdef, params, frozen, mesh) -> dict:
   """The decision threshold: the (1 - target_fpr) quantile of held-out normal images' scores."""
-  from adtr_jax import evaluate  # evaluate imports this module
-  scores = evaluate.score_split(config, calib, graphdef, params, frozen, mesh, 'calibrate')['scores']
+  scores = inference.score_split(config, calib, graphdef, params, frozen, mesh, 'calibrate')['scores']
   target = config.calibration.target_fpr
   threshold = float(np.quantile(scores, 1.0 - target, method='higher'))
   return {'threshold': threshold, 'target_fpr': target, 'num_images': int(len(scores)),
@@ -157,6 +137,45 @@ def _init_from(config, category: str, state: TrainState, info: dict) -> TrainSta
   return state.replace(params=restored.params)
 
 
+class SaveClock:
+  """When to checkpoint: every `every_steps` steps and/or every `every_minutes` of wall clock (0 = off),
+  checked between chunks; always at the last step."""
+
+  def __init__(self, every_steps: int, every_minutes: float, last_step: int, step: int):
+    self.every_steps, self.every_s, self.last_step = every_steps, 60.0 * every_minutes, last_step
+    self.saved_step, self.saved_time = step, time.monotonic()
+
+  def due(self, step: int) -> bool:
+    return (step == self.last_step
+            or (self.every_steps > 0 and step - self.saved_step >= self.every_steps)
+            or (self.every_s > 0 and time.monotonic() - self.saved_time >= self.every_s))
+
+  def saved(self, step: int) -> None:
+    self.saved_step, self.saved_time = step, time.monotonic()
+
+
+def _feeder(config, data, mesh, graphdef, state, frozen, step_fn, steps_per_epoch):
+  """(chunk function, what it reads): cached features when the input is fixed, else images."""
+  cfg = config.train
+  feature_cache.check(cfg)
+  if cfg.feature_cache != 'off' and not mixing.uses_anomalies(config):
+    features = feature_cache.compute(
+        data.train, graphdef, state.params, frozen, mesh, image_size=config.dataset.image_size,
+        batch_size=config.eval.batch_size, dtype=cfg.feature_cache_dtype,
+        num_workers=config.dataset.num_workers)
+    make = loop.device_cache_chunk if cfg.feature_cache == 'device' else loop.host_cache_chunk
+    chunk = make(step_fn, mesh, num_rows=len(data.train), steps_per_epoch=steps_per_epoch,
+                 batch_size=cfg.batch_size)
+    logging.info('training from cached features %s (%s, %s)', features.shape, cfg.feature_cache,
+                 cfg.feature_cache_dtype)
+    return chunk, feature_cache.place(features, mesh, cfg.feature_cache)
+  # Synthetic anomalies change the input every epoch: the backbone must run on each batch.
+  feeder = loop.ImageFeeder(data.train, batch_size=cfg.batch_size, image_size=config.dataset.image_size,
+                            seed=config.seed, keys=input_keys(config.loss),
+                            num_workers=config.dataset.num_workers)
+  return loop.image_chunk(jit_step(step_fn, mesh), mesh, feeder), None
+
+
 def train(config: ml_collections.ConfigDict, category: str, workdir: pathlib.Path) -> dict:
   """Trains one category in `workdir` (resuming from its latest checkpoint). Returns a summary."""
   workdir.mkdir(parents=True, exist_ok=True)
@@ -168,8 +187,9 @@ def train(config: ml_collections.ConfigDict, category: str, workdir: pathlib.Pat
   if steps_per_epoch == 0:
     raise ValueError(f'the train split of {category!r} has {len(data.train)} images, fewer than '
                      f'train.batch_size={cfg.batch_size}')
+  last_step = total_steps(cfg, steps_per_epoch)
   model, info = build_model(config)
-  tx, schedule = make_optimizer(cfg, steps_per_epoch)
+  tx, schedule = make_optimizer(cfg, steps_per_epoch, last_step)
   graphdef, state, frozen = init_state(model, tx)
   state, frozen = sharding.put_replicated((state, frozen), mesh)
   meta = checkpoint_meta(config, category, info, steps_per_epoch)
@@ -179,47 +199,47 @@ def train(config: ml_collections.ConfigDict, category: str, workdir: pathlib.Pat
     _check_same_backbone(checkpoint.read_meta(mgr, latest), info, mgr.directory)
     state, _ = checkpoint.restore(mgr, latest, state)
     logging.info('resumed %s from step %d', category, latest)
+    print(f'adtr_jax: resumed {category} from step {latest}', flush=True)
   elif config.init_from:
     state = _init_from(config, category, state, info)
   step = int(state.step)
-  total_steps = cfg.num_epochs * steps_per_epoch
-  step_fn = jit_train_step(mesh, graphdef, tx, make_loss(config.loss))
+  step_fn = functools.partial(train_step, graphdef=graphdef, tx=tx, loss=make_loss(config.loss))
+  chunk, cache = _feeder(config, data, mesh, graphdef, state, frozen, step_fn, steps_per_epoch)
   key = sharding.put_replicated(jax.random.key(config.seed), mesh)
   log = JsonlLog(workdir / 'train_log.jsonl')
-  epoch_loss = None
-
-  bar = tqdm(total=total_steps, initial=step, desc=f'train {category}', unit='step',
+  clock = SaveClock(cfg.checkpoint_every_steps, cfg.checkpoint_every_minutes, last_step, step)
+  since_save, loss_now = [], float('nan')
+  bar = tqdm(total=last_step, initial=step, desc=f'train {category}', unit='step',
              disable=jax.process_index() != 0)
-  while step < total_steps:
-    epoch, skip = divmod(step, steps_per_epoch)
-    losses_dev, t0, n0 = [], time.perf_counter(), step
-    source = data.train.for_epoch(epoch) if hasattr(data.train, 'for_epoch') else data.train
-    for batch in pipeline.batches(
-        source, batch_size=cfg.batch_size, image_size=config.dataset.image_size, shuffle=True,
-        seed=config.seed, epoch=epoch, drop_remainder=True, skip_batches=skip,
-        process_index=jax.process_index(), process_count=jax.process_count(),
-        num_workers=config.dataset.num_workers):
-      state, metrics = step_fn(state, frozen, sharding.put_batch(device_inputs(batch), mesh), key)
-      losses_dev.append(metrics['loss'])
-      step += 1
-      bar.update(1)
-      if step % cfg.log_every_steps == 0 or step % steps_per_epoch == 0:
-        loss_now = float(metrics['loss'])  # syncs: only at log steps
-        rate = (step - n0) * cfg.batch_size / (time.perf_counter() - t0)
-        bar.set_postfix(loss=f'{loss_now:.4f}', img_s=f'{rate:.1f}')
-        log.write(step=step, epoch=epoch, loss=loss_now, grad_norm=float(metrics['grad_norm']),
-                  lr=float(schedule(step - 1)), images_per_s=rate)
-        t0, n0 = time.perf_counter(), step
-    epoch_loss = float(np.mean(jax.device_get(losses_dev)))
-    log.write(step=step, epoch=epoch, epoch_mean_loss=epoch_loss)
-    if step == total_steps and data.calib is not None:
-      meta = dict(meta, calibration=calibrate(config, data.calib, graphdef, state.params, frozen, mesh))
-    if (epoch + 1) % cfg.checkpoint_every_epochs == 0 or step == total_steps:
-      checkpoint.save(mgr, step, state, meta, epoch_loss)
+  while step < last_step:
+    # Chunks end on multiples of log_every_steps: a resumed run logs at the same steps.
+    n = min(cfg.log_every_steps - step % cfg.log_every_steps, last_step - step)
+    t0 = time.perf_counter()
+    state, metrics = chunk(state, frozen, cache, key, step, n)
+    metrics = jax.device_get(metrics)  # waits for the chunk: the bar shows completed steps
+    rate = n * cfg.batch_size / (time.perf_counter() - t0)
+    step += n
+    since_save.extend(metrics['loss'].tolist())
+    loss_now = float(np.mean(metrics['loss']))
+    bar.update(n)
+    bar.set_postfix(loss=f'{loss_now:.4f}', img_s=f'{rate:.1f}')
+    log.write(step=step, epoch=step / steps_per_epoch, loss=loss_now,
+              grad_norm=float(np.mean(metrics['grad_norm'])), lr=float(schedule(step - 1)),
+              images_per_s=rate)
+    if not all(map(math.isfinite, metrics['loss'].tolist())):
+      raise FloatingPointError(f'training loss became {loss_now} at step {step}: lower '
+                               f'train.learning_rate ({cfg.learning_rate})')
+    if clock.due(step):
+      if step == last_step and data.calib is not None:
+        meta = dict(meta, calibration=calibrate(config, data.calib, graphdef, state.params, frozen,
+                                                mesh))
+      checkpoint.save(mgr, step, state, meta, float(np.mean(since_save)))
+      clock.saved(step)
+      since_save = []
   bar.close()
   mgr.wait_until_finished()
   mgr.close()
-  return {'category': category, 'steps': step, 'last_epoch_loss': epoch_loss}
+  return {'category': category, 'steps': step, 'last_loss': loss_now}
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
@@ -229,5 +249,4 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   summaries = [train(config, c, workdir / c) for c in datasets.categories(config)]
   if not evaluate_after:
     return {'train': summaries}
-  from adtr_jax import evaluate  # evaluate builds on this module's state helpers
   return {'train': summaries, 'eval': evaluate.evaluate(config, workdir)}

@@ -47,19 +47,42 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.aux_query = True
   config.model.type = 'transformer'
   config.model.target = 'features'
+  # Initial std of the learned position and query embeddings (see models/reconstructor.py).
+  config.model.embed_init_std = 1.0
+  # Compute dtype of the transformer ('bfloat16' on accelerators); parameters and optimizer state
+  # stay float32, and losses and scores are computed in float32.
+  config.model.dtype = 'float32'
+  # jax.nn.dot_product_attention implementation: 'xla', 'cudnn' (GPU flash attention, bfloat16) or 'auto'.
+  config.model.attention = 'xla'
 
   config.train = ml_collections.ConfigDict()
   config.train.batch_size = 16  # global, over all devices and hosts
+  # The budget: num_epochs epochs, but at least min_steps optimisation steps (small training sets).
   config.train.num_epochs = 500
+  config.train.min_steps = 0
   config.train.learning_rate = 1e-4
   config.train.weight_decay = 1e-4
   config.train.grad_clip_norm = 0.1
-  # Step decay: the learning rate is multiplied by lr_decay_factor at each of these epochs.
+  # 'warmup_cosine': linear warmup over warmup_fraction of the run, cosine decay to
+  # learning_rate * final_lr_fraction at its end (a complete schedule for any budget);
+  # 'step' (the paper's): x lr_decay_factor at each of lr_decay_epochs.
+  config.train.schedule = 'step'
+  config.train.warmup_fraction = 0.05
+  config.train.final_lr_fraction = 0.01
   config.train.lr_decay_epochs = (400,)
   config.train.lr_decay_factor = 0.1
-  config.train.checkpoint_every_epochs = 1
+  # Normal-only training runs the frozen backbone once per image and trains from its features:
+  # 'device' (in accelerator memory, sharded over `data`; one jitted call per log_every_steps steps),
+  # 'host' (host memory, sent once per call) or 'off' (images every step). Synthetic / external /
+  # labelled anomalies always train from images.
+  config.train.feature_cache = 'device'
+  config.train.feature_cache_dtype = 'bfloat16'   # or 'float32' (exact)
+  # Checkpoints (async orbax) every N steps and/or every M minutes of wall clock (0 = off), always at
+  # the end; checked between jitted calls, i.e. at multiples of log_every_steps.
+  config.train.checkpoint_every_steps = 0
+  config.train.checkpoint_every_minutes = 10.0
   config.train.max_checkpoints = 3
-  config.train.log_every_steps = 10
+  config.train.log_every_steps = 50
 
   config.scoring = ml_collections.ConfigDict()
   # 'max_avgpool': max of the k x k average-pooled map (MVTec); 'mean' (CIFAR-10); 'topk_mean'.
@@ -92,6 +115,12 @@ def get_config() -> ml_collections.ConfigDict:
   config.calibration = ml_collections.ConfigDict()
   config.calibration.holdout_fraction = 0.1
   config.calibration.target_fpr = 0.05
+
+  # The nearest-neighbour reference (adtr_jax.baselines.nearest_neighbour) on the same features: a
+  # memory bank of bank_fraction of the training tokens, 'random' rows or a greedy 'coreset'.
+  config.baseline = ml_collections.ConfigDict()
+  config.baseline.bank_fraction = 0.1
+  config.baseline.subsample = 'random'
 
   config.eval = ml_collections.ConfigDict()
   config.eval.batch_size = 16

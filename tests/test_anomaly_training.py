@@ -111,7 +111,7 @@ def test_init_from_a_normal_run_then_pixel_loss_with_synthetic_anomalies(toy_roo
   assert mgr.latest_step() == report['train'][0]['steps']
   # init_from takes the normal run's weights with a fresh optimizer state and step count.
   model, info = build_model(config)
-  tx, _ = train.make_optimizer(config.train, 1)
+  tx, _ = train.make_optimizer(config.train, 1, 1)
   _, state, _ = train.init_state(model, tx)
   started = train._init_from(config, 'toy', state, info)
   _, normal_params, _, _ = evaluate.restore_model(config, normal_dir / 'toy', sharding.make_mesh())

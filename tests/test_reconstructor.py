@@ -19,7 +19,7 @@ def test_paper_defaults():
   assert len(m.encoder) == 4 and len(m.decoder) == 4
   assert m.pos_embed.shape == (256, 256) and m.aux_query.shape == (256, 256)
   assert m.encoder[0].ffn.fc1.kernel.shape == (256, 1024)
-  assert m.encoder[0].self_attn.attn.num_heads == 8
+  assert m.encoder[0].self_attn.num_heads == 8 and m.encoder[0].self_attn.query.kernel.shape == (256, 256)
 
 
 def test_shapes_and_dropout():

@@ -10,7 +10,7 @@ import ml_collections
 
 import numpy as np
 
-from adtr_jax.data import builder, elpv, mixing, mvtec, pipeline
+from adtr_jax.data import builder, elpv, image_cache, mixing, mvtec, pipeline
 
 SOURCES = ('mvtec', 'elpv')
 
@@ -37,25 +37,6 @@ class Subset:
 
   def __getitem__(self, i: int) -> dict:
     return self.source[self.indices[i]]
-
-
-class FolderSource:
-  """The images of a folder (sorted, no labels), for --mode=predict: [i] -> {'image', 'label': 0, 'path'}."""
-
-  def __init__(self, folder):
-    folder = pathlib.Path(folder).expanduser()
-    if not folder.is_dir():
-      raise mvtec.DatasetError(f'{folder} is not a folder of images')
-    self.paths = sorted(p for p in folder.iterdir()
-                        if p.is_file() and p.suffix.lower() in mvtec.IMAGE_EXTENSIONS)
-    if not self.paths:
-      raise mvtec.DatasetError(f'{folder} has no images ({", ".join(mvtec.IMAGE_EXTENSIONS)})')
-
-  def __len__(self) -> int:
-    return len(self.paths)
-
-  def __getitem__(self, i: int) -> dict:
-    return {'image': mvtec.load_image(self.paths[i]), 'label': 0, 'path': str(self.paths[i])}
 
 
 def split_calibration(train, fraction: float, seed: int):
@@ -111,6 +92,8 @@ def load_category(config: ml_collections.ConfigDict, category: str) -> CategoryD
   else:
     raise ValueError(f'--config.dataset.source={source!r} is not one of {", ".join(SOURCES)}')
   splits = builder.prepare(root, category, cache_dir(config) / 'tfds', require_masks)
+  splits = {name: image_cache.cached(split, config.dataset.image_size, config.dataset.num_workers)
+            for name, split in splits.items()}
   train, calib = split_calibration(splits['train'], config.calibration.holdout_fraction, config.seed)
   test, has_masks = splits['test'], splits['test'].has_masks
   mixing.check(config, has_masks)
@@ -130,4 +113,4 @@ def load_category(config: ml_collections.ConfigDict, category: str) -> CategoryD
 def load_example(source, index: int, size: int) -> dict:
   """Row `index` of `source` as the model sees it: {'image': float32 [size, size, 3] in [0, 1], 'path'}."""
   example = pipeline.load_resized(source, index, size)
-  return {'image': example['image'], 'path': example['path']}
+  return {'image': example['image'].astype(np.float32) / 255.0, 'path': example['path']}

@@ -18,6 +18,7 @@ import ml_collections
 import numpy as np
 
 from adtr_jax.data import anomalies
+from adtr_jax.data.folder import FolderSource
 
 LOSS_TYPES = ('mse', 'pixel', 'image')
 
@@ -128,7 +129,6 @@ class MixedSource:
 
 def build(config: ml_collections.ConfigDict, normal, labelled=None) -> MixedSource:
   """The training mixture that config.anomalies asks for."""
-  from adtr_jax.data.datasets import FolderSource  # datasets imports this module
   a = config.anomalies
   external = FolderSource(a.external_dir) if a.external_dir else None
   return MixedSource(normal, labelled=labelled, external=external, synthetic=synthetic_names(a),
@@ -145,8 +145,8 @@ def save_examples(source: MixedSource, out_dir, image_size: int, n: int = 8) -> 
   paths = []
   for slot in range(min(n, source.num_slots)):
     ex = pipeline.load_resized(source, len(source.normal) + slot, image_size)
-    mask = np.repeat(ex['mask'][..., None], 3, axis=-1)
-    panel = (np.concatenate([ex['image'], mask], axis=1) * 255).round().astype(np.uint8)
+    mask = np.repeat(ex['mask'][..., None], 3, axis=-1) * np.uint8(255)
+    panel = np.concatenate([ex['image'], mask], axis=1)
     path = pathlib.Path(out_dir) / f'anomaly_{slot:02d}.png'
     visualize.save_png(panel, path)
     paths.append(str(path))

@@ -32,27 +32,29 @@ def epoch_order(n: int, shuffle: bool, seed: int, epoch: int) -> np.ndarray:
 
 
 def _resize_image(image: np.ndarray, size: int) -> np.ndarray:
-  """uint8 [H, W] or [H, W, 3] -> float32 [size, size, 3] in [0, 1] (PIL bilinear)."""
+  """uint8 [H, W] or [H, W, 3] -> uint8 [size, size, 3] (PIL bilinear). The device normalises to
+  [0, 1] (models.adtr.to_unit_range): uint8 is a quarter of float32's bytes to send."""
   if image.ndim == 2:
     image = np.repeat(image[..., None], 3, axis=-1)
   if image.shape[:2] != (size, size):
     image = np.asarray(Image.fromarray(image).resize((size, size), Image.BILINEAR))
-  return image.astype(np.float32) / 255.0
+  return np.asarray(image, np.uint8)
 
 
 def _resize_mask(mask: np.ndarray | None, size: int) -> np.ndarray:
-  """bool [H, W] (None: no defect) -> float32 [size, size] in {0, 1} (nearest, so it stays binary)."""
+  """bool [H, W] (None: no defect) -> uint8 [size, size] in {0, 1} (nearest, so it stays binary)."""
   if mask is None:
-    return np.zeros((size, size), np.float32)
+    return np.zeros((size, size), np.uint8)
   mask = np.asarray(mask)
   if mask.shape != (size, size):
     grey = Image.fromarray(mask.astype(np.uint8) * 255)
     mask = np.asarray(grey.resize((size, size), Image.NEAREST)) >= 128
-  return mask.astype(np.float32)
+  return mask.astype(np.uint8)
 
 
 def load_resized(source, index: int, image_size: int) -> dict:
-  """source[index] at the model's size: 'image' float32 [S, S, 3], 'mask' float32 [S, S], 'label', 'path'."""
+  """source[index] at the model's size: 'image' uint8 [S, S, 3], 'mask' uint8 [S, S] in {0, 1}, 'label',
+  'path'."""
   example = source[int(index)]
   path = example.get('path', f'row {index} of {type(source).__name__}')
   try:
@@ -114,16 +116,18 @@ def _collate(rows: list[dict], index: np.ndarray) -> dict:
 
 def batches(source, *, batch_size: int, image_size: int, shuffle: bool, seed: int, epoch: int,
             drop_remainder: bool, skip_batches: int = 0, process_index: int = 0,
-            process_count: int = 1, num_workers: int = 2) -> Iterator[dict]:
+            process_count: int = 1, num_workers: int = 2,
+            order: np.ndarray | None = None) -> Iterator[dict]:
   """This process's part of each global batch of one epoch.
 
   Global batch i holds positions [i*B, (i+1)*B) of epoch_order(); process p takes positions
-  [i*B + p*b, i*B + (p+1)*b), b = B / process_count. Yields numpy dicts: 'image' float32
-  [b, S, S, 3] in [0, 1], 'mask' float32 [b, S, S] in {0, 1}, 'label' int32 [b] (1 = anomalous),
+  [i*B + p*b, i*B + (p+1)*b), b = B / process_count. Yields numpy dicts: 'image' uint8
+  [b, S, S, 3], 'mask' uint8 [b, S, S] in {0, 1}, 'label' int32 [b] (1 = anomalous),
   'valid' bool [b], 'index' int64 [b] (source row, -1 for padding). With drop_remainder=False the
   last batch is padded to B with copies of a real row (valid=False). The first `skip_batches`
   batches are skipped without decoding (resuming mid-epoch). `num_workers` threads decode and resize,
-  PREFETCH_BATCHES batches ahead; a failure is raised by the generator, naming the file.
+  PREFETCH_BATCHES batches ahead; a failure is raised by the generator, naming the file. `order`
+  (a permutation of the rows) replaces epoch_order(shuffle, seed, epoch) when given.
   """
   if batch_size < 1 or batch_size % process_count:
     raise ValueError(f'batch_size={batch_size} must be a positive multiple of the process count '
@@ -135,7 +139,10 @@ def batches(source, *, batch_size: int, image_size: int, shuffle: bool, seed: in
   n = len(source)
   if n == 0:
     raise ValueError(f'cannot make batches of an empty source {source!r}')
-  order = epoch_order(n, shuffle, seed, epoch)
+  if order is None:
+    order = epoch_order(n, shuffle, seed, epoch)
+  elif not np.array_equal(np.sort(order), np.arange(n)):
+    raise ValueError(f'order must be a permutation of the {n} rows of {source!r}')
   slices = _slices(n, order, batch_size, batch_size // process_count, process_index,
                    drop_remainder, skip_batches)
   # Checks above run at the call; decoding starts when the first batch is asked for.

@@ -1,0 +1,25 @@
+"""A plain folder of images (no labels): what --mode=predict scores, and external anomalies."""
+from __future__ import annotations
+
+import pathlib
+
+from adtr_jax.data import mvtec
+
+
+class FolderSource:
+  """The images of a folder (sorted, no labels), for --mode=predict: [i] -> {'image', 'label': 0, 'path'}."""
+
+  def __init__(self, folder):
+    folder = pathlib.Path(folder).expanduser()
+    if not folder.is_dir():
+      raise mvtec.DatasetError(f'{folder} is not a folder of images')
+    self.paths = sorted(p for p in folder.iterdir()
+                        if p.is_file() and p.suffix.lower() in mvtec.IMAGE_EXTENSIONS)
+    if not self.paths:
+      raise mvtec.DatasetError(f'{folder} has no images ({", ".join(mvtec.IMAGE_EXTENSIONS)})')
+
+  def __len__(self) -> int:
+    return len(self.paths)
+
+  def __getitem__(self, i: int) -> dict:
+    return {'image': mvtec.load_image(self.paths[i]), 'label': 0, 'path': str(self.paths[i])}

@@ -1,0 +1,74 @@
+"""The frozen backbone's features, computed once per training image and kept for the whole run.
+
+The backbone is frozen and normal-only training has no randomness in input space, so every epoch would
+recompute the same features. `compute` runs the backbone once over a split in inference batches;
+`place` puts the result in host memory or in device memory sharded over the mesh's `data` axis
+(each device, and so each process of a multi-host run, holds only its block of rows).
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+from tqdm.auto import tqdm
+
+from adtr_jax import sharding
+from adtr_jax.data import pipeline
+
+PLACES = ('device', 'host', 'off')
+DTYPES = {'bfloat16': jnp.bfloat16, 'float32': jnp.float32}
+
+
+def check(cfg: ml_collections.ConfigDict) -> None:
+  """config.train.feature_cache / feature_cache_dtype, with the field named when wrong."""
+  if cfg.feature_cache not in PLACES:
+    raise ValueError(f'train.feature_cache={cfg.feature_cache!r} must be one of {PLACES}')
+  if cfg.feature_cache_dtype not in DTYPES:
+    raise ValueError(f'train.feature_cache_dtype={cfg.feature_cache_dtype!r} must be one of '
+                     f'{sorted(DTYPES)}')
+
+
+def compute(source, graphdef: nnx.GraphDef, params, frozen, mesh, *, image_size: int, batch_size: int,
+            dtype: str, num_workers: int = 2) -> np.ndarray:
+  """Features of every row of `source`, in order: [N, h, w, C] numpy in `dtype` (bfloat16/float32)."""
+  rep, dat = sharding.replicated(mesh), sharding.data_sharded(mesh)
+  store = DTYPES[dtype]
+
+  def embed(frozen, images):
+    return nnx.merge(graphdef, params, frozen).embed(images).astype(store)
+
+  embed = jax.jit(embed, in_shardings=(rep, dat), out_shardings=dat)
+  sharding.check_batch_size(batch_size, mesh, 'eval.batch_size')
+  out = []
+  n_batches = pipeline.num_batches(len(source), batch_size, drop_remainder=False)
+  for batch in tqdm(pipeline.batches(
+      source, batch_size=batch_size, image_size=image_size, shuffle=False, seed=0, epoch=0,
+      drop_remainder=False, process_index=jax.process_index(), process_count=jax.process_count(),
+      num_workers=num_workers), total=n_batches, desc='feature cache', unit='batch', leave=False,
+      disable=jax.process_index() != 0):
+    inputs = sharding.put_batch({'image': batch['image'], 'valid': batch['valid']}, mesh)
+    features = sharding.to_host(embed(frozen, inputs['image']))
+    out.append(features[sharding.to_host(inputs['valid'])])
+  features = np.concatenate(out)
+  if len(features) != len(source):  # unshuffled and padded only at the end: each row exactly once
+    raise RuntimeError(f'feature cache holds {len(features)} rows for {len(source)} images')
+  return features
+
+
+def place(features: np.ndarray, mesh, where: str):
+  """'device': a global array [N', h, w, C] sharded on 'data' (N' = N padded to the device count;
+  padding rows are zeros and never sampled). 'host': the numpy array itself."""
+  if where == 'host':
+    return features
+  if where != 'device':
+    raise ValueError(f'feature_cache.place: where={where!r} must be "device" or "host"')
+  n_dev = mesh.devices.size
+  pad = -len(features) % n_dev
+  if pad:
+    features = np.concatenate([features, np.zeros((pad, *features.shape[1:]), features.dtype)])
+  # Each process hands over only the rows of its own devices (callback per addressable shard).
+  spec = NamedSharding(mesh, P('data'))
+  return jax.make_array_from_callback(features.shape, spec, lambda index: features[index])

@@ -1,0 +1,143 @@
+"""Ways to feed the one pure train step (train.train_step), in chunks of steps between host visits.
+
+* `device_cache_chunk`: features cached in device memory; one jitted `lax.scan` runs a whole chunk,
+  drawing each step's rows on device from (seed, epoch, position): no host round trip per step.
+* `host_cache_chunk`: features cached in host memory; the same rows, gathered on the host and sent once
+  per chunk, then the same scan.
+* `ImageFeeder`: images through the host input pipeline, one jitted step at a time (needed when the
+  input changes every epoch, e.g. synthetic anomalies).
+
+Every chunk runs from `state.step`, so a run resumed from any checkpoint, mid-epoch included, continues
+with exactly the batches it would have seen. Each returns (state, metrics with a leading [steps] axis).
+"""
+from __future__ import annotations
+
+import functools
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from adtr_jax import sharding
+from adtr_jax.data import pipeline
+
+# fold_in constant separating the data-order stream from the dropout stream of the same seed.
+_DATA_STREAM = 0x0DA7A
+
+
+def epoch_order(key: jax.Array, epoch: jax.Array, num_rows: int) -> jax.Array:
+  """int32 [num_rows]: the permutation of the training rows that epoch `epoch` visits (every feed)."""
+  data_key = jax.random.fold_in(jax.random.fold_in(key, _DATA_STREAM), epoch)
+  return jax.random.permutation(data_key, num_rows).astype(jnp.int32)
+
+
+def step_rows(key: jax.Array, step: jax.Array, *, num_rows: int, steps_per_epoch: int,
+              batch_size: int) -> jax.Array:
+  """int32 [batch_size]: the rows global step `step` trains on: positions
+  [(step mod steps_per_epoch) * B, ... + B) of its epoch's order (a last partial batch is dropped)."""
+  epoch, position = jnp.divmod(step, steps_per_epoch)
+  return jax.lax.dynamic_slice_in_dim(epoch_order(key, epoch, num_rows), position * batch_size,
+                                      batch_size)
+
+
+def _feature_batch(features: jax.Array) -> dict:
+  return {'features': features.astype(jnp.float32),
+          'valid': jnp.ones(features.shape[:1], bool)}
+
+
+def device_cache_chunk(step_fn: Callable, mesh, *, num_rows: int, steps_per_epoch: int,
+                       batch_size: int) -> Callable:
+  """-> chunk(state, frozen, cache [N', h, w, C] sharded on 'data', key, start, num_steps)
+  -> (state, metrics). `start` (== state.step, known on the host) is unused: the scan reads state.step.
+
+  step_fn(state, frozen, batch, key) -> (state, metrics) is the pure train step.
+  """
+  rep, dat = sharding.replicated(mesh), sharding.data_sharded(mesh)
+  rows = functools.partial(step_rows, num_rows=num_rows, steps_per_epoch=steps_per_epoch,
+                           batch_size=batch_size)
+
+  def chunk(state, frozen, cache, key, num_steps):
+    def body(state, _):
+      batch = _feature_batch(cache[rows(key, state.step)])
+      batch = jax.lax.with_sharding_constraint(batch, dat)
+      return step_fn(state, frozen, batch, key)
+    return jax.lax.scan(body, state, None, length=num_steps)
+
+  @functools.cache  # one compilation per chunk length (at most two in a run)
+  def compiled(num_steps):
+    return jax.jit(functools.partial(chunk, num_steps=num_steps), in_shardings=(rep, rep, dat, rep),
+                   out_shardings=(rep, rep), donate_argnums=(0,))
+
+  return lambda state, frozen, cache, key, start, num_steps: compiled(num_steps)(state, frozen, cache,
+                                                                                 key)
+
+
+def host_cache_chunk(step_fn: Callable, mesh, *, num_rows: int, steps_per_epoch: int,
+                     batch_size: int) -> Callable:
+  """-> chunk(state, frozen, features numpy [N, h, w, C], key, start, num_steps) -> (state, metrics)."""
+  rep = sharding.replicated(mesh)
+  xs_sharding = NamedSharding(mesh, P(None, 'data'))
+  rows = jax.jit(jax.vmap(functools.partial(step_rows, num_rows=num_rows,
+                                            steps_per_epoch=steps_per_epoch, batch_size=batch_size),
+                          in_axes=(None, 0)))
+
+  def scan(state, frozen, xs, key):
+    def body(state, features):
+      return step_fn(state, frozen, _feature_batch(features), key)
+    return jax.lax.scan(body, state, xs)
+
+  scan = jax.jit(scan, in_shardings=(rep, rep, xs_sharding, rep), out_shardings=(rep, rep),
+                 donate_argnums=(0,))
+
+  def chunk(state, frozen, features, key, start, num_steps):
+    steps = start + np.arange(num_steps)
+    idx = np.asarray(rows(key, jnp.asarray(steps)))            # [num_steps, B], same on every process
+    xs = features[idx]                                         # host gather, one transfer per chunk
+    xs = jax.make_array_from_callback(xs.shape, xs_sharding, lambda index: xs[index])
+    return scan(state, frozen, xs, key)
+
+  return chunk
+
+
+class ImageFeeder:
+  """Batches of images for global steps, from the host pipeline (decoding ahead in threads), in the
+  same epoch orders as the cached feeds (epoch_order), so that both train on the same batches.
+
+  next(step) returns this process's part of the batch of global step `step`; consecutive steps reuse
+  one epoch iterator, any other step (a resume) starts a new one that skips to it.
+  """
+
+  def __init__(self, source, *, batch_size: int, image_size: int, seed: int, keys, num_workers: int):
+    self.source, self.batch_size, self.image_size = source, batch_size, image_size
+    self.seed, self.keys, self.num_workers = seed, tuple(keys), num_workers
+    self.steps_per_epoch = len(source) // batch_size
+    self._next_step, self._it = None, None
+    self._order = jax.jit(epoch_order, static_argnums=2)
+
+  def next(self, step: int) -> dict:
+    epoch, position = divmod(step, self.steps_per_epoch)
+    if step != self._next_step or position == 0:
+      source = self.source.for_epoch(epoch) if hasattr(self.source, 'for_epoch') else self.source
+      order = np.asarray(self._order(jax.random.key(self.seed), epoch, len(source)))
+      self._it = pipeline.batches(
+          source, batch_size=self.batch_size, image_size=self.image_size, shuffle=True, seed=self.seed,
+          epoch=epoch, drop_remainder=True, skip_batches=position, order=order,
+          process_index=jax.process_index(), process_count=jax.process_count(),
+          num_workers=self.num_workers)
+    self._next_step = step + 1
+    batch = next(self._it)
+    return {k: batch[k] for k in self.keys}
+
+
+def image_chunk(step_fn_jit: Callable, mesh, feeder: ImageFeeder) -> Callable:
+  """-> chunk(state, frozen, _, key, start, num_steps) -> (state, metrics stacked over the steps)."""
+  def chunk(state, frozen, _, key, start, num_steps):
+    metrics = []
+    for step in range(start, start + num_steps):
+      batch = sharding.put_batch(feeder.next(step), mesh)
+      state, m = step_fn_jit(state, frozen, batch, key)
+      metrics.append(m)
+    return state, jax.tree.map(lambda *xs: jnp.stack(xs), *metrics)
+  return chunk

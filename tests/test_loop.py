@@ -1,0 +1,185 @@
+"""The feeds of the train step: cached features == images, device == host cache, 8 devices == 1,
+the on-device data order, the schedule, and bfloat16 against float32."""
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from adtr_jax import feature_cache, inference, loop, sharding, train, train_state
+from adtr_jax.data import datasets, pipeline
+from adtr_jax.models.adtr import build_model
+from tests.conftest import tiny_config
+
+
+@pytest.fixture(scope='module')
+def setup(toy_root, tmp_path_factory):
+  """The tiny config, its training split, and float32 features of every training image (8 devices)."""
+  config = tiny_config(toy_root, tmp_path_factory.mktemp('cache'))
+  data = datasets.load_category(config, 'toy')
+  model, _ = build_model(config)
+  tx, _ = train.make_optimizer(config.train, 2, 100)
+  graphdef, state, frozen = train.init_state(model, tx)
+  features = feature_cache.compute(data.train, graphdef, state.params, frozen, sharding.make_mesh(),
+                                   image_size=64, batch_size=8, dtype='float32', num_workers=1)
+  return config, data, features
+
+
+def _fresh(config, mesh, steps_per_epoch=2, total=100):
+  model, _ = build_model(config)
+  tx, _ = train.make_optimizer(config.train, steps_per_epoch, total)
+  graphdef, state, frozen = train.init_state(model, tx)
+  state, frozen = sharding.put_replicated((state, frozen), mesh)
+  step_fn = functools.partial(train.train_step, graphdef=graphdef, tx=tx)
+  key = sharding.put_replicated(jax.random.key(config.seed), mesh)
+  return graphdef, state, frozen, step_fn, key
+
+
+def test_cached_features_give_the_same_loss_and_gradients_as_images(setup):
+  """The backbone is frozen: training from its stored (float32) output is the same computation."""
+  config, data, _ = setup
+  mesh = sharding.make_mesh(jax.devices()[:1])   # both paths on one device: the same arithmetic
+  graphdef, state, frozen, _, _ = _fresh(config, mesh)
+  features = feature_cache.compute(data.train, graphdef, state.params, frozen, mesh, image_size=64,
+                                   batch_size=8, dtype='float32', num_workers=1)
+  rows = [3, 0, 7, 11, 5, 2, 9, 14]
+  images = np.stack([pipeline.load_resized(data.train, r, 64)['image'] for r in rows])
+  valid = np.ones(8, bool)
+  key = jax.random.key(5)
+  kw = dict(graphdef=graphdef, loss=train.loss_fn)
+  loss_img, g_img = train.loss_and_grads(state.params, frozen, {'image': images, 'valid': valid}, key, **kw)
+  loss_f, g_f = train.loss_and_grads(state.params, frozen, {'features': features[rows], 'valid': valid},
+                                     key, **kw)
+  np.testing.assert_allclose(loss_f, loss_img, rtol=1e-6)
+  leaves_img, leaves_f = jax.tree.leaves(g_img), jax.tree.leaves(g_f)
+  assert len(leaves_img) == len(leaves_f) > 10
+  # XLA fuses the backbone into the gradient graph on the image path, so features differ by float32
+  # rounding (~1e-7); a pre-activation that close to a ReLU kink flips one FFN unit, which moves the
+  # gradient by 1.2e-4 of its L2 norm (measured). Bound: 5e-4. Control: the features of other rows.
+  def rel_err(grads):
+    a = np.concatenate([np.ravel(x) for x in jax.tree.leaves(grads)])
+    b = np.concatenate([np.ravel(x) for x in leaves_img])
+    return np.linalg.norm(a - b) / np.linalg.norm(b)
+
+  assert rel_err(g_f) <= 5e-4
+  _, g_wrong = train.loss_and_grads(state.params, frozen, {'features': features[[r + 1 for r in rows]],
+                                                           'valid': valid}, key, **kw)
+  assert rel_err(g_wrong) > 1e-2
+
+
+def _run(chunk, state, frozen, data, key, n_steps, per_call):
+  losses = []
+  for start in range(0, n_steps, per_call):
+    state, m = chunk(state, frozen, data, key, start, min(per_call, n_steps - start))
+    losses += np.asarray(m['loss']).tolist()
+  return np.asarray(losses), jax.tree.map(np.asarray, jax.device_get(state.params))
+
+
+def _assert_params_close(a, b, atol):
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_allclose(x, y, atol=atol, rtol=0)
+
+
+def test_device_cache_host_cache_and_images_train_identically(setup):
+  """Same rows in the same order from every feed (5 steps crossing an epoch boundary, 2 per call)."""
+  config, data, features = setup
+  mesh = sharding.make_mesh()
+  kw = dict(num_rows=len(data.train), steps_per_epoch=2, batch_size=8)
+  results = {}
+  for name in ('device', 'host', 'images'):
+    _, state, frozen, step_fn, key = _fresh(config, mesh)
+    if name == 'images':
+      feeder = loop.ImageFeeder(data.train, batch_size=8, image_size=64, seed=config.seed,
+                                keys=('image', 'valid'), num_workers=1)
+      chunk, source = loop.image_chunk(train.jit_step(step_fn, mesh), mesh, feeder), None
+    else:
+      make = loop.device_cache_chunk if name == 'device' else loop.host_cache_chunk
+      chunk, source = make(step_fn, mesh, **kw), feature_cache.place(features, mesh, name)
+    results[name] = _run(chunk, state, frozen, source, key, 5, 2)
+  np.testing.assert_array_equal(results['device'][0], results['host'][0])
+  _assert_params_close(results['device'][1], results['host'][1], atol=0)
+  np.testing.assert_allclose(results['images'][0], results['device'][0], rtol=1e-5)
+  _assert_params_close(results['images'][1], results['device'][1], atol=1e-5)
+  assert results['device'][0][-1] < results['device'][0][0]
+
+
+def test_device_cache_on_8_devices_matches_1_device(setup):
+  """The cache sharded over 8 devices (rows gathered across them) == everything on one device.
+  float32; after 4 AdamW steps parameters agree to 1e-5 (reduction order differs across devices)."""
+  config, data, features = setup
+  assert jax.device_count() == 8
+  out = []
+  for devices in (jax.devices(), jax.devices()[:1]):
+    mesh = sharding.make_mesh(devices)
+    _, state, frozen, step_fn, key = _fresh(config, mesh)
+    chunk = loop.device_cache_chunk(step_fn, mesh, num_rows=len(data.train), steps_per_epoch=2,
+                                    batch_size=8)
+    out.append(_run(chunk, state, frozen, feature_cache.place(features, mesh, 'device'), key, 4, 4))
+  np.testing.assert_allclose(out[0][0], out[1][0], rtol=1e-5)
+  _assert_params_close(out[0][1], out[1][1], atol=1e-5)
+
+
+def test_place_pads_the_device_cache_to_the_device_count(setup):
+  _, data, features = setup
+  placed = feature_cache.place(features[:13], sharding.make_mesh(), 'device')
+  assert placed.shape == (16, *features.shape[1:]) and len(placed.addressable_shards) == 8
+  np.testing.assert_array_equal(np.asarray(placed)[:13], features[:13])
+  assert not np.asarray(placed)[13:].any()
+  with pytest.raises(ValueError, match='feature_cache'):
+    feature_cache.check(tiny_config('/x', '/y', feature_cache='gpu').train)
+
+
+def test_each_epoch_visits_every_row_once_in_a_new_order():
+  rows = jax.jit(jax.vmap(functools.partial(loop.step_rows, num_rows=10, steps_per_epoch=3,
+                                            batch_size=3), in_axes=(None, 0)))
+  out = np.asarray(rows(jax.random.key(0), jnp.arange(9))).reshape(3, 9)   # 3 epochs x 9 rows
+  for epoch in out:
+    assert len(set(epoch.tolist())) == 9 and set(epoch.tolist()) <= set(range(10))
+  assert not np.array_equal(out[0], out[1])
+  again = np.asarray(rows(jax.random.key(0), jnp.arange(3, 6)))   # a resume at step 3: same rows
+  np.testing.assert_array_equal(again.reshape(-1), out[1])
+
+
+def test_warmup_cosine_schedule_is_complete_for_any_budget():
+  for epochs in (3, 50):
+    cfg = tiny_config('/x', '/y', schedule='warmup_cosine', learning_rate=1e-3, warmup_fraction=0.1,
+                      final_lr_fraction=0.01, num_epochs=epochs).train
+    total = train_state.total_steps(cfg, 10)
+    schedule = train_state.make_schedule(cfg, 10, total)
+    assert total == 10 * epochs
+    warm = round(0.1 * total)
+    assert float(schedule(0)) == 0.0
+    np.testing.assert_allclose(float(schedule(warm)), 1e-3, rtol=1e-6)
+    np.testing.assert_allclose(float(schedule(total)), 1e-5, rtol=1e-4)
+    assert float(schedule(total // 2 + warm // 2)) < 1e-3
+
+
+def test_min_steps_is_a_floor_on_the_budget():
+  cfg = tiny_config('/x', '/y', num_epochs=30, min_steps=500).train
+  assert train_state.total_steps(cfg, 3) == 500       # 54 images at batch 16: 90 steps would be too few
+  assert train_state.total_steps(cfg, 40) == 1200     # a large set: the epochs decide
+
+
+def test_bfloat16_compute_stays_close_to_float32(setup):
+  """bfloat16 matmuls (float32 parameters, float32 loss): loss within 2% and image scores within 2%
+  of float32 on the same parameters (bfloat16 keeps 8 bits of mantissa, ~0.4% per rounding)."""
+  config, data, features = setup
+  out = {}
+  for dtype in ('float32', 'bfloat16'):
+    config.model.dtype = dtype
+    graphdef, state, frozen, _, _ = _fresh(config, sharding.make_mesh(jax.devices()[:1]))
+    if dtype == 'float32':
+      params = state.params
+    batch = {'features': features[:8], 'valid': np.ones(8, bool)}
+    loss, _ = train.loss_and_grads(params, frozen, batch, jax.random.key(0), graphdef=graphdef)
+    maps, scores = inference.score_fn(params, frozen, jnp.asarray(
+        np.stack([pipeline.load_resized(data.train, r, 64)['image'] for r in range(8)])),
+        graphdef=graphdef, scoring_cfg=config.scoring, image_size=64)
+    out[dtype] = (float(loss), np.asarray(scores))
+  config.model.dtype = 'float32'
+  np.testing.assert_allclose(out['bfloat16'][0], out['float32'][0], rtol=0.02)
+  np.testing.assert_allclose(out['bfloat16'][1], out['float32'][1], rtol=0.02)
+  assert out['bfloat16'][0] != out['float32'][0]   # it really computed in bfloat16

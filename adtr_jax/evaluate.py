@@ -9,9 +9,7 @@ import jax
 import ml_collections
 import numpy as np
 from absl import logging
-from flax import nnx
 from sklearn import metrics as skm
-from tqdm.auto import tqdm
 
 from adtr_jax import checkpoint, metrics, sharding, visualize
 from adtr_jax.data import datasets

@@ -61,8 +61,8 @@ def loss_and_grads(params, frozen: nnx.State, batch: dict, dropout_key: jax.Arra
   reads; sharded on 'data'."""
   def objective(params):
     model = nnx.merge(graphdef, params, frozen)
-    f = batch['features'] if 'features' in batch else model.embed(batch['image'])
-    f_hat = model.reconstructor(f, deterministic=False, rngs=nnx.Rngs(dropout=dropout_key))
+    embedded = batch['features'] if 'features' in batch else model.embed(batch['image'])
+    f, f_hat = model.reconstruct(embedded, deterministic=False, rngs=nnx.Rngs(dropout=dropout_key))
     return loss(f, f_hat, batch)
   return jax.value_and_grad(objective)(params)
 
@@ -154,15 +154,22 @@ class SaveClock:
     self.saved_step, self.saved_time = step, time.monotonic()
 
 
-def _feeder(config, data, mesh, graphdef, state, frozen, step_fn, steps_per_epoch):
-  """(chunk function, what it reads): cached features when the input is fixed, else images."""
+def uses_feature_cache(config) -> bool:
+  """Cached features need a fixed input: normal-only training (anomalies change it every epoch)."""
+  feature_cache.check(config.train)
+  return config.train.feature_cache != 'off' and not mixing.uses_anomalies(config)
+
+
+def _train_features(config, data, mesh, graphdef, state, frozen, dtype: str) -> np.ndarray:
+  return feature_cache.compute(
+      data.train, graphdef, state.params, frozen, mesh, image_size=config.dataset.image_size,
+      batch_size=config.eval.batch_size, dtype=dtype, num_workers=config.dataset.num_workers)
+
+
+def _feeder(config, data, mesh, features, step_fn, steps_per_epoch):
+  """(chunk function, what it reads): the feature cache when there is one, else images."""
   cfg = config.train
-  feature_cache.check(cfg)
-  if cfg.feature_cache != 'off' and not mixing.uses_anomalies(config):
-    features = feature_cache.compute(
-        data.train, graphdef, state.params, frozen, mesh, image_size=config.dataset.image_size,
-        batch_size=config.eval.batch_size, dtype=cfg.feature_cache_dtype,
-        num_workers=config.dataset.num_workers)
+  if features is not None:
     make = loop.device_cache_chunk if cfg.feature_cache == 'device' else loop.host_cache_chunk
     chunk = make(step_fn, mesh, num_rows=len(data.train), steps_per_epoch=steps_per_epoch,
                  batch_size=cfg.batch_size)
@@ -176,35 +183,13 @@ def _feeder(config, data, mesh, graphdef, state, frozen, step_fn, steps_per_epoc
   return loop.image_chunk(jit_step(step_fn, mesh), mesh, feeder), None
 
 
-def train(config: ml_collections.ConfigDict, category: str, workdir: pathlib.Path) -> dict:
-  """Trains one category in `workdir` (resuming from its latest checkpoint). Returns a summary."""
-  workdir.mkdir(parents=True, exist_ok=True)
-  mesh = sharding.make_mesh()
+def _loop(config, workdir, data, mesh, model_state, chunk, cache, mgr, meta, schedule,
+          steps_per_epoch: int, last_step: int, category: str) -> float:
+  """Runs chunks of steps from state.step to last_step; logs, checkpoints and (at the end) calibrates
+  between them. Returns the last chunk's mean loss."""
+  graphdef, state, frozen = model_state
   cfg = config.train
-  sharding.check_batch_size(cfg.batch_size, mesh, 'train.batch_size')
-  data = datasets.load_category(config, category)
-  steps_per_epoch = len(data.train) // cfg.batch_size
-  if steps_per_epoch == 0:
-    raise ValueError(f'the train split of {category!r} has {len(data.train)} images, fewer than '
-                     f'train.batch_size={cfg.batch_size}')
-  last_step = total_steps(cfg, steps_per_epoch)
-  model, info = build_model(config)
-  tx, schedule = make_optimizer(cfg, steps_per_epoch, last_step)
-  graphdef, state, frozen = init_state(model, tx)
-  state, frozen = sharding.put_replicated((state, frozen), mesh)
-  meta = checkpoint_meta(config, category, info, steps_per_epoch)
-
-  mgr = checkpoint.manager(workdir / 'checkpoints', cfg.max_checkpoints)
-  if (latest := mgr.latest_step()) is not None:
-    _check_same_backbone(checkpoint.read_meta(mgr, latest), info, mgr.directory)
-    state, _ = checkpoint.restore(mgr, latest, state)
-    logging.info('resumed %s from step %d', category, latest)
-    print(f'adtr_jax: resumed {category} from step {latest}', flush=True)
-  elif config.init_from:
-    state = _init_from(config, category, state, info)
   step = int(state.step)
-  step_fn = functools.partial(train_step, graphdef=graphdef, tx=tx, loss=make_loss(config.loss))
-  chunk, cache = _feeder(config, data, mesh, graphdef, state, frozen, step_fn, steps_per_epoch)
   key = sharding.put_replicated(jax.random.key(config.seed), mesh)
   log = JsonlLog(workdir / 'train_log.jsonl')
   clock = SaveClock(cfg.checkpoint_every_steps, cfg.checkpoint_every_minutes, last_step, step)
@@ -237,9 +222,52 @@ def train(config: ml_collections.ConfigDict, category: str, workdir: pathlib.Pat
       clock.saved(step)
       since_save = []
   bar.close()
+  return loss_now
+
+
+def train(config: ml_collections.ConfigDict, category: str, workdir: pathlib.Path) -> dict:
+  """Trains one category in `workdir` (resuming from its latest checkpoint). Returns a summary."""
+  workdir.mkdir(parents=True, exist_ok=True)
+  mesh = sharding.make_mesh()
+  cfg = config.train
+  sharding.check_batch_size(cfg.batch_size, mesh, 'train.batch_size')
+  data = datasets.load_category(config, category)
+  steps_per_epoch = len(data.train) // cfg.batch_size
+  if steps_per_epoch == 0:
+    raise ValueError(f'the train split of {category!r} has {len(data.train)} images, fewer than '
+                     f'train.batch_size={cfg.batch_size}')
+  last_step = total_steps(cfg, steps_per_epoch)
+  model, info = build_model(config)
+  tx, schedule = make_optimizer(cfg, steps_per_epoch, last_step)
+  graphdef, state, frozen = init_state(model, tx)
+  mgr = checkpoint.manager(workdir / 'checkpoints', cfg.max_checkpoints)
+  latest = mgr.latest_step()
+  finished = latest is not None and latest >= last_step
+  features = (_train_features(config, data, mesh, graphdef, state, frozen, cfg.feature_cache_dtype)
+              if uses_feature_cache(config) and not finished else None)
+  if latest is None and not config.init_from and model.feature_norm.kind != 'none':
+    # A fresh run: the feature statistics of its training images (a resumed or initialised run
+    # restores them with the weights).
+    model.feature_norm.fit(features if features is not None else
+                           _train_features(config, data, mesh, graphdef, state, frozen, 'float32'))
+    graphdef, state, frozen = init_state(model, tx)
+  state, frozen = sharding.put_replicated((state, frozen), mesh)
+  meta = checkpoint_meta(config, category, info, steps_per_epoch)
+
+  if latest is not None:
+    _check_same_backbone(checkpoint.read_meta(mgr, latest), info, mgr.directory)
+    state, _ = checkpoint.restore(mgr, latest, state)
+    logging.info('resumed %s from step %d', category, latest)
+    print(f'adtr_jax: resumed {category} from step {latest}', flush=True)
+  elif config.init_from:
+    state = _init_from(config, category, state, info)
+  step_fn = functools.partial(train_step, graphdef=graphdef, tx=tx, loss=make_loss(config.loss))
+  chunk, cache = _feeder(config, data, mesh, features, step_fn, steps_per_epoch)
+  loss_now = _loop(config, workdir, data, mesh, (graphdef, state, frozen), chunk, cache, mgr, meta,
+                   schedule, steps_per_epoch, last_step, category)
   mgr.wait_until_finished()
   mgr.close()
-  return {'category': category, 'steps': step, 'last_loss': loss_now}
+  return {'category': category, 'steps': last_step, 'last_loss': loss_now}
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,

@@ -9,7 +9,7 @@ import ml_collections
 import optax
 from flax import nnx, struct
 
-from adtr_jax.models.adtr import TRAINABLE
+from adtr_jax.models.adtr import TRAINABLE, decays
 
 SCHEDULES = ('warmup_cosine', 'step')
 
@@ -52,7 +52,7 @@ def make_optimizer(cfg: ml_collections.ConfigDict, steps_per_epoch: int, total: 
   """AdamW with global-norm clipping. Returns (optax transformation, learning-rate schedule)."""
   schedule = make_schedule(cfg, steps_per_epoch, total)
   tx = optax.chain(optax.clip_by_global_norm(cfg.grad_clip_norm),
-                   optax.adamw(schedule, weight_decay=cfg.weight_decay))
+                   optax.adamw(schedule, weight_decay=cfg.weight_decay, mask=decays))
   return tx, schedule
 
 

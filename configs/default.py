@@ -47,6 +47,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.aux_query = True
   config.model.type = 'transformer'
   config.model.target = 'features'
+  # 'channel': standardise each feature channel with the training set's mean and std before the
+  # reconstructor (loss and score then weigh every channel alike); 'none': raw features (the paper).
+  config.model.feature_norm = 'none'
   # Initial std of the learned position and query embeddings (see models/reconstructor.py).
   config.model.embed_init_std = 1.0
   # Compute dtype of the transformer ('bfloat16' on accelerators); parameters and optimizer state

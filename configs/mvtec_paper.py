@@ -7,6 +7,11 @@ timm or efficientnet_pytorch) and name it, converted or not:
       --config.dataset.root=/data/mvtec_ad --config.backbone.weights=/weights/efficientnet_b4.pth
 
 (`python -m adtr_jax.convert --arch=efficientnet_b4 --src=... --dst=b4.npz` converts once up front.)
+
+What the paper does not state and this config takes from configs/default.py: the initial scale of the
+learned position/query embeddings (model.embed_init_std) and the avg-pool size of the image score.
+Known deviation: attention goes through jax.nn.dot_product_attention, which has no dropout on the
+attention weights (PyTorch's nn.MultiheadAttention drops them at 0.1); residual-branch dropout is kept.
 """
 from configs import default
 
@@ -26,11 +31,18 @@ def get_config():
   config.model.num_decoder_layers = 4
   config.model.num_heads = 8
   config.model.ffn_dim = 1024
+  config.model.dropout = 0.1
   config.train.batch_size = 16
   config.train.learning_rate = 1e-4
   config.train.weight_decay = 1e-4
+  config.train.grad_clip_norm = 0.1
   config.train.num_epochs = 500
+  config.train.min_steps = 0
+  config.train.schedule = 'step'           # constant, then x0.1 at epoch 400
   config.train.lr_decay_epochs = (400,)
   config.train.lr_decay_factor = 0.1
+  config.train.feature_cache_dtype = 'float32'   # the cache then changes nothing but speed
   config.scoring.image_score = 'max_avgpool'
+  config.scoring.gaussian_sigma = 0.0      # the paper upsamples the map and does not smooth it
+  config.calibration.holdout_fraction = 0.0   # the paper trains on every normal training image
   return config

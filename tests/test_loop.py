@@ -5,9 +5,7 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
-from flax import nnx
 
 from adtr_jax import feature_cache, inference, loop, sharding, train, train_state
 from adtr_jax.data import datasets, pipeline

@@ -1,6 +1,7 @@
 r"""A nearest-neighbour reference on ADTR's own frozen features (PatchCore-style, no training).
 
-Every training image's feature tokens (the same backbone, layers and grid as the ADTR config) form a
+Every training image's feature tokens (the same backbone, layers, grid and model.feature_norm as the
+ADTR config) form a
 memory bank, optionally subsampled (random rows, or a greedy k-center coreset as in PatchCore); a test
 token's score is its L2 distance to the nearest bank token. The score map then goes through ADTR's own
 upsampling, blur, image score and metrics, so the two differ only in what is learned.
@@ -87,11 +88,14 @@ def evaluate_category(config: ml_collections.ConfigDict, category: str) -> dict:
   kw = dict(image_size=config.dataset.image_size, batch_size=config.eval.batch_size,
             dtype='float32', num_workers=config.dataset.num_workers)
   train = feature_cache.compute(data.train, graphdef, params, frozen, mesh, **kw)
+  model.feature_norm.fit(train)   # the same feature space as ADTR with this config
+  train = np.asarray(model.feature_norm(train))
   b = config.baseline
   bank = jnp.asarray(subsample(train.reshape(-1, train.shape[-1]), b.bank_fraction, b.subsample,
                                config.seed))
   bank_sq = jnp.sum(jnp.square(bank), -1)
-  test = feature_cache.compute(data.test, graphdef, params, frozen, mesh, **kw)
+  test = np.asarray(model.feature_norm(feature_cache.compute(data.test, graphdef, params, frozen, mesh,
+                                                             **kw)))
   s = config.scoring
   maps, scores = [], []
   for i in tqdm(range(0, len(test), config.eval.batch_size), desc=f'nearest neighbour {category}',
@@ -124,17 +128,16 @@ def run(config: ml_collections.ConfigDict, workdir) -> dict:
   return report
 
 
-_CONFIG = config_flags.DEFINE_config_file('config', None, 'A configs/*.py file (same as for ADTR).',
-                                          lock_config=True)
-_WORKDIR = flags.DEFINE_string('workdir', None, 'Where metrics.json and metrics.md go.')
-
-
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  run(_CONFIG.value, _WORKDIR.value)
+  run(flags.FLAGS.config, flags.FLAGS.workdir)
 
 
 if __name__ == '__main__':
+  # Flags only for the command line: importing this module (e.g. from a sweep) defines none.
+  config_flags.DEFINE_config_file('config', None, 'A configs/*.py file (same as for ADTR).',
+                                  lock_config=True)
+  flags.DEFINE_string('workdir', None, 'Where metrics.json and metrics.md go.')
   flags.mark_flags_as_required(['config', 'workdir'])
   app.run(main)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 from flax import nnx
 
 from adtr_jax.models import ablations
@@ -13,9 +14,53 @@ from adtr_jax.models.reconstructor import Reconstructor
 # model.type -> reconstruction network; only 'transformer' is ADTR, the others are ablations.
 RECONSTRUCTORS = {'transformer': Reconstructor, 'mlp': ablations.TokenMLP, 'cnn': ablations.ConvNet}
 
-# Only the reconstructor's parameters are trained; everything under `backbone` is frozen (its weights
-# are neither optimizer state nor checkpointed: checkpoints record the weight file's hash instead).
-TRAINABLE = nnx.All(nnx.Param, nnx.PathContains('reconstructor'))
+# Parameters outside `backbone` are checkpointed and handed to the optimizer; everything under
+# `backbone` is frozen (neither optimizer state nor checkpointed: checkpoints record its weight hash).
+TRAINABLE = nnx.All(nnx.Param, nnx.Not(nnx.PathContains('backbone')))
+FEATURE_NORMS = ('none', 'channel')
+
+
+class FeatureStats(nnx.Param):
+  """Statistics of the training features: saved with the weights, never trained (the forward pass
+  stops their gradient and the optimizer excludes them from weight decay)."""
+
+
+class FeatureNorm(nnx.Module):
+  """f -> (f - mean) / std per channel, with the training set's statistics ('channel'), or f ('none').
+
+  The backbone's channels differ in scale by orders of magnitude (ReLU6 outputs of the deepest layer
+  against a few small early-layer channels), so the raw L2 loss and score are dominated by a few deep
+  channels. Standardised, every channel counts alike in the loss and in the anomaly score.
+  """
+
+  def __init__(self, channels: int, kind: str):
+    if kind not in FEATURE_NORMS:
+      raise ValueError(f'model.feature_norm={kind!r} must be one of {FEATURE_NORMS}')
+    self.kind = kind
+    self.mean = FeatureStats(jnp.zeros((channels,), jnp.float32))
+    self.std = FeatureStats(jnp.ones((channels,), jnp.float32))
+
+  def __call__(self, f: jax.Array) -> jax.Array:
+    if self.kind == 'none':
+      return f.astype(jnp.float32)
+    mean, std = jax.lax.stop_gradient(self.mean[...]), jax.lax.stop_gradient(self.std[...])
+    return (f.astype(jnp.float32) - mean) / std
+
+  def fit(self, features) -> None:
+    """Sets the statistics from training features [N, h, w, C] (numpy, any float dtype)."""
+    flat = np.asarray(features, np.float32).reshape(-1, features.shape[-1])
+    mean = flat.mean(axis=0, dtype=np.float64)
+    std = flat.std(axis=0, dtype=np.float64)
+    # A channel (nearly) constant on normal data must not turn rounding noise into huge scores.
+    std = np.maximum(std, 1e-2 * float(np.median(std)) + 1e-6)
+    self.mean[...] = jnp.asarray(mean, jnp.float32)
+    self.std[...] = jnp.asarray(std, jnp.float32)
+
+
+def decays(params) -> object:
+  """Weight-decay mask of a TRAINABLE state: True for every parameter but FeatureStats."""
+  return jax.tree_util.tree_map_with_path(
+      lambda path, _: 'feature_norm' not in jax.tree_util.keystr(path), params)
 
 
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
@@ -31,20 +76,27 @@ def to_unit_range(images: jax.Array) -> jax.Array:
 
 class ADTR(nnx.Module):
   """images [B, S, S, 3] (uint8, or float in [0, 1]) -> (features f, reconstruction f_hat), both
-  [B, S/s, S/s, C] float32."""
+  [B, S/s, S/s, C] float32, f after feature_norm (the space the loss and the score live in)."""
 
-  def __init__(self, backbone: Backbone | ablations.PixelEmbedding, reconstructor: nnx.Module):
+  def __init__(self, backbone: Backbone | ablations.PixelEmbedding, reconstructor: nnx.Module,
+               feature_norm: FeatureNorm):
     self.backbone = backbone
     self.reconstructor = reconstructor
+    self.feature_norm = feature_norm
 
   def __call__(self, images: jax.Array, *, deterministic: bool = True,
                rngs: nnx.Rngs | None = None) -> tuple[jax.Array, jax.Array]:
-    features = self.embed(images)
-    return features, self.reconstructor(features, deterministic=deterministic, rngs=rngs)
+    return self.reconstruct(self.embed(images), deterministic=deterministic, rngs=rngs)
 
   def embed(self, images: jax.Array) -> jax.Array:
-    """The frozen features f [B, S/s, S/s, C] (what the feature cache stores)."""
+    """The frozen backbone's features [B, S/s, S/s, C] (what the feature cache stores)."""
     return self.backbone(to_unit_range(images))
+
+  def reconstruct(self, embedded: jax.Array, *, deterministic: bool = True,
+                  rngs: nnx.Rngs | None = None) -> tuple[jax.Array, jax.Array]:
+    """embed()'s output -> (f, f_hat) as in __call__."""
+    f = self.feature_norm(embedded)
+    return f, self.reconstructor(f, deterministic=deterministic, rngs=rngs)
 
 
 def feature_grid(config: ml_collections.ConfigDict) -> tuple[int, int]:
@@ -83,4 +135,4 @@ def build_model(config: ml_collections.ConfigDict, seed: int | None = None) -> t
       num_encoder_layers=m.num_encoder_layers, num_decoder_layers=m.num_decoder_layers,
       num_heads=m.num_heads, ffn_dim=m.ffn_dim, dropout=m.dropout,
       aux_query=m.get('aux_query', True), **_transformer_options(m), rngs=rngs)
-  return ADTR(backbone, reconstructor), info
+  return ADTR(backbone, reconstructor, FeatureNorm(backbone.out_channels, m.feature_norm)), info

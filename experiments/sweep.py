@@ -1,0 +1,120 @@
+r"""A grid of config overrides x seeds, each trained and evaluated, with the nearest-neighbour reference
+on the same features; writes <workdir>/sweep.md (mean +- std over seeds) and sweep.json.
+
+  python experiments/sweep.py --config=configs/magnetic_tile.py --workdir=workdirs/sweep \
+      --sweep='train.learning_rate=1e-4,3e-4,1e-3' --seeds=0,1,2 \
+      --set='dataset.image_size=224,train.num_epochs=0,train.min_steps=200'
+
+--sweep crosses every listed field (`field=v1,v2;field2=v1,v2`); --set applies to every run. Each run
+lives in <workdir>/<name>/seed<k>/ and is reused when its metrics.json exists (a killed sweep resumes).
+"""
+import itertools
+import json
+import pathlib
+import sys
+import time
+
+import numpy as np
+from absl import app, flags
+from ml_collections import config_flags
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+_CONFIG = config_flags.DEFINE_config_file('config', None, 'Base config.', lock_config=False)
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Output directory.')
+_SWEEP = flags.DEFINE_string('sweep', '', "Crossed overrides: 'a.b=1,2;c.d=x,y' (empty: the base only).")
+_SET = flags.DEFINE_string('set', '', "Overrides for every run: 'a.b=1,c.d=x'.")
+_SEEDS = flags.DEFINE_list('seeds', ['0'], 'Seeds of every grid point.')
+_REFERENCE = flags.DEFINE_bool('reference', True, 'Also run the nearest-neighbour reference.')
+flags.mark_flags_as_required(['config', 'workdir'])
+
+KEYS = ('image_auroc', 'pixel_auroc', 'pixel_aupro')
+
+
+def _parse_value(text: str):
+  for cast in (int, float):
+    try:
+      return cast(text)
+    except ValueError:
+      pass
+  return {'True': True, 'False': False}.get(text, text)
+
+
+def _apply(config, overrides: dict):
+  for field, value in overrides.items():
+    node = config
+    *parents, leaf = field.split('.')
+    for p in parents:
+      node = node[p]
+    if leaf not in node:
+      raise app.UsageError(f'unknown config field {field!r}')
+    node[leaf] = type(node[leaf])(value) if isinstance(node[leaf], (int, float)) and not isinstance(
+        node[leaf], bool) else value
+  return config
+
+
+def grid(spec: str) -> list[dict]:
+  """'a=1,2;b=x' -> [{'a': 1, 'b': 'x'}, {'a': 2, 'b': 'x'}]."""
+  axes = []
+  for part in filter(None, (p.strip() for p in spec.split(';'))):
+    field, values = part.split('=', 1)
+    axes.append([(field.strip(), _parse_value(v.strip())) for v in values.split(',')])
+  return [dict(combo) for combo in itertools.product(*axes)] if axes else [{}]
+
+
+def _set(spec: str) -> dict:
+  return dict((kv.split('=', 1)[0].strip(), _parse_value(kv.split('=', 1)[1].strip()))
+              for kv in filter(None, spec.split(',')))
+
+
+def _mean_std(reports: list[dict]) -> dict:
+  out = {}
+  for key in KEYS:
+    vals = [r[key] for r in reports if key in r and np.isfinite(r[key])]
+    if vals:
+      out[key] = (100 * float(np.mean(vals)), 100 * float(np.std(vals)), len(vals))
+  return out
+
+
+def main(argv):
+  del argv
+  from adtr_jax import train
+  from adtr_jax.baselines import nearest_neighbour
+  workdir = pathlib.Path(_WORKDIR.value)
+  common = _set(_SET.value)
+  rows = {}
+  points = grid(_SWEEP.value)
+  runs = [('nearest_neighbour', {}, s) for s in _SEEDS.value] if _REFERENCE.value else []
+  runs += [(','.join(f'{k}={v}' for k, v in p.items()) or 'base', p, s)
+           for p in points for s in _SEEDS.value]
+  for name, point, seed in runs:
+    run_dir = workdir / name.replace('/', '_') / f'seed{seed}'
+    done = run_dir / 'metrics.json'
+    if not done.is_file():
+      config = _apply(_apply(_CONFIG.value.copy_and_resolve_references(), common),
+                      dict(point, seed=int(seed)))
+      t0 = time.time()
+      if name == 'nearest_neighbour':
+        report = nearest_neighbour.run(config, run_dir)
+      else:
+        report = train.train_and_evaluate(config, run_dir)['eval']
+      report['minutes'] = (time.time() - t0) / 60
+      done.write_text(json.dumps(report, indent=2) + '\n')
+    report = json.loads(done.read_text())
+    cat = next(iter(report['categories'].values()))
+    rows.setdefault(name, []).append(dict(cat, minutes=report.get('minutes', float('nan'))))
+  lines = [f'Base: `{_CONFIG.value.dataset.category}`; for every run: {common or "-"}; seeds '
+           f'{",".join(_SEEDS.value)}.', '', '| run | seeds | ' + ' | '.join(KEYS) + ' | min/run |',
+           '|---' * (len(KEYS) + 3) + '|']
+  for name, reports in rows.items():
+    stats = _mean_std(reports)
+    cells = [f'{stats[k][0]:.1f} ± {stats[k][1]:.1f}' if k in stats else '-' for k in KEYS]
+    minutes = np.mean([r['minutes'] for r in reports])
+    lines.append(f'| {name} | {len(reports)} | ' + ' | '.join(cells) + f' | {minutes:.1f} |')
+  (workdir / 'sweep.md').write_text('\n'.join(lines) + '\n')
+  (workdir / 'sweep.json').write_text(json.dumps(rows, indent=2) + '\n')
+  print('\n'.join(lines))
+
+
+if __name__ == '__main__':
+  app.run(main)

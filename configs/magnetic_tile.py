@@ -1,6 +1,7 @@
-"""Magnetic Tile Defects (MVTec layout, in ../shared/data) with the paper's model and optimiser settings.
+"""Magnetic Tile Defects (MVTec layout, in ../shared/data) with the default recipe.
 
-The paper trains 500 epochs; on 2 CPU cores that takes days, so `train.num_epochs` is the budget knob.
+Only the data, the image size and the budget are set here: 224 px (14 x 14 tokens) and 8 epochs (320
+steps at batch 16), about 10 minutes of training and evaluation on 2 CPU cores.
 """
 import pathlib
 
@@ -12,9 +13,6 @@ def get_config():
   config.dataset.source = 'mvtec'
   config.dataset.root = str(pathlib.Path(__file__).resolve().parents[2] / 'shared' / 'data')
   config.dataset.category = 'magnetic_tile'
-  config.dataset.image_size = 256
-  config.backbone.arch = 'efficientnet_lite0'
-  config.train.batch_size = 16
-  config.train.num_epochs = 500
-  config.train.lr_decay_epochs = (400,)
+  config.dataset.image_size = 224
+  config.train.num_epochs = 8
   return config

@@ -46,3 +46,24 @@ def test_grid_mismatch_is_a_clear_error():
     _model()(jnp.zeros((1, 4, 4, 12)))
   with pytest.raises(ValueError, match='num_heads'):
     Reconstructor(8, (2, 2), hidden_dim=30, num_heads=8, rngs=nnx.Rngs(0))
+
+
+def test_tied_qk_init_starts_with_position_matched_attention():
+  """tie_qk_init: every key projection starts equal to its query projection (then trains freely), so
+  the decoder's cross-attention from query position i already peaks at memory position i."""
+  kw = dict(hidden_dim=32, num_encoder_layers=1, num_decoder_layers=1, num_heads=4, ffn_dim=32,
+            dropout=0.0)
+  tied = Reconstructor(8, (4, 4), tie_qk_init=True, rngs=nnx.Rngs(0), **kw)
+  free = Reconstructor(8, (4, 4), tie_qk_init=False, rngs=nnx.Rngs(0), **kw)
+  for m, same in ((tied, True), (free, False)):
+    attn = m.decoder[0].cross_attn
+    assert np.array_equal(attn.key.kernel[...], attn.query.kernel[...]) == same
+
+  def diagonal_mass(m):
+    attn, pos = m.decoder[0].cross_attn, m.pos_embed[...]
+    q = attn.query(m.aux_query[...] + pos).reshape(16, 4, 8)
+    k = attn.key(pos).reshape(16, 4, 8)
+    weights = jax.nn.softmax(jnp.einsum('ihd,jhd->hij', q, k) / np.sqrt(8), axis=-1)
+    return float(jnp.mean(jnp.diagonal(weights, axis1=1, axis2=2)))
+
+  assert diagonal_mass(tied) > 3 * diagonal_mass(free)

@@ -17,7 +17,7 @@ def make(root, cache_dir, **train):
   config.model.update(hidden_dim=32, num_encoder_layers=1, num_decoder_layers=1, num_heads=4,
                       ffn_dim=64, dropout=0.1)
   config.train.update(batch_size=8, num_epochs=2, lr_decay_epochs=(), log_every_steps=1,
-                      learning_rate=1e-3, schedule='step', feature_cache_dtype='float32')
+                      learning_rate=1e-3, schedule='step', feature_cache_dtype='float32', min_steps=0)
   config.train.update(**train)
   config.scoring.update(avgpool_size=8, gaussian_sigma=1.0)
   config.eval.update(batch_size=8, num_heatmaps=4)

@@ -36,13 +36,18 @@ class Attention(nnx.Module):
   """Multi-head attention (q, k, v and output projections) followed by dropout: the residual branch."""
 
   def __init__(self, dim: int, num_heads: int, dropout: float, *, dtype, implementation: str,
-               rngs: nnx.Rngs):
+               tie_qk_init: bool = False, rngs: nnx.Rngs):
     if implementation not in ATTENTION_IMPLEMENTATIONS:
       raise ValueError(f'model.attention={implementation!r} must be one of {ATTENTION_IMPLEMENTATIONS}')
     self.num_heads = num_heads
     self.implementation = None if implementation == 'auto' else implementation
     self.query, self.key, self.value, self.out = (
         nnx.Linear(dim, dim, dtype=dtype, rngs=rngs) for _ in range(4))
+    if tie_qk_init:
+      # Start with W_k = W_q: (x_i + p_i) . (y_j + p_j) then holds p_i W W^T p_j, largest at j = i, so
+      # attention starts out matching positions instead of learning to from random projections.
+      # Only the initial values are shared; the two are trained independently.
+      self.key.kernel[...] = jnp.copy(self.query.kernel[...])  # a buffer of its own (donation)
     self.dropout = nnx.Dropout(dropout)
 
   def __call__(self, q, k, v, *, deterministic: bool, rngs: nnx.Rngs | None):
@@ -59,8 +64,10 @@ class Attention(nnx.Module):
 class EncoderLayer(nnx.Module):
   """x = LN(x + SelfAttn(x+pos, x+pos, x)); x = LN(x + FFN(x))."""
 
-  def __init__(self, dim, num_heads, ffn_dim, dropout, *, dtype, attention: str, rngs: nnx.Rngs):
-    self.self_attn = Attention(dim, num_heads, dropout, dtype=dtype, implementation=attention, rngs=rngs)
+  def __init__(self, dim, num_heads, ffn_dim, dropout, *, dtype, attention: str, tie_qk_init: bool,
+               rngs: nnx.Rngs):
+    self.self_attn = Attention(dim, num_heads, dropout, dtype=dtype, implementation=attention,
+                               tie_qk_init=tie_qk_init, rngs=rngs)
     self.norm1 = nnx.LayerNorm(dim, epsilon=1e-5, dtype=dtype, rngs=rngs)
     self.ffn = FeedForward(dim, ffn_dim, dropout, dtype=dtype, rngs=rngs)
     self.norm2 = nnx.LayerNorm(dim, epsilon=1e-5, dtype=dtype, rngs=rngs)
@@ -76,8 +83,9 @@ class EncoderLayer(nnx.Module):
 class DecoderLayer(nnx.Module):
   """Self-attention over the queries, then encoder-decoder attention, then FFN; post-norm."""
 
-  def __init__(self, dim, num_heads, ffn_dim, dropout, *, dtype, attention: str, rngs: nnx.Rngs):
-    attn = dict(dtype=dtype, implementation=attention, rngs=rngs)
+  def __init__(self, dim, num_heads, ffn_dim, dropout, *, dtype, attention: str, tie_qk_init: bool,
+               rngs: nnx.Rngs):
+    attn = dict(dtype=dtype, implementation=attention, tie_qk_init=tie_qk_init, rngs=rngs)
     self.self_attn = Attention(dim, num_heads, dropout, **attn)
     self.norm1 = nnx.LayerNorm(dim, epsilon=1e-5, dtype=dtype, rngs=rngs)
     self.cross_attn = Attention(dim, num_heads, dropout, **attn)
@@ -107,13 +115,15 @@ class Reconstructor(nnx.Module):
       the LayerNorm'd tokens they are added to) the decoder tells positions apart from the first step.
     dtype: compute dtype (float32 or bfloat16); parameters stay float32.
     attention: 'xla', 'cudnn' (GPU, bfloat16) or 'auto' (let JAX choose).
+    tie_qk_init: initialise every attention's key projection equal to its query projection (see
+      Attention); False draws them independently.
   """
 
   def __init__(self, in_channels: int, grid: tuple[int, int], *, hidden_dim: int = 256,
                num_encoder_layers: int = 4, num_decoder_layers: int = 4, num_heads: int = 8,
                ffn_dim: int = 1024, dropout: float = 0.1, aux_query: bool = True,
                embed_init_std: float = 1.0, dtype=jnp.float32, attention: str = 'xla',
-               rngs: nnx.Rngs):
+               tie_qk_init: bool = False, rngs: nnx.Rngs):
     if hidden_dim % num_heads:
       raise ValueError(f'model.hidden_dim={hidden_dim} must be divisible by model.num_heads={num_heads}')
     self.grid = tuple(grid)
@@ -123,7 +133,7 @@ class Reconstructor(nnx.Module):
     self.pos_embed = nnx.Param(init(rngs.params(), (num_tokens, hidden_dim)))
     self.aux_query = nnx.Param(init(rngs.params(), (num_tokens, hidden_dim))) if aux_query else None
     layer_args = (hidden_dim, num_heads, ffn_dim, dropout)
-    kw = dict(dtype=dtype, attention=attention, rngs=rngs)
+    kw = dict(dtype=dtype, attention=attention, tie_qk_init=tie_qk_init, rngs=rngs)
     self.encoder = nnx.List([EncoderLayer(*layer_args, **kw) for _ in range(num_encoder_layers)])
     self.decoder = nnx.List([DecoderLayer(*layer_args, **kw) for _ in range(num_decoder_layers)])
     self.output_proj = nnx.Linear(hidden_dim, in_channels, dtype=dtype, rngs=rngs)  # 1x1 conv D->C

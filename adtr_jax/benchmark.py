@@ -128,6 +128,7 @@ def breakdown(config, batch_size: int, steps: int) -> dict:
   from adtr_jax import train
   from adtr_jax.data import pipeline
   from adtr_jax.models import reconstructor as rec
+  from adtr_jax.models.adtr import TRAINABLE
   _, _, graphdef, tx, state, frozen, batch, key = _setup(config, batch_size)
   model = nnx.merge(graphdef, state.params, frozen)
   embed = jax.jit(lambda x: model.embed(x))
@@ -135,6 +136,14 @@ def breakdown(config, batch_size: int, steps: int) -> dict:
   grads_fn = jax.jit(functools.partial(train.loss_and_grads, graphdef=graphdef))
   fbatch = {'features': features, 'valid': batch['valid']}
   grads = grads_fn(state.params, frozen, fbatch, key)[1]
+  # The same reconstructor with every dropout rate set to 0: the difference is what drawing the
+  # step's dropout masks (threefry bits for every [B, T, D] / [B, T, F] activation) costs.
+  plain = nnx.merge(graphdef, state.params, frozen)
+  for _, module in nnx.iter_modules(plain):
+    if isinstance(module, nnx.Dropout):
+      module.rate = 0.0
+  no_dropout_fn = jax.jit(functools.partial(train.loss_and_grads,
+                                            graphdef=nnx.split(plain, TRAINABLE, ...)[0]))
   update = jax.jit(lambda g, o, p: optax.apply_updates(p, tx.update(g, o, p)[0]))
   m = config.model
   tokens = features.shape[1] * features.shape[2]
@@ -155,6 +164,8 @@ def breakdown(config, batch_size: int, steps: int) -> dict:
       'backbone_forward_s': _time(lambda: jax.block_until_ready(embed(batch['image'])), steps),
       'reconstructor_forward_backward_s': _time(
           lambda: jax.block_until_ready(grads_fn(state.params, frozen, fbatch, key)), steps),
+      'reconstructor_forward_backward_no_dropout_s': _time(
+          lambda: jax.block_until_ready(no_dropout_fn(state.params, frozen, fbatch, key)), steps),
       'attention_forward_backward_s': n_attn * sublayer_time(
           attn, lambda a, x: a(x, x, x, deterministic=True, rngs=None)),
       'ffn_forward_backward_s': n_ffn * sublayer_time(

@@ -7,6 +7,8 @@ import jax
 import orbax.checkpoint as ocp
 from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
 
+from adtr_jax import errors
+
 
 def manager(directory: str | pathlib.Path, max_to_keep: int = 3) -> ocp.CheckpointManager:
   """Keeps the latest `max_to_keep` steps plus the one with the lowest epoch-mean training loss."""
@@ -31,10 +33,10 @@ def save(mgr: ocp.CheckpointManager, step: int, state, meta: dict, train_loss: f
 def select_step(mgr: ocp.CheckpointManager, which: str) -> int:
   """'latest' or 'best' -> a saved step; a clear error when the workdir has none."""
   if which not in ('latest', 'best'):
-    raise ValueError(f"eval.checkpoint={which!r} must be 'latest' or 'best'")
+    raise errors.ConfigError(f"eval.checkpoint={which!r} must be 'latest' or 'best'")
   step = mgr.latest_step() if which == 'latest' else mgr.best_step()
   if step is None:
-    raise FileNotFoundError(f'no checkpoint in {mgr.directory}: train first (--mode=train)')
+    raise errors.MissingFileError(f'no checkpoint in {mgr.directory}: train first (--mode=train)')
   return step
 
 

@@ -18,6 +18,7 @@ import pathlib
 from absl import app, flags
 
 from adtr_jax.models import weights
+from adtr_jax import errors
 
 _ARCH = flags.DEFINE_string('arch', None, 'Backbone architecture, e.g. efficientnet_b4, resnet18.')
 _SRC = flags.DEFINE_string('src', None, 'Checkpoint to convert (.pth/.pt/.bin/.safetensors).')
@@ -33,7 +34,7 @@ def convert_file(arch: str, src, dst, fmt: str = 'auto') -> dict:
   """Reads `src`, converts it for `arch`, writes `dst` (.npz). Returns the metadata written."""
   src, dst = pathlib.Path(src), pathlib.Path(dst)
   if dst.suffix != '.npz':
-    raise ValueError(f'--dst={dst} must end in .npz')
+    raise errors.ConfigError(f'--dst={dst} must end in .npz')
   weights.family(arch)  # unknown arch: fail before reading a large file
   state = weights.read_state_dict(src)
   fmt = weights.resolve_format(state, arch, fmt)

@@ -17,6 +17,7 @@ from adtr_jax.data.folder import FolderSource
 from adtr_jax.inference import score_split
 from adtr_jax.models.adtr import build_model
 from adtr_jax.train_state import init_state, make_optimizer
+from adtr_jax import errors
 
 
 def restore_model(config, workdir: pathlib.Path, mesh):
@@ -32,7 +33,7 @@ def restore_model(config, workdir: pathlib.Path, mesh):
   step = checkpoint.select_step(mgr, config.eval.checkpoint)
   state, meta = checkpoint.restore(mgr, step, state)
   if meta['backbone'].get('weights_sha256') != info.get('weights_sha256'):
-    raise ValueError(f'{workdir} was trained with backbone weights {meta["backbone"]} '
+    raise errors.ConfigError(f'{workdir} was trained with backbone weights {meta["backbone"]} '
                      f'but the config loads {info}')
   mgr.close()
   logging.info('restored %s step %d', workdir, step)
@@ -154,13 +155,13 @@ def predict(config: ml_collections.ConfigDict, workdir: pathlib.Path, folder) ->
   """
   names = datasets.categories(config)
   if len(names) != 1:
-    raise ValueError(f'--mode=predict needs one --config.dataset.category, got {names}')
+    raise errors.ConfigError(f'--mode=predict needs one --config.dataset.category, got {names}')
   cat_dir = pathlib.Path(workdir) / names[0]
   mesh = sharding.make_mesh()
   source = FolderSource(folder)
   graphdef, params, frozen, meta = restore_model(config, cat_dir, mesh)
   if 'calibration' not in meta:
-    raise ValueError(f'the checkpoint in {cat_dir} has no calibrated threshold: it was trained with '
+    raise errors.ConfigError(f'the checkpoint in {cat_dir} has no calibrated threshold: it was trained with '
                      'calibration.holdout_fraction=0 or did not finish; train with a held-out fraction')
   threshold = meta['calibration']['threshold']
   result = score_split(config, source, graphdef, params, frozen, mesh, f'predict {names[0]}')

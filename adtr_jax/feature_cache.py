@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 
 from adtr_jax import sharding
 from adtr_jax.data import pipeline
+from adtr_jax import errors
 
 PLACES = ('device', 'host', 'off')
 DTYPES = {'bfloat16': jnp.bfloat16, 'float32': jnp.float32}
@@ -25,9 +26,9 @@ DTYPES = {'bfloat16': jnp.bfloat16, 'float32': jnp.float32}
 def check(cfg: ml_collections.ConfigDict) -> None:
   """config.train.feature_cache / feature_cache_dtype, with the field named when wrong."""
   if cfg.feature_cache not in PLACES:
-    raise ValueError(f'train.feature_cache={cfg.feature_cache!r} must be one of {PLACES}')
+    raise errors.ConfigError(f'train.feature_cache={cfg.feature_cache!r} must be one of {PLACES}')
   if cfg.feature_cache_dtype not in DTYPES:
-    raise ValueError(f'train.feature_cache_dtype={cfg.feature_cache_dtype!r} must be one of '
+    raise errors.ConfigError(f'train.feature_cache_dtype={cfg.feature_cache_dtype!r} must be one of '
                      f'{sorted(DTYPES)}')
 
 

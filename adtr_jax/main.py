@@ -7,9 +7,12 @@ r"""ADTR command line.
       --predict_dir=/path/to/new/images
 
 Any config field can be overridden with --config.<field>=<value>. Re-running a killed `train` command
-with the same --workdir resumes from its latest checkpoint.
+with the same --workdir resumes from its latest checkpoint. Bad input (config values, data, weight files)
+ends with one line naming the field or file, `adtr_jax: error: ...`, and exit status 2; --traceback
+shows the traceback instead.
 """
 import pathlib
+import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -26,30 +29,44 @@ _PREDICT_DIR = flags.DEFINE_string('predict_dir', None,
                                    '--mode=predict: a folder of images to score with the trained model.')
 _DISTRIBUTED = flags.DEFINE_bool('distributed', False,
                                   'Call jax.distributed.initialize() first (multi-host TPU/GPU runs).')
+_TRACEBACK = flags.DEFINE_bool('traceback', False,
+                                'Show the full traceback of configuration and data errors instead of '
+                                'their one-line message.')
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  from adtr_jax import errors
+  try:
+    run(_CONFIG.value, pathlib.Path(_WORKDIR.value), _MODE.value)
+  except errors.UserError as e:
+    if _TRACEBACK.value:
+      raise
+    print(f'adtr_jax: error: {e}', file=sys.stderr)
+    sys.exit(2)
+
+
+def run(config, workdir: pathlib.Path, mode: str):
+  """Runs one --mode of the CLI."""
   # Imported here so that --help answers without starting JAX.
   import jax
 
   if _DISTRIBUTED.value:
     jax.distributed.initialize()
   from adtr_jax import evaluate, train
-  config, workdir = _CONFIG.value, pathlib.Path(_WORKDIR.value)
   logging.info('JAX devices: %s (process %d of %d)', jax.devices(), jax.process_index(),
                jax.process_count())
   workdir.mkdir(parents=True, exist_ok=True)
   if jax.process_index() == 0:
     (workdir / 'config.json').write_text(config.to_json_best_effort(indent=2) + '\n')
-  if _MODE.value == 'predict':
+  if mode == 'predict':
     if not _PREDICT_DIR.value:
       raise app.UsageError('--mode=predict needs --predict_dir=<folder of images>')
     evaluate.predict(config, workdir, _PREDICT_DIR.value)
     return
-  if _MODE.value == 'show_anomalies':
+  if mode == 'show_anomalies':
     from adtr_jax.data import datasets, mixing
     for category in datasets.categories(config):
       train_source = datasets.load_category(config, category).train
@@ -60,11 +77,11 @@ def main(argv):
                                    config.dataset.image_size)
       print(f'{len(paths)} training anomalies with masks in {workdir / category / "anomalies"}')
     return
-  if _MODE.value == 'eval':
+  if mode == 'eval':
     report = evaluate.evaluate(config, workdir)
   else:
-    report = train.train_and_evaluate(config, workdir, evaluate_after=_MODE.value == 'train_and_eval')
-  if 'eval' in report or _MODE.value == 'eval':
+    report = train.train_and_evaluate(config, workdir, evaluate_after=mode == 'train_and_eval')
+  if 'eval' in report or mode == 'eval':
     print(f'metrics: {workdir / "metrics.json"}; heatmaps: {workdir}/<category>/heatmaps/')
 
 

@@ -2,6 +2,8 @@
 import jax
 import jax.numpy as jnp
 
+from adtr_jax import errors
+
 IMAGE_SCORES = ('max_avgpool', 'mean', 'topk_mean')
 
 
@@ -57,4 +59,4 @@ def image_score(maps: jax.Array, method: str = 'max_avgpool', avgpool_size: int 
   if method == 'topk_mean':
     flat = maps.reshape(maps.shape[0], -1)
     return jnp.mean(jax.lax.top_k(flat, min(topk, flat.shape[1]))[0], axis=-1)
-  raise ValueError(f'scoring.image_score={method!r} is not one of {IMAGE_SCORES}')
+  raise errors.ConfigError(f'scoring.image_score={method!r} is not one of {IMAGE_SCORES}')

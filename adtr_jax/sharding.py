@@ -9,6 +9,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from adtr_jax import errors
+
 
 def make_mesh(devices=None) -> Mesh:
   """A 1-D mesh over all (or the given) devices, axis name 'data'."""
@@ -28,7 +30,7 @@ def check_batch_size(global_batch: int, mesh: Mesh, field: str) -> None:
   """The global batch must split evenly over devices and processes; say which field to change if not."""
   n = mesh.devices.size
   if global_batch % n or global_batch % jax.process_count():
-    raise ValueError(f'{field}={global_batch} must be divisible by the number of devices ({n}) '
+    raise errors.ConfigError(f'{field}={global_batch} must be divisible by the number of devices ({n}) '
                      f'and processes ({jax.process_count()})')
 
 

@@ -21,6 +21,7 @@ from adtr_jax import checkpoint, evaluate, feature_cache, inference, loop, losse
 from adtr_jax.data import datasets, mixing
 from adtr_jax.models.adtr import build_model
 from adtr_jax.train_state import TrainState, init_state, make_optimizer, total_steps
+from adtr_jax import errors
 
 def loss_fn(features: jax.Array, reconstruction: jax.Array, batch: dict) -> jax.Array:
   """The normal-only objective L_norm over the batch's valid rows. features [B, h, w, C]."""
@@ -45,7 +46,7 @@ def make_loss(cfg: ml_collections.ConfigDict) -> Callable:
       return losses.image_loss(f, f_hat, batch['label'].astype(jnp.float32), cfg.alpha, cfg.topk,
                                batch['valid'].astype(jnp.float32))
     return image
-  raise ValueError(f"loss.type={cfg.type!r} must be 'mse', 'pixel' or 'image'")
+  raise errors.ConfigError(f"loss.type={cfg.type!r} must be 'mse', 'pixel' or 'image'")
 
 
 def input_keys(loss_cfg: ml_collections.ConfigDict) -> tuple[str, ...]:
@@ -101,7 +102,7 @@ def _check_same_backbone(meta: dict, info: dict, where) -> None:
   old = meta.get('backbone', {})
   for key in ('arch', 'weights_sha256'):
     if old.get(key) != info.get(key):
-      raise ValueError(f'checkpoint in {where} was trained with backbone {key}={old.get(key)!r} but the '
+      raise errors.ConfigError(f'checkpoint in {where} was trained with backbone {key}={old.get(key)!r} but the '
                        f'config gives {info.get(key)!r}; use another --workdir or the original weights')
 
 
@@ -234,7 +235,7 @@ def train(config: ml_collections.ConfigDict, category: str, workdir: pathlib.Pat
   data = datasets.load_category(config, category)
   steps_per_epoch = len(data.train) // cfg.batch_size
   if steps_per_epoch == 0:
-    raise ValueError(f'the train split of {category!r} has {len(data.train)} images, fewer than '
+    raise errors.ConfigError(f'the train split of {category!r} has {len(data.train)} images, fewer than '
                      f'train.batch_size={cfg.batch_size}')
   last_step = total_steps(cfg, steps_per_epoch)
   model, info = build_model(config)

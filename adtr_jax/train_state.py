@@ -10,6 +10,7 @@ import optax
 from flax import nnx, struct
 
 from adtr_jax.models.adtr import TRAINABLE, decays
+from adtr_jax import errors
 
 SCHEDULES = ('warmup_cosine', 'step')
 
@@ -45,7 +46,7 @@ def make_schedule(cfg: ml_collections.ConfigDict, steps_per_epoch: int, total: i
   if cfg.schedule == 'step':
     boundaries = {int(e) * steps_per_epoch: cfg.lr_decay_factor for e in cfg.lr_decay_epochs}
     return optax.piecewise_constant_schedule(cfg.learning_rate, boundaries)
-  raise ValueError(f'train.schedule={cfg.schedule!r} must be one of {SCHEDULES}')
+  raise errors.ConfigError(f'train.schedule={cfg.schedule!r} must be one of {SCHEDULES}')
 
 
 def make_optimizer(cfg: ml_collections.ConfigDict, steps_per_epoch: int, total: int):

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from adtr_jax import errors
 from adtr_jax.data import builder, datasets, elpv, mvtec, pipeline
 from configs import default
 from tests.conftest import make_toy_mvtec
@@ -93,42 +94,42 @@ def test_rebuilt_only_when_the_folder_changes(own_toy, tmp_path):
 
 def test_missing_mask_names_image_and_mask(own_toy, tmp_path):
   (own_toy / 'toy/ground_truth/square/002_mask.png').unlink()
-  with pytest.raises(mvtec.DatasetError, match=r'test/square/002\.png.*ground_truth/square/002_mask'):
+  with pytest.raises(errors.DataError, match=r'test/square/002\.png.*ground_truth/square/002_mask'):
     builder.prepare(own_toy, 'toy', tmp_path / 'tfds')
 
 
 def test_unreadable_image_names_the_file(own_toy, tmp_path):
   (own_toy / 'toy/test/good/bad.png').write_bytes(b'this is not a png')
-  with pytest.raises(mvtec.DatasetError, match=r'cannot decode image .*test/good/bad\.png'):
+  with pytest.raises(errors.DataError, match=r'cannot decode image .*test/good/bad\.png'):
     builder.prepare(own_toy, 'toy', tmp_path / 'tfds')
 
 
 def test_empty_test_split(own_toy):
   for folder in (own_toy / 'toy/test').iterdir():
     shutil.rmtree(folder)
-  with pytest.raises(mvtec.DatasetError, match=r'toy/test has no images'):
+  with pytest.raises(errors.DataError, match=r'toy/test has no images'):
     mvtec.scan_category(own_toy, 'toy')
 
 
 def test_missing_category_lists_existing_ones(own_toy):
   (own_toy / 'other/train').mkdir(parents=True)
-  with pytest.raises(mvtec.DatasetError, match=r'nope does not exist.*categories .*: other, toy'):
+  with pytest.raises(errors.DataError, match=r'nope does not exist.*categories .*: other, toy'):
     mvtec.scan_category(own_toy, 'nope')
 
 
 def test_train_holds_only_good(own_toy):
   (own_toy / 'toy/train/square').mkdir()
-  with pytest.raises(mvtec.DatasetError, match=r'may only contain good/.*found: square'):
+  with pytest.raises(errors.DataError, match=r'may only contain good/.*found: square'):
     mvtec.scan_category(own_toy, 'toy')
   shutil.rmtree(own_toy / 'toy/train')
   (own_toy / 'toy/train/good').mkdir(parents=True)
-  with pytest.raises(mvtec.DatasetError, match=r'train/good is missing or has no images'):
+  with pytest.raises(errors.DataError, match=r'train/good is missing or has no images'):
     mvtec.scan_category(own_toy, 'toy')
 
 
 def test_no_ground_truth_means_image_labels_only(own_toy, tmp_path):
   shutil.rmtree(own_toy / 'toy/ground_truth')
-  with pytest.raises(mvtec.DatasetError, match='has no mask'):
+  with pytest.raises(errors.DataError, match='has no mask'):
     mvtec.scan_category(own_toy, 'toy')
   test = builder.prepare(own_toy, 'toy', tmp_path / 'tfds', require_masks=False)['test']
   assert not test.has_masks
@@ -248,7 +249,7 @@ def test_skip_batches_is_the_tail_of_the_epoch():
 
 
 def test_worker_errors_name_the_file_and_bad_arguments_fail_early():
-  with pytest.raises(mvtec.DatasetError, match='row6.png'):
+  with pytest.raises(errors.DataError, match='row6.png'):
     _epoch(_Rows(10, broken=6))
   with pytest.raises(ValueError, match='batch_size=5'):
     pipeline.batches(_Rows(10), batch_size=5, image_size=8, shuffle=False, seed=0, epoch=0,

@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 from adtr_jax import evaluate, feature_cache, metrics, scoring, sharding
 from adtr_jax.data import datasets
 from adtr_jax.models.adtr import TRAINABLE, build_model
+from adtr_jax import errors
 
 SUBSAMPLING = ('random', 'coreset')
 
@@ -34,9 +35,9 @@ SUBSAMPLING = ('random', 'coreset')
 def subsample(tokens: np.ndarray, fraction: float, method: str, seed: int) -> np.ndarray:
   """tokens [N, C] -> the memory bank [M, C], M = max(1, round(fraction * N)) (fraction 1: all)."""
   if not 0.0 < fraction <= 1.0:
-    raise ValueError(f'baseline.bank_fraction={fraction} must be in (0, 1]')
+    raise errors.ConfigError(f'baseline.bank_fraction={fraction} must be in (0, 1]')
   if method not in SUBSAMPLING:
-    raise ValueError(f'baseline.subsample={method!r} must be one of {SUBSAMPLING}')
+    raise errors.ConfigError(f'baseline.subsample={method!r} must be one of {SUBSAMPLING}')
   m = max(1, round(fraction * len(tokens)))
   if m >= len(tokens):
     return tokens

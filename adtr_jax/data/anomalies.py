@@ -14,6 +14,8 @@ from typing import Callable
 
 import numpy as np
 
+from adtr_jax import errors
+
 Range = tuple[float, float]
 
 
@@ -216,6 +218,6 @@ def make_anomaly(name: str, image: np.ndarray,
                  seed: int | np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
   """GENERATORS[name] with default options: image [H, W, C] / [H, W] -> (image', mask bool [H, W])."""
   if name not in GENERATORS:
-    raise ValueError(f'unknown synthetic anomaly {name!r} (config field anomalies.synthetic); '
+    raise errors.ConfigError(f'unknown synthetic anomaly {name!r} (config field anomalies.synthetic); '
                      f'valid names: {", ".join(GENERATORS)}')
   return GENERATORS[name](image, seed)

@@ -21,6 +21,7 @@ from absl import logging
 from etils import epath
 from PIL import Image
 
+from adtr_jax import errors
 from adtr_jax.data import mvtec, pipeline
 
 NAME = 'adtr_mvtec_layout'
@@ -72,7 +73,7 @@ def _read(path: str) -> bytes:
   try:
     return pathlib.Path(path).read_bytes()
   except OSError as e:
-    raise mvtec.DatasetError(f'cannot read {path}: {e}') from e
+    raise errors.DataError(f'cannot read {path}: {e}') from e
 
 
 def encode_record(record: dict) -> dict:
@@ -84,7 +85,7 @@ def encode_record(record: dict) -> dict:
     mask_bytes = _read(record['mask_path'])
     shape = mvtec.decode_mask(mask_bytes, record['mask_path']).shape
     if shape != (height, width):
-      raise mvtec.DatasetError(f'mask {record["mask_path"]} is {shape[1]}x{shape[0]} but image '
+      raise errors.DataError(f'mask {record["mask_path"]} is {shape[1]}x{shape[0]} but image '
                                f'{record["path"]} is {width}x{height} (width x height)')
   else:
     mask_bytes = _zero_png(height, width)
@@ -120,7 +121,7 @@ class AdtrMvtecLayout(tfds.core.GeneratorBasedBuilder):
     config = self.builder_config
     records = mvtec.scan_category(cat_dir.parent, cat_dir.name, config.require_masks)
     if fingerprint(cat_dir, records, config.require_masks) != config.fingerprint:
-      raise mvtec.DatasetError(f'{cat_dir} changed while it was being prepared; run again')
+      raise errors.DataError(f'{cat_dir} changed while it was being prepared; run again')
     return {split: self._generate_examples(records[split]) for split in SPLITS}
 
   def _generate_examples(self, records: list[dict]):

@@ -11,6 +11,7 @@ import ml_collections
 import numpy as np
 
 from adtr_jax.data import builder, elpv, image_cache, mixing, mvtec, pipeline
+from adtr_jax import errors
 
 SOURCES = ('mvtec', 'elpv')
 
@@ -45,7 +46,7 @@ def split_calibration(train, fraction: float, seed: int):
   fraction 0 -> (train, None): everything trains and no decision threshold is calibrated.
   """
   if not 0.0 <= fraction < 1.0:
-    raise ValueError(f'calibration.holdout_fraction={fraction} must be in [0, 1)')
+    raise errors.ConfigError(f'calibration.holdout_fraction={fraction} must be in [0, 1)')
   if fraction == 0.0:
     return train, None
   n = len(train)
@@ -58,9 +59,9 @@ def categories(config: ml_collections.ConfigDict) -> list[str]:
   """config.dataset.category split on commas, e.g. 'bottle, cable' -> ['bottle', 'cable']."""
   names = [c.strip() for c in config.dataset.category.split(',') if c.strip()]
   if not names:
-    raise ValueError('no category given: pass --config.dataset.category=<name>[,<name>...]')
+    raise errors.ConfigError('no category given: pass --config.dataset.category=<name>[,<name>...]')
   if len(set(names)) != len(names):
-    raise ValueError(f'--config.dataset.category={config.dataset.category!r} repeats a category')
+    raise errors.ConfigError(f'--config.dataset.category={config.dataset.category!r} repeats a category')
   return names
 
 
@@ -73,7 +74,7 @@ def cache_dir(config: ml_collections.ConfigDict) -> pathlib.Path:
 def _elpv_folder(config: ml_collections.ConfigDict, category: str) -> tuple[pathlib.Path, str]:
   cell_type = config.dataset.elpv_cell_type
   if category != f'elpv_{cell_type}':
-    raise ValueError(f'--config.dataset.category={category!r} does not match '
+    raise errors.ConfigError(f'--config.dataset.category={category!r} does not match '
                      f'--config.dataset.elpv_cell_type={cell_type!r}: that category is '
                      f'"elpv_{cell_type}"')
   return elpv.export_elpv(cache_dir(config) / 'elpv', cell_type)
@@ -84,13 +85,13 @@ def load_category(config: ml_collections.ConfigDict, category: str) -> CategoryD
   source = config.dataset.source
   if source == 'mvtec':
     if not config.dataset.root:
-      raise ValueError('config.dataset.root is empty: pass --config.dataset.root=/path to the folder '
+      raise errors.ConfigError('config.dataset.root is empty: pass --config.dataset.root=/path to the folder '
                        f'that holds {category}/train, {category}/test and {category}/ground_truth')
     root, require_masks = pathlib.Path(config.dataset.root).expanduser(), True
   elif source == 'elpv':
     (root, category), require_masks = _elpv_folder(config, category), False
   else:
-    raise ValueError(f'--config.dataset.source={source!r} is not one of {", ".join(SOURCES)}')
+    raise errors.ConfigError(f'--config.dataset.source={source!r} is not one of {", ".join(SOURCES)}')
   splits = builder.prepare(root, category, cache_dir(config) / 'tfds', require_masks)
   splits = {name: image_cache.cached(split, config.dataset.image_size, config.dataset.num_workers)
             for name, split in splits.items()}

@@ -13,7 +13,7 @@ import shutil
 
 import numpy as np
 
-from adtr_jax.data.mvtec import DatasetError
+from adtr_jax import errors
 
 CELL_TYPES = ('mono', 'poly')
 HELD_OUT_FRACTION = 0.25
@@ -41,7 +41,7 @@ def read_labels(labels_csv: pathlib.Path) -> list[tuple[str, float, str]]:
       continue
     fields = line.split()
     if len(fields) != 3 or fields[2] not in CELL_TYPES:
-      raise DatasetError(f'{labels_csv}:{n}: expected "<image> <probability> <mono|poly>", got {line!r}')
+      raise errors.DataError(f'{labels_csv}:{n}: expected "<image> <probability> <mono|poly>", got {line!r}')
     rows.append((fields[0], float(fields[1]), fields[2]))
   return rows
 
@@ -49,7 +49,7 @@ def read_labels(labels_csv: pathlib.Path) -> list[tuple[str, float, str]]:
 def split_cells(rows: list[tuple[str, float, str]], cell_type: str) -> dict[str, list[str]]:
   """Image paths of one cell type: {'train/good', 'test/good', 'test/defective', 'excluded'}."""
   if cell_type not in CELL_TYPES:
-    raise ValueError(f'ELPV cell type {cell_type!r} is not one of {", ".join(CELL_TYPES)} '
+    raise errors.ConfigError(f'ELPV cell type {cell_type!r} is not one of {", ".join(CELL_TYPES)} '
                      '(--config.dataset.elpv_cell_type)')
   rows = [r for r in rows if r[2] == cell_type]
   normal = sorted(p for p, prob, _ in rows if prob == 0.0)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import pathlib
 
+from adtr_jax import errors
 from adtr_jax.data import mvtec
 
 
@@ -12,11 +13,11 @@ class FolderSource:
   def __init__(self, folder):
     folder = pathlib.Path(folder).expanduser()
     if not folder.is_dir():
-      raise mvtec.DatasetError(f'{folder} is not a folder of images')
+      raise errors.DataError(f'{folder} is not a folder of images')
     self.paths = sorted(p for p in folder.iterdir()
                         if p.is_file() and p.suffix.lower() in mvtec.IMAGE_EXTENSIONS)
     if not self.paths:
-      raise mvtec.DatasetError(f'{folder} has no images ({", ".join(mvtec.IMAGE_EXTENSIONS)})')
+      raise errors.DataError(f'{folder} has no images ({", ".join(mvtec.IMAGE_EXTENSIONS)})')
 
   def __len__(self) -> int:
     return len(self.paths)

@@ -19,6 +19,7 @@ import numpy as np
 
 from adtr_jax.data import anomalies
 from adtr_jax.data.folder import FolderSource
+from adtr_jax import errors
 
 LOSS_TYPES = ('mse', 'pixel', 'image')
 
@@ -28,7 +29,7 @@ def synthetic_names(cfg: ml_collections.ConfigDict) -> list[str]:
   names = [n.strip() for n in cfg.synthetic.split(',') if n.strip() and n.strip() != 'none']
   for name in names:
     if name not in anomalies.GENERATORS:
-      raise ValueError(f'anomalies.synthetic={cfg.synthetic!r}: unknown {name!r}; valid: none, '
+      raise errors.ConfigError(f'anomalies.synthetic={cfg.synthetic!r}: unknown {name!r}; valid: none, '
                        f'{", ".join(anomalies.GENERATORS)}')
   return names
 
@@ -36,7 +37,7 @@ def synthetic_names(cfg: ml_collections.ConfigDict) -> list[str]:
 def trains_on_labelled(config: ml_collections.ConfigDict) -> bool:
   a = config.anomalies
   if a.labelled_use not in ('train', 'exclude'):
-    raise ValueError(f"anomalies.labelled_use={a.labelled_use!r} must be 'train' or 'exclude'")
+    raise errors.ConfigError(f"anomalies.labelled_use={a.labelled_use!r} must be 'train' or 'exclude'")
   return a.num_labelled > 0 and a.labelled_use == 'train'
 
 
@@ -49,18 +50,18 @@ def check(config: ml_collections.ConfigDict, has_masks: bool) -> None:
   """Config combinations that cannot train meaningfully are errors, naming the fields."""
   loss, a = config.loss.type, config.anomalies
   if loss not in LOSS_TYPES:
-    raise ValueError(f'loss.type={loss!r} must be one of {LOSS_TYPES}')
+    raise errors.ConfigError(f'loss.type={loss!r} must be one of {LOSS_TYPES}')
   if uses_anomalies(config) and loss == 'mse':
-    raise ValueError('anomalies are configured (anomalies.num_labelled / synthetic / external_dir) but '
+    raise errors.ConfigError('anomalies are configured (anomalies.num_labelled / synthetic / external_dir) but '
                      "loss.type='mse' would train to reconstruct them: use loss.type='pixel' or 'image'")
   if loss != 'mse' and not uses_anomalies(config):
-    raise ValueError(f'loss.type={loss!r} needs anomalies: set anomalies.num_labelled, anomalies.synthetic '
+    raise errors.ConfigError(f'loss.type={loss!r} needs anomalies: set anomalies.num_labelled, anomalies.synthetic '
                      'or anomalies.external_dir')
   if loss == 'pixel' and trains_on_labelled(config) and not has_masks:
-    raise ValueError("loss.type='pixel' with anomalies.num_labelled > 0 needs pixel masks, but this "
+    raise errors.ConfigError("loss.type='pixel' with anomalies.num_labelled > 0 needs pixel masks, but this "
                      "category has image-level labels only: use loss.type='image'")
   if not 0.0 < a.fraction < 1.0:
-    raise ValueError(f'anomalies.fraction={a.fraction} must be in (0, 1)')
+    raise errors.ConfigError(f'anomalies.fraction={a.fraction} must be in (0, 1)')
 
 
 def take_labelled(test_records: list[dict], n: int, seed: int) -> tuple[list[int], list[int]]:
@@ -74,7 +75,7 @@ def take_labelled(test_records: list[dict], n: int, seed: int) -> tuple[list[int
   for defect in sorted(by_type):
     rows = by_type[defect]
     if len(rows) <= n:
-      raise ValueError(f'anomalies.num_labelled={n} leaves no {defect!r} test image to evaluate '
+      raise errors.ConfigError(f'anomalies.num_labelled={n} leaves no {defect!r} test image to evaluate '
                        f'({len(rows)} in the test split)')
     taken += sorted(rng.choice(rows, n, replace=False).tolist())
   taken_set = set(taken)

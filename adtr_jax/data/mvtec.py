@@ -12,13 +12,13 @@ import pathlib
 import numpy as np
 from PIL import Image
 
+from adtr_jax import errors
+
 IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.bmp', '.tif', '.tiff')
 GOOD = 'good'
 MASK_SUFFIX = '_mask'
 
 
-class DatasetError(ValueError):
-  """Missing, misplaced or unreadable input data; the message names the path."""
 
 
 def _entries(folder: pathlib.Path) -> list[pathlib.Path]:
@@ -30,11 +30,11 @@ def _images(folder: pathlib.Path) -> list[pathlib.Path]:
   return [p for p in _entries(folder) if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS]
 
 
-def _missing_category(root: pathlib.Path, category: str) -> DatasetError:
+def _missing_category(root: pathlib.Path, category: str) -> errors.DataError:
   if not root.is_dir():
-    return DatasetError(f'dataset root {root} does not exist (category {category!r})')
+    return errors.DataError(f'dataset root {root} does not exist (category {category!r})')
   found = [p.name for p in _entries(root) if (p / 'train').is_dir()]
-  return DatasetError(f'category folder {root / category} does not exist; categories under {root}: '
+  return errors.DataError(f'category folder {root / category} does not exist; categories under {root}: '
                       f'{", ".join(found) or "none (no <category>/train folders)"}')
 
 
@@ -46,14 +46,14 @@ def _record(path: pathlib.Path, defect_type: str, mask_path: str = '') -> dict:
 def _scan_train(cat: pathlib.Path) -> list[dict]:
   train = cat / 'train'
   if not train.is_dir():
-    raise DatasetError(f'{train} does not exist: a category needs train/{GOOD}/ with normal images')
+    raise errors.DataError(f'{train} does not exist: a category needs train/{GOOD}/ with normal images')
   others = [p.name for p in _entries(train) if p.name != GOOD]
   if others:
-    raise DatasetError(f'{train} may only contain {GOOD}/ (training is on normal images only), '
+    raise errors.DataError(f'{train} may only contain {GOOD}/ (training is on normal images only), '
                        f'found: {", ".join(others)}')
   images = _images(train / GOOD) if (train / GOOD).is_dir() else []
   if not images:
-    raise DatasetError(f'{train / GOOD} is missing or has no images ({", ".join(IMAGE_EXTENSIONS)})')
+    raise errors.DataError(f'{train / GOOD} is missing or has no images ({", ".join(IMAGE_EXTENSIONS)})')
   return [_record(p, GOOD) for p in images]
 
 
@@ -67,7 +67,7 @@ def _masks_by_stem(folder: pathlib.Path) -> dict[str, pathlib.Path]:
 def _scan_test(cat: pathlib.Path, require_masks: bool) -> list[dict]:
   test, truth = cat / 'test', cat / 'ground_truth'
   if not test.is_dir():
-    raise DatasetError(f'{test} does not exist: a category needs test/<type>/ folders')
+    raise errors.DataError(f'{test} does not exist: a category needs test/<type>/ folders')
   # Partial masks would silently count defects as normal pixels, so masks are all-or-nothing.
   need_masks = require_masks or truth.is_dir()
   records = []
@@ -80,12 +80,12 @@ def _scan_test(cat: pathlib.Path, require_masks: bool) -> list[dict]:
         records.append(_record(path, folder.name, str(masks[path.stem])))
       elif need_masks:
         expected = truth / folder.name / f'{path.stem}{MASK_SUFFIX}.png'
-        raise DatasetError(f'anomalous test image {path} has no mask {expected}' +
+        raise errors.DataError(f'anomalous test image {path} has no mask {expected}' +
                            ('' if require_masks else f' (delete {truth} to use image labels only)'))
       else:
         records.append(_record(path, folder.name))
   if not records:
-    raise DatasetError(f'the test split {test} has no images in test/<type>/ folders')
+    raise errors.DataError(f'the test split {test} has no images in test/<type>/ folders')
   return records
 
 
@@ -94,7 +94,7 @@ def scan_category(root, category: str, require_masks: bool = True) -> dict[str, 
 
   Each record is {'path', 'label' (0 normal, 1 anomalous), 'defect_type', 'mask_path' ('' for
   normal images, and for every image when the category has no ground_truth/ folder and
-  require_masks=False)}. Raises DatasetError naming the path of whatever is missing or misplaced.
+  require_masks=False)}. Raises errors.DataError naming the path of whatever is missing or misplaced.
   """
   # Resolved like the prepared dataset's paths, so scan records and dataset rows name files alike.
   root = pathlib.Path(root).expanduser().resolve()
@@ -111,14 +111,14 @@ def _open(data: bytes, path) -> Image.Image:
     image.load()
     return image
   except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-    raise DatasetError(f'cannot decode image {path}: {e}') from e
+    raise errors.DataError(f'cannot decode image {path}: {e}') from e
 
 
 def _read(path) -> bytes:
   try:
     return pathlib.Path(path).read_bytes()
   except OSError as e:
-    raise DatasetError(f'cannot read {path}: {e}') from e
+    raise errors.DataError(f'cannot read {path}: {e}') from e
 
 
 def _to_uint8(image: Image.Image, path) -> Image.Image:
@@ -127,7 +127,7 @@ def _to_uint8(image: Image.Image, path) -> Image.Image:
     wide = np.asarray(image, dtype=np.float64)
     return Image.fromarray(np.clip(np.round(wide / 257.0), 0, 255).astype(np.uint8))
   if image.mode == 'F':
-    raise DatasetError(f'{path}: floating-point image mode {image.mode!r} is not supported')
+    raise errors.DataError(f'{path}: floating-point image mode {image.mode!r} is not supported')
   return image
 
 
@@ -144,10 +144,10 @@ def decode_mask(data: bytes, path='<bytes>') -> np.ndarray:
 
 
 def load_image(path) -> np.ndarray:
-  """uint8 [H, W, 3]; DatasetError naming `path` if it cannot be read or decoded."""
+  """uint8 [H, W, 3]; errors.DataError naming `path` if it cannot be read or decoded."""
   return decode_image(_read(path), path)
 
 
 def load_mask(path) -> np.ndarray:
-  """bool [H, W] binarised at grey value 128; DatasetError naming `path` if unreadable."""
+  """bool [H, W] binarised at grey value 128; errors.DataError naming `path` if unreadable."""
   return decode_mask(_read(path), path)

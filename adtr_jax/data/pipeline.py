@@ -12,7 +12,8 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 from PIL import Image
 
-from adtr_jax.data.mvtec import DatasetError
+from adtr_jax import errors
+
 
 # Batches decoded ahead of the consumer: enough to hide decoding behind a train step, few enough
 # that memory stays at a handful of batches.
@@ -61,10 +62,10 @@ def load_resized(source, index: int, image_size: int) -> dict:
     return {'image': _resize_image(np.asarray(example['image']), image_size),
             'mask': _resize_mask(example.get('mask'), image_size),
             'label': int(example['label']), 'path': path}
-  except DatasetError:
+  except errors.DataError:
     raise
   except Exception as e:  # name the file: a bare PIL/numpy error does not say which one
-    raise DatasetError(f'cannot prepare {path}: {type(e).__name__}: {e}') from e
+    raise errors.DataError(f'cannot prepare {path}: {type(e).__name__}: {e}') from e
 
 
 def parallel_map(fn: Callable, groups: Iterable[list], num_workers: int,

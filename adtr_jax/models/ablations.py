@@ -12,6 +12,8 @@ from __future__ import annotations
 import jax
 from flax import nnx
 
+from adtr_jax import errors
+
 
 class _Block(nnx.Module):
   """x = LN(x + W2 relu(mix(x))), where mix is a token-wise linear (MLP) or a 3x3 conv (CNN)."""
@@ -71,7 +73,7 @@ class PixelEmbedding(nnx.Module):
     b, h, w, c = images.shape
     s = self.out_stride
     if h % s or w % s:
-      raise ValueError(f'image size {h}x{w} must be a multiple of backbone.out_stride={s}')
+      raise errors.ConfigError(f'image size {h}x{w} must be a multiple of backbone.out_stride={s}')
     x = (images - 0.5) / 0.25  # pixels in [0, 1] -> roughly zero mean, unit scale
     x = x.reshape(b, h // s, s, w // s, s, c).transpose(0, 1, 3, 2, 4, 5)
     return x.reshape(b, h // s, w // s, s * s * c)

@@ -10,6 +10,7 @@ from flax import nnx
 from adtr_jax.models import ablations
 from adtr_jax.models.backbone import Backbone, build_backbone
 from adtr_jax.models.reconstructor import Reconstructor
+from adtr_jax import errors
 
 # model.type -> reconstruction network; only 'transformer' is ADTR, the others are ablations.
 RECONSTRUCTORS = {'transformer': Reconstructor, 'mlp': ablations.TokenMLP, 'cnn': ablations.ConvNet}
@@ -35,7 +36,7 @@ class FeatureNorm(nnx.Module):
 
   def __init__(self, channels: int, kind: str):
     if kind not in FEATURE_NORMS:
-      raise ValueError(f'model.feature_norm={kind!r} must be one of {FEATURE_NORMS}')
+      raise errors.ConfigError(f'model.feature_norm={kind!r} must be one of {FEATURE_NORMS}')
     self.kind = kind
     self.mean = FeatureStats(jnp.zeros((channels,), jnp.float32))
     self.std = FeatureStats(jnp.ones((channels,), jnp.float32))
@@ -103,7 +104,7 @@ def feature_grid(config: ml_collections.ConfigDict) -> tuple[int, int]:
   """The token grid (H, W) that dataset.image_size and backbone.out_stride give."""
   size, stride = config.dataset.image_size, config.backbone.out_stride
   if size % stride:
-    raise ValueError(f'dataset.image_size={size} must be a multiple of backbone.out_stride={stride}')
+    raise errors.ConfigError(f'dataset.image_size={size} must be a multiple of backbone.out_stride={stride}')
   return size // stride, size // stride
 
 
@@ -112,7 +113,7 @@ def _transformer_options(m: ml_collections.ConfigDict) -> dict:
   if m.get('type', 'transformer') != 'transformer':
     return {}
   if m.dtype not in DTYPES:
-    raise ValueError(f'model.dtype={m.dtype!r} must be one of {sorted(DTYPES)}')
+    raise errors.ConfigError(f'model.dtype={m.dtype!r} must be one of {sorted(DTYPES)}')
   return {'embed_init_std': m.embed_init_std, 'dtype': DTYPES[m.dtype], 'attention': m.attention,
           'tie_qk_init': m.tie_qk_init}
 
@@ -128,9 +129,9 @@ def build_model(config: ml_collections.ConfigDict, seed: int | None = None) -> t
     backbone = ablations.PixelEmbedding(config.backbone.out_stride)
     info = {'arch': 'pixels', 'weights_sha256': None, 'out_channels': backbone.out_channels}
   else:
-    raise ValueError(f"model.target={target!r} must be 'features' or 'pixels'")
+    raise errors.ConfigError(f"model.target={target!r} must be 'features' or 'pixels'")
   if kind not in RECONSTRUCTORS:
-    raise ValueError(f'model.type={kind!r} must be one of {sorted(RECONSTRUCTORS)}')
+    raise errors.ConfigError(f'model.type={kind!r} must be one of {sorted(RECONSTRUCTORS)}')
   reconstructor = RECONSTRUCTORS[kind](
       backbone.out_channels, feature_grid(config), hidden_dim=m.hidden_dim,
       num_encoder_layers=m.num_encoder_layers, num_decoder_layers=m.num_decoder_layers,

@@ -7,6 +7,7 @@ import ml_collections
 from flax import nnx
 
 from adtr_jax.models import weights
+from adtr_jax import errors
 
 LAYERS = ('layer1', 'layer2', 'layer3', 'layer4', 'layer5')
 LAYER_STRIDES = {name: 2 ** (k + 1) for k, name in enumerate(LAYERS)}
@@ -14,9 +15,9 @@ LAYER_STRIDES = {name: 2 ** (k + 1) for k, name in enumerate(LAYERS)}
 
 def _check(layers, out_stride) -> None:
   if not layers or any(name not in LAYERS for name in layers) or len(set(layers)) != len(layers):
-    raise ValueError(f'backbone.layers={tuple(layers)!r} must be distinct names from {LAYERS}')
+    raise errors.ConfigError(f'backbone.layers={tuple(layers)!r} must be distinct names from {LAYERS}')
   if out_stride not in LAYER_STRIDES.values() or isinstance(out_stride, bool):
-    raise ValueError(f'backbone.out_stride={out_stride!r} must be a power of 2 from 2 to 32')
+    raise errors.ConfigError(f'backbone.out_stride={out_stride!r} must be a power of 2 from 2 to 32')
 
 
 def _to_grid(x: jax.Array, stride: int, out_stride: int, size: tuple[int, int]) -> jax.Array:
@@ -51,7 +52,7 @@ class Backbone(nnx.Module):
     """images [B, H, W, 3], H and W multiples of out_stride -> [B, H/s, W/s, sum of layer channels]."""
     _, height, width, _ = images.shape
     if height % self.out_stride or width % self.out_stride:
-      raise ValueError(f'image size {height}x{width} must be a multiple of backbone.out_stride='
+      raise errors.ConfigError(f'image size {height}x{width} must be a multiple of backbone.out_stride='
                        f'{self.out_stride}')
     size = (height // self.out_stride, width // self.out_stride)
     feats = self.cnn.features(images, self.layers)

@@ -16,6 +16,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from adtr_jax import errors
+
 ATTENTION_IMPLEMENTATIONS = ('xla', 'cudnn', 'auto')
 
 
@@ -38,7 +40,7 @@ class Attention(nnx.Module):
   def __init__(self, dim: int, num_heads: int, dropout: float, *, dtype, implementation: str,
                tie_qk_init: bool = False, rngs: nnx.Rngs):
     if implementation not in ATTENTION_IMPLEMENTATIONS:
-      raise ValueError(f'model.attention={implementation!r} must be one of {ATTENTION_IMPLEMENTATIONS}')
+      raise errors.ConfigError(f'model.attention={implementation!r} must be one of {ATTENTION_IMPLEMENTATIONS}')
     self.num_heads = num_heads
     self.implementation = None if implementation == 'auto' else implementation
     self.query, self.key, self.value, self.out = (
@@ -125,7 +127,7 @@ class Reconstructor(nnx.Module):
                embed_init_std: float = 1.0, dtype=jnp.float32, attention: str = 'xla',
                tie_qk_init: bool = False, rngs: nnx.Rngs):
     if hidden_dim % num_heads:
-      raise ValueError(f'model.hidden_dim={hidden_dim} must be divisible by model.num_heads={num_heads}')
+      raise errors.ConfigError(f'model.hidden_dim={hidden_dim} must be divisible by model.num_heads={num_heads}')
     self.grid = tuple(grid)
     num_tokens = grid[0] * grid[1]
     init = nnx.initializers.normal(embed_init_std)
@@ -144,7 +146,7 @@ class Reconstructor(nnx.Module):
     """features [B, H, W, C] -> reconstruction [B, H, W, C] float32. Dropout needs rngs when training."""
     b, h, w, c = features.shape
     if (h, w) != self.grid:
-      raise ValueError(f'feature grid {(h, w)} differs from the model grid {self.grid}: '
+      raise errors.ConfigError(f'feature grid {(h, w)} differs from the model grid {self.grid}: '
                        'dataset.image_size / backbone.out_stride must match the trained model')
     kw = dict(deterministic=deterministic, rngs=rngs)
     memory = self.input_proj(features.reshape(b, h * w, c).astype(self.dtype))

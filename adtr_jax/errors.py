@@ -1,0 +1,26 @@
+"""Errors a user can fix: bad config values, bad input data, unusable weight files.
+
+The command line prints these as one line (`adtr_jax: error: <message>`) and exits with status 2;
+`--traceback` shows the traceback instead. Each also subclasses the builtin a caller would expect
+(ValueError, FileNotFoundError), so library code can catch them the usual way.
+"""
+
+
+class UserError(Exception):
+  """Base class: the message alone says what to fix (names the config field or the file)."""
+
+
+class ConfigError(UserError, ValueError):
+  """A config field holds a value that cannot work."""
+
+
+class DataError(UserError, ValueError):
+  """Missing, misplaced or unreadable input data; the message names the path."""
+
+
+class WeightsError(UserError, ValueError):
+  """A weight file that cannot be read or does not fit the backbone."""
+
+
+class MissingFileError(UserError, FileNotFoundError):
+  """A file or checkpoint the run needs does not exist."""

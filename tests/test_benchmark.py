@@ -1,0 +1,24 @@
+"""adtr_jax.benchmark: the JSON keys it promises, with values that follow from the model."""
+from adtr_jax import benchmark
+from tests.conftest import tiny_config
+
+
+def test_run_reports_cached_and_image_training(tmp_path):
+  config = tiny_config(tmp_path, tmp_path / 'cache')
+  out = benchmark.run(config, batch_size=8, steps=1)
+  for key in ('train_images_per_s', 'train_cached_images_per_s', 'infer_images_per_s'):
+    assert out[key] > 0, key
+  # The cached step skips the backbone, so XLA counts fewer FLOPs for it than for the image step.
+  assert 0 < out['train_cached_flops_per_image'] < out['train_flops_per_image']
+  assert out['mfu'] is None      # no known peak for a CPU
+  assert out['batch_size'] == 8 and out['image_size'] == 64
+
+
+def test_breakdown_times_every_part(tmp_path):
+  config = tiny_config(tmp_path, tmp_path / 'cache')
+  out = benchmark.breakdown(config, batch_size=8, steps=1)
+  parts = [k for k in out if k.endswith('_s')]
+  assert {'backbone_forward_s', 'reconstructor_forward_backward_s',
+          'reconstructor_forward_backward_no_dropout_s', 'attention_forward_backward_s',
+          'ffn_forward_backward_s', 'optimizer_s', 'host_resize_batch_s'} <= set(parts)
+  assert all(out[k] > 0 for k in parts)

@@ -34,7 +34,7 @@ def restore_model(config, workdir: pathlib.Path, mesh):
   state, meta = checkpoint.restore(mgr, step, state)
   if meta['backbone'].get('weights_sha256') != info.get('weights_sha256'):
     raise errors.ConfigError(f'{workdir} was trained with backbone weights {meta["backbone"]} '
-                     f'but the config loads {info}')
+                             f'but the config loads {info}')
   mgr.close()
   logging.info('restored %s step %d', workdir, step)
   meta['step'] = step
@@ -162,7 +162,7 @@ def predict(config: ml_collections.ConfigDict, workdir: pathlib.Path, folder) ->
   graphdef, params, frozen, meta = restore_model(config, cat_dir, mesh)
   if 'calibration' not in meta:
     raise errors.ConfigError(f'the checkpoint in {cat_dir} has no calibrated threshold: it was trained with '
-                     'calibration.holdout_fraction=0 or did not finish; train with a held-out fraction')
+                             'calibration.holdout_fraction=0 or did not finish; train with a held-out fraction')
   threshold = meta['calibration']['threshold']
   result = score_split(config, source, graphdef, params, frozen, mesh, f'predict {names[0]}')
   out_dir = cat_dir / 'predict'

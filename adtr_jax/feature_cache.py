@@ -29,7 +29,7 @@ def check(cfg: ml_collections.ConfigDict) -> None:
     raise errors.ConfigError(f'train.feature_cache={cfg.feature_cache!r} must be one of {PLACES}')
   if cfg.feature_cache_dtype not in DTYPES:
     raise errors.ConfigError(f'train.feature_cache_dtype={cfg.feature_cache_dtype!r} must be one of '
-                     f'{sorted(DTYPES)}')
+                             f'{sorted(DTYPES)}')
 
 
 def compute(source, graphdef: nnx.GraphDef, params, frozen, mesh, *, image_size: int, batch_size: int,

@@ -31,7 +31,7 @@ def check_batch_size(global_batch: int, mesh: Mesh, field: str) -> None:
   n = mesh.devices.size
   if global_batch % n or global_batch % jax.process_count():
     raise errors.ConfigError(f'{field}={global_batch} must be divisible by the number of devices ({n}) '
-                     f'and processes ({jax.process_count()})')
+                             f'and processes ({jax.process_count()})')
 
 
 def put_replicated(tree, mesh: Mesh):

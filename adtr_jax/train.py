@@ -103,7 +103,7 @@ def _check_same_backbone(meta: dict, info: dict, where) -> None:
   for key in ('arch', 'weights_sha256'):
     if old.get(key) != info.get(key):
       raise errors.ConfigError(f'checkpoint in {where} was trained with backbone {key}={old.get(key)!r} but the '
-                       f'config gives {info.get(key)!r}; use another --workdir or the original weights')
+                               f'config gives {info.get(key)!r}; use another --workdir or the original weights')
 
 
 class JsonlLog:
@@ -236,7 +236,7 @@ def train(config: ml_collections.ConfigDict, category: str, workdir: pathlib.Pat
   steps_per_epoch = len(data.train) // cfg.batch_size
   if steps_per_epoch == 0:
     raise errors.ConfigError(f'the train split of {category!r} has {len(data.train)} images, fewer than '
-                     f'train.batch_size={cfg.batch_size}')
+                             f'train.batch_size={cfg.batch_size}')
   last_step = total_steps(cfg, steps_per_epoch)
   model, info = build_model(config)
   tx, schedule = make_optimizer(cfg, steps_per_epoch, last_step)

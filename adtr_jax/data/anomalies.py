@@ -219,5 +219,5 @@ def make_anomaly(name: str, image: np.ndarray,
   """GENERATORS[name] with default options: image [H, W, C] / [H, W] -> (image', mask bool [H, W])."""
   if name not in GENERATORS:
     raise errors.ConfigError(f'unknown synthetic anomaly {name!r} (config field anomalies.synthetic); '
-                     f'valid names: {", ".join(GENERATORS)}')
+                             f'valid names: {", ".join(GENERATORS)}')
   return GENERATORS[name](image, seed)

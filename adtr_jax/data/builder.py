@@ -86,7 +86,7 @@ def encode_record(record: dict) -> dict:
     shape = mvtec.decode_mask(mask_bytes, record['mask_path']).shape
     if shape != (height, width):
       raise errors.DataError(f'mask {record["mask_path"]} is {shape[1]}x{shape[0]} but image '
-                               f'{record["path"]} is {width}x{height} (width x height)')
+                             f'{record["path"]} is {width}x{height} (width x height)')
   else:
     mask_bytes = _zero_png(height, width)
   return {'image': image_bytes, 'mask': mask_bytes, 'label': record['label'],

@@ -75,8 +75,8 @@ def _elpv_folder(config: ml_collections.ConfigDict, category: str) -> tuple[path
   cell_type = config.dataset.elpv_cell_type
   if category != f'elpv_{cell_type}':
     raise errors.ConfigError(f'--config.dataset.category={category!r} does not match '
-                     f'--config.dataset.elpv_cell_type={cell_type!r}: that category is '
-                     f'"elpv_{cell_type}"')
+                             f'--config.dataset.elpv_cell_type={cell_type!r}: that category is '
+                             f'"elpv_{cell_type}"')
   return elpv.export_elpv(cache_dir(config) / 'elpv', cell_type)
 
 
@@ -86,7 +86,7 @@ def load_category(config: ml_collections.ConfigDict, category: str) -> CategoryD
   if source == 'mvtec':
     if not config.dataset.root:
       raise errors.ConfigError('config.dataset.root is empty: pass --config.dataset.root=/path to the folder '
-                       f'that holds {category}/train, {category}/test and {category}/ground_truth')
+                               f'that holds {category}/train, {category}/test and {category}/ground_truth')
     root, require_masks = pathlib.Path(config.dataset.root).expanduser(), True
   elif source == 'elpv':
     (root, category), require_masks = _elpv_folder(config, category), False

@@ -50,7 +50,7 @@ def split_cells(rows: list[tuple[str, float, str]], cell_type: str) -> dict[str,
   """Image paths of one cell type: {'train/good', 'test/good', 'test/defective', 'excluded'}."""
   if cell_type not in CELL_TYPES:
     raise errors.ConfigError(f'ELPV cell type {cell_type!r} is not one of {", ".join(CELL_TYPES)} '
-                     '(--config.dataset.elpv_cell_type)')
+                             '(--config.dataset.elpv_cell_type)')
   rows = [r for r in rows if r[2] == cell_type]
   normal = sorted(p for p, prob, _ in rows if prob == 0.0)
   # 2/3 is stored as 0.6666666666666666; compare with a margin.

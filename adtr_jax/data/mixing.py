@@ -30,7 +30,7 @@ def synthetic_names(cfg: ml_collections.ConfigDict) -> list[str]:
   for name in names:
     if name not in anomalies.GENERATORS:
       raise errors.ConfigError(f'anomalies.synthetic={cfg.synthetic!r}: unknown {name!r}; valid: none, '
-                       f'{", ".join(anomalies.GENERATORS)}')
+                               f'{", ".join(anomalies.GENERATORS)}')
   return names
 
 
@@ -53,13 +53,13 @@ def check(config: ml_collections.ConfigDict, has_masks: bool) -> None:
     raise errors.ConfigError(f'loss.type={loss!r} must be one of {LOSS_TYPES}')
   if uses_anomalies(config) and loss == 'mse':
     raise errors.ConfigError('anomalies are configured (anomalies.num_labelled / synthetic / external_dir) but '
-                     "loss.type='mse' would train to reconstruct them: use loss.type='pixel' or 'image'")
+                             "loss.type='mse' would train to reconstruct them: use loss.type='pixel' or 'image'")
   if loss != 'mse' and not uses_anomalies(config):
     raise errors.ConfigError(f'loss.type={loss!r} needs anomalies: set anomalies.num_labelled, anomalies.synthetic '
-                     'or anomalies.external_dir')
+                             'or anomalies.external_dir')
   if loss == 'pixel' and trains_on_labelled(config) and not has_masks:
     raise errors.ConfigError("loss.type='pixel' with anomalies.num_labelled > 0 needs pixel masks, but this "
-                     "category has image-level labels only: use loss.type='image'")
+                             "category has image-level labels only: use loss.type='image'")
   if not 0.0 < a.fraction < 1.0:
     raise errors.ConfigError(f'anomalies.fraction={a.fraction} must be in (0, 1)')
 
@@ -76,7 +76,7 @@ def take_labelled(test_records: list[dict], n: int, seed: int) -> tuple[list[int
     rows = by_type[defect]
     if len(rows) <= n:
       raise errors.ConfigError(f'anomalies.num_labelled={n} leaves no {defect!r} test image to evaluate '
-                       f'({len(rows)} in the test split)')
+                               f'({len(rows)} in the test split)')
     taken += sorted(rng.choice(rows, n, replace=False).tolist())
   taken_set = set(taken)
   return taken, [i for i in range(len(test_records)) if i not in taken_set]

@@ -35,7 +35,7 @@ def _missing_category(root: pathlib.Path, category: str) -> errors.DataError:
     return errors.DataError(f'dataset root {root} does not exist (category {category!r})')
   found = [p.name for p in _entries(root) if (p / 'train').is_dir()]
   return errors.DataError(f'category folder {root / category} does not exist; categories under {root}: '
-                      f'{", ".join(found) or "none (no <category>/train folders)"}')
+                          f'{", ".join(found) or "none (no <category>/train folders)"}')
 
 
 def _record(path: pathlib.Path, defect_type: str, mask_path: str = '') -> dict:
@@ -50,7 +50,7 @@ def _scan_train(cat: pathlib.Path) -> list[dict]:
   others = [p.name for p in _entries(train) if p.name != GOOD]
   if others:
     raise errors.DataError(f'{train} may only contain {GOOD}/ (training is on normal images only), '
-                       f'found: {", ".join(others)}')
+                           f'found: {", ".join(others)}')
   images = _images(train / GOOD) if (train / GOOD).is_dir() else []
   if not images:
     raise errors.DataError(f'{train / GOOD} is missing or has no images ({", ".join(IMAGE_EXTENSIONS)})')
@@ -81,7 +81,7 @@ def _scan_test(cat: pathlib.Path, require_masks: bool) -> list[dict]:
       elif need_masks:
         expected = truth / folder.name / f'{path.stem}{MASK_SUFFIX}.png'
         raise errors.DataError(f'anomalous test image {path} has no mask {expected}' +
-                           ('' if require_masks else f' (delete {truth} to use image labels only)'))
+                               ('' if require_masks else f' (delete {truth} to use image labels only)'))
       else:
         records.append(_record(path, folder.name))
   if not records:

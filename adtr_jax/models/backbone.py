@@ -53,7 +53,7 @@ class Backbone(nnx.Module):
     _, height, width, _ = images.shape
     if height % self.out_stride or width % self.out_stride:
       raise errors.ConfigError(f'image size {height}x{width} must be a multiple of backbone.out_stride='
-                       f'{self.out_stride}')
+                               f'{self.out_stride}')
     size = (height // self.out_stride, width // self.out_stride)
     feats = self.cnn.features(images, self.layers)
     maps = [_to_grid(feats[name], LAYER_STRIDES[name], self.out_stride, size) for name in self.layers]

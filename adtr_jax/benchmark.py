@@ -12,12 +12,16 @@ Runs on every device JAX sees (the batch is sharded over them).
 """
 import functools
 import json
+import sys
 import time
 
 from absl import app, flags
 from ml_collections import config_flags
 
-_CONFIG = config_flags.DEFINE_config_file('config', 'configs/default.py', 'Model/backbone config.',
+from adtr_jax import config_files
+
+_CONFIG = config_flags.DEFINE_config_file('config', config_files.resolve('default'),
+                                          'Model/backbone config (a file or a shipped name).',
                                           lock_config=False)
 _BATCH = flags.DEFINE_integer('batch_size', 8, 'Global batch size.')
 _SIZE = flags.DEFINE_integer('image_size', 224, 'Input size in pixels (square).')
@@ -198,4 +202,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  sys.argv = config_files.resolve_argv(sys.argv)
   app.run(main)

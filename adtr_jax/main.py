@@ -1,6 +1,7 @@
 r"""ADTR command line.
 
   python -m adtr_jax.main --config=configs/elpv.py --workdir=workdirs/elpv
+  adtr-jax --config=elpv --workdir=workdirs/elpv     # installed: a shipped config by its name
   python -m adtr_jax.main --config=configs/magnetic_tile.py --workdir=workdirs/mt \
       --config.train.num_epochs=20 --mode=train_and_eval
   python -m adtr_jax.main --config=configs/elpv.py --workdir=workdirs/elpv --mode=predict \
@@ -18,7 +19,8 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file(
-    'config', None, 'A configs/*.py file (its get_config()); override fields with --config.a.b=value.',
+    'config', None, 'A config file (its get_config()), or the name of a shipped one (elpv, magnetic_tile, '
+    'mvtec, mvtec_paper, default); override fields with --config.a.b=value.',
     lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints, logs, metrics and heatmaps.')
 _MODE = flags.DEFINE_enum('mode', 'train_and_eval', ['train', 'eval', 'train_and_eval', 'predict', 'show_anomalies'],
@@ -85,5 +87,16 @@ def run(config, workdir: pathlib.Path, mode: str):
     print(f'metrics: {workdir / "metrics.json"}; heatmaps: {workdir}/<category>/heatmaps/')
 
 
-if __name__ == '__main__':
+def cli():
+  """The `adtr-jax` console command (same as `python -m adtr_jax.main`)."""
+  from adtr_jax import config_files
+  sys.argv = config_files.resolve_argv(sys.argv)
+  # --help lists the key flags of the program file; under the console script that file is the script,
+  # not this module, so this module's flags are declared key flags of it too.
+  for flag in flags.FLAGS.get_key_flags_for_module(sys.modules[__name__]):
+    flags.FLAGS.register_key_flag_for_module(sys.argv[0], flag)
   app.run(main)
+
+
+if __name__ == '__main__':
+  cli()

@@ -4,11 +4,11 @@ Trains on defect-free monocrystalline cells, tests held-out normal cells against
 default recipe; only the data, the image size (224 px, 14 x 14 tokens) and the budget (20 epochs, 480
 steps) are set here, sized to finish in about 15 minutes on 2 CPU cores.
 """
-from configs import default
+from adtr_jax import defaults
 
 
 def get_config():
-  config = default.get_config()
+  config = defaults.get_config()
   config.dataset.source = 'elpv'
   config.dataset.category = 'elpv_mono'
   config.dataset.elpv_cell_type = 'mono'

@@ -5,11 +5,11 @@ steps at batch 16), about 10 minutes of training and evaluation on 2 CPU cores.
 """
 import pathlib
 
-from configs import default
+from adtr_jax import defaults
 
 
 def get_config():
-  config = default.get_config()
+  config = defaults.get_config()
   config.dataset.source = 'mvtec'
   config.dataset.root = str(pathlib.Path(__file__).resolve().parents[2] / 'shared' / 'data')
   config.dataset.category = 'magnetic_tile'

@@ -4,11 +4,11 @@ user weights; configs/mvtec_paper.py has the paper's exact settings).
   python -m adtr_jax.main --config=configs/mvtec.py --workdir=workdirs/mvtec \
       --config.dataset.root=/data/mvtec_ad --config.dataset.category=bottle,cable
 """
-from configs import default
+from adtr_jax import defaults
 
 
 def get_config():
-  config = default.get_config()
+  config = defaults.get_config()
   config.dataset.source = 'mvtec'
   config.dataset.category = ('bottle,cable,capsule,carpet,grid,hazelnut,leather,metal_nut,pill,screw,'
                              'tile,toothbrush,transistor,wood,zipper')

@@ -8,17 +8,17 @@ timm or efficientnet_pytorch) and name it, converted or not:
 
 (`python -m adtr_jax.convert --arch=efficientnet_b4 --src=... --dst=b4.npz` converts once up front.)
 
-What the paper does not state and this config takes from configs/default.py: the initial scale of the
+What the paper does not state and this config takes from adtr_jax/defaults.py: the initial scale of the
 learned position/query embeddings (model.embed_init_std) and the avg-pool size of the image score. The
 default recipe's additions (feature_norm, tie_qk_init, warmup-cosine schedule, min_steps) are off.
 Known deviation: attention goes through jax.nn.dot_product_attention, which has no dropout on the
 attention weights (PyTorch's nn.MultiheadAttention drops them at 0.1); residual-branch dropout is kept.
 """
-from configs import default
+from adtr_jax import defaults
 
 
 def get_config():
-  config = default.get_config()
+  config = defaults.get_config()
   config.dataset.source = 'mvtec'
   config.dataset.category = ('bottle,cable,capsule,carpet,grid,hazelnut,leather,metal_nut,pill,screw,'
                              'tile,toothbrush,transistor,wood,zipper')
@@ -27,12 +27,9 @@ def get_config():
   config.backbone.layers = ('layer1', 'layer2', 'layer3', 'layer4', 'layer5')
   config.backbone.out_stride = 16          # 256 / 16 = 16 x 16 tokens
   config.backbone.weights = ''             # required: --config.backbone.weights=FILE
-  config.model.hidden_dim = 256
-  config.model.num_encoder_layers = 4
-  config.model.num_decoder_layers = 4
-  config.model.num_heads = 8
-  config.model.ffn_dim = 1024
-  config.model.dropout = 0.1
+  # The paper's transformer, pinned here so that a change of the defaults cannot move it.
+  config.model.update(hidden_dim=256, num_encoder_layers=4, num_decoder_layers=4, num_heads=8,
+                      ffn_dim=1024, dropout=0.1)
   config.model.feature_norm = 'none'       # raw features in the loss and the score
   config.model.tie_qk_init = False         # independent key/query projections
   config.train.batch_size = 16

@@ -10,12 +10,12 @@ from PIL import Image
 
 from adtr_jax import errors
 from adtr_jax.data import builder, datasets, elpv, mvtec, pipeline
-from configs import default
+from adtr_jax import defaults
 from tests.conftest import make_toy_mvtec
 
 
 def _config(**dataset):
-  config = default.get_config()
+  config = defaults.get_config()
   config.dataset.update(**dataset)
   return config
 

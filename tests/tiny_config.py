@@ -2,11 +2,11 @@
 
 Also a config file for the CLI: `--config=tests/tiny_config.py:<root>|<cache_dir>`.
 """
-from configs import default
+from adtr_jax import defaults
 
 
 def make(root, cache_dir, **train):
-  config = default.get_config()
+  config = defaults.get_config()
   config.dataset.root = str(root)
   config.dataset.category = 'toy'
   config.dataset.image_size = 64

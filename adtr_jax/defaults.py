@@ -140,4 +140,8 @@ def get_config() -> ml_collections.ConfigDict:
   # 'latest', or 'best' (lowest mean training loss of an epoch: no test data is used to pick it).
   config.eval.checkpoint = 'latest'
   config.eval.num_heatmaps = 8
+  # AUPRO's handling of tied scores: 'merged' (a tied block is one straight piece of the PRO curve, as in
+  # the MVTec AD evaluation code) or 'positional' (the MVTec 3D-AD code's: FPR advances by position
+  # through a tie, PRO stays at its value above it). Equal on continuous maps; see adtr_jax/metrics.py.
+  config.eval.aupro_ties = 'merged'
   return config

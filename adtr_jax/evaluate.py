@@ -101,7 +101,8 @@ def evaluate_category(config, category: str, workdir: pathlib.Path) -> dict:
   result = score_split(config, data.test, graphdef, params, frozen, mesh, f'eval {category}')
   values = metrics.compute_all(result['scores'], result['labels'],
                                result['maps'] if data.has_masks else None,
-                               result['masks'] if data.has_masks else None)
+                               result['masks'] if data.has_masks else None,
+                               aupro_ties=config.eval.aupro_ties)
   heatmaps = save_heatmaps(config, data.test, result, workdir / 'heatmaps', data.has_masks)
   curves = save_curves(result, workdir, data.has_masks)
   values.update(num_test_images=int(len(result['labels'])),

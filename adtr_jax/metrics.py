@@ -180,13 +180,42 @@ def _aupro(neg_asc, pos_asc, weights, suffix, fpr_limit: float) -> float:
   return float(min(area / fpr_limit, 1.0))  # min: only float rounding can pass 1
 
 
+def _aupro_positional(neg_asc, pos_asc, suffix, fpr_limit: float) -> float:
+  """AUPRO with the MVTec 3D-AD evaluation's tie convention, at every threshold position.
+
+  That code sorts the normal scores and, at threshold position j (the j-th highest normal, j = 0..Nn-1),
+  takes FPR = j / Nn by position and PRO = fraction of region pixels scoring strictly above that normal's
+  score; the curve ends at (1, 1). Within a block of tied normal scores the FPR advances by position
+  while the PRO stays at its value above the tie, so a tied block is a horizontal step instead of the
+  straight segment of `_aupro`. (Their code samples `num_thresholds` of these positions; this takes all.)
+  On continuous maps the two conventions differ by O(1 / Nn).
+  """
+  n_neg = len(neg_asc)
+  last = min(int(np.floor(fpr_limit * n_neg)) + 1, n_neg)  # positions j = 0..last-1 reach the limit
+  thresholds = neg_asc[::-1][:last + 1] if last < n_neg else neg_asc[::-1]
+  pro = suffix[np.searchsorted(pos_asc, thresholds, 'right')]  # [last(+1)] PRO above each threshold
+  fpr = np.arange(len(pro)) / n_neg
+  if len(pro) == n_neg:  # the curve's end point
+    fpr, pro = np.r_[fpr, 1.0], np.r_[pro, 1.0]
+  keep = fpr <= fpr_limit
+  area = float(np.sum((pro[keep][1:] + pro[keep][:-1]) * np.diff(fpr[keep])) / 2.0)
+  k = int(np.count_nonzero(keep))
+  if fpr[k - 1] < fpr_limit:  # the piece that holds the limit, interpolated as their trapezoid does
+    p_limit = pro[k - 1] + (pro[k] - pro[k - 1]) * (fpr_limit - fpr[k - 1]) / (fpr[k] - fpr[k - 1])
+    area += (fpr_limit - fpr[k - 1]) * (pro[k - 1] + p_limit) / 2.0
+  return float(min(area / fpr_limit, 1.0))
+
+
+AUPRO_TIES = ('merged', 'positional')
+
+
 def _check_fpr_limit(fpr_limit: float) -> float:
   if not 0.0 < fpr_limit <= 1.0:
     raise ValueError(f'fpr_limit must be in (0, 1], got {fpr_limit}')
   return float(fpr_limit)
 
 
-def pixel_metrics(score_maps, masks, fpr_limit: float = 0.3) -> dict:
+def pixel_metrics(score_maps, masks, fpr_limit: float = 0.3, aupro_ties: str = 'merged') -> dict:
   """Pixel-level AUROC, AP, F1-max and AUPRO up to FPR `fpr_limit`.
 
   score_maps: [N, H, W] (float32 is kept; float64 is kept for exactness; others become float32);
@@ -197,9 +226,15 @@ def pixel_metrics(score_maps, masks, fpr_limit: float = 0.3) -> dict:
   of the curve at fpr_limit) divided by fpr_limit. A constant map gives AUROC 0.5 and AUPRO
   fpr_limit / 2 (the diagonal), a perfect map AUPRO 1, a map ranking every normal pixel above every
   anomalous one AUPRO 0.
+  aupro_ties: 'merged' (the above; tied scores form one straight piece of the curve, as in the MVTec AD
+  evaluation code, which keeps one curve point per distinct score) or 'positional' (the MVTec 3D-AD
+  evaluation code's convention, see `_aupro_positional`). Both agree on continuous maps to O(1 / Nn); on
+  maps with many tied scores 'positional' is lower.
   Returns NaN for every key, with a warning, when the masks hold no anomalous or no normal pixel.
   """
   fpr_limit = _check_fpr_limit(fpr_limit)
+  if aupro_ties not in AUPRO_TIES:
+    raise ValueError(f'aupro_ties={aupro_ties!r} must be one of {AUPRO_TIES} (config field eval.aupro_ties)')
   split = _split_pixels(score_maps, masks)
   if split is None:
     warnings.warn('pixel metrics are undefined: the masks hold a single pixel class '
@@ -207,8 +242,10 @@ def pixel_metrics(score_maps, masks, fpr_limit: float = 0.3) -> dict:
     return {k: float('nan') for k in PIXEL_KEYS}
   neg_asc, pos_asc, weights, suffix = split
   m = _ranking_metrics(neg_asc, pos_asc)
+  aupro = (_aupro(neg_asc, pos_asc, weights, suffix, fpr_limit) if aupro_ties == 'merged'
+           else _aupro_positional(neg_asc, pos_asc, suffix, fpr_limit))
   return {'pixel_auroc': m['auroc'], 'pixel_ap': m['ap'], 'pixel_f1_max': m['f1_max'],
-          'pixel_aupro': _aupro(neg_asc, pos_asc, weights, suffix, fpr_limit)}
+          'pixel_aupro': aupro}
 
 
 def pro_curve(score_maps, masks, fpr_limit: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
@@ -235,7 +272,7 @@ def pro_curve(score_maps, masks, fpr_limit: float = 1.0) -> tuple[np.ndarray, np
 
 
 def compute_all(image_scores, image_labels, score_maps=None, masks=None,
-                fpr_limit: float = 0.3) -> dict:
+                fpr_limit: float = 0.3, aupro_ties: str = 'merged') -> dict:
   """Image metrics, plus pixel metrics when both score_maps [N, H, W] and masks [N, H, W] are given.
 
   Image-level errors raise (see `image_metrics`); pixel keys are NaN when the masks hold one class.
@@ -247,7 +284,7 @@ def compute_all(image_scores, image_labels, score_maps=None, masks=None,
     if np.shape(score_maps)[:1] != np.shape(image_scores)[:1]:
       raise ValueError(f'score_maps has {np.shape(score_maps)[:1]} images but image_scores has '
                        f'{np.shape(image_scores)[:1]}')
-    out.update(pixel_metrics(score_maps, masks, fpr_limit))
+    out.update(pixel_metrics(score_maps, masks, fpr_limit, aupro_ties))
   return out
 
 

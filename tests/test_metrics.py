@@ -82,6 +82,52 @@ def test_aupro_extremes_and_constant_map():
   assert fpr[0] == pro[0] == 0.0 and fpr[-1] == pro[-1] == 1.0
 
 
+def positional_brute_force(maps, masks, fpr_limit):
+  """The MVTec 3D-AD convention with every normal pixel's position as a threshold: FPR = share of the
+  sorted normals above the position, PRO = mean over regions of the share strictly above its score,
+  the curve closed at (1, 1), trapezoid with the piece holding the limit interpolated."""
+  regions, normals = [], []
+  for a, m in zip(maps, masks):
+    lab, num = ndimage.label(m, structure=np.ones((3, 3)))
+    normals.append(a[lab == 0])
+    regions += [a[lab == r] for r in range(1, num + 1)]
+  normals = np.sort(np.concatenate(normals))[::-1]  # highest first
+  fpr = np.r_[np.arange(len(normals)) / len(normals), 1.0]
+  pro = np.r_[[np.mean([np.mean(r > t) for r in regions]) for t in normals], 1.0]
+  k = np.searchsorted(fpr, fpr_limit, 'right')  # first point past the limit
+  f, p = fpr[:k], pro[:k]
+  if f[-1] < fpr_limit:
+    p_end = pro[k - 1] + (pro[k] - pro[k - 1]) * (fpr_limit - fpr[k - 1]) / (fpr[k] - fpr[k - 1])
+    f, p = np.r_[f, fpr_limit], np.r_[p, p_end]
+  return np.trapezoid(p, f) / fpr_limit
+
+
+@pytest.mark.parametrize('seed,levels,limit', [(0, None, 0.3), (1, 4, 0.3), (5, 1, 0.3), (4, 8, 1.0)])
+def test_positional_ties_match_their_brute_force(seed, levels, limit):
+  maps, masks = blobby_case(np.random.default_rng(seed), levels=levels)
+  got = metrics.pixel_metrics(maps, masks, fpr_limit=limit, aupro_ties='positional')['pixel_aupro']
+  assert got == pytest.approx(positional_brute_force(maps, masks, limit), abs=1e-9)
+
+
+def test_tie_conventions_pinned_on_a_small_case():
+  """One image, 4 normal pixels scoring (0.5, 0.5, 0.5, 0) and one 2-pixel region scoring (0.5, 1).
+  merged: the tied block is the straight piece (0, 1/2) -> (3/4, 1); at 0.3 PRO = 0.7, area
+  0.3 * (0.5 + 0.7) / 2 = 0.18 -> 0.6. positional: PRO stays 1/2 (only the 1 is strictly above 0.5)
+  for positions 0, 1, 2 (FPR 0, 1/4, 1/2) -> area 0.3 * 0.5 = 0.15 -> 0.5."""
+  maps = np.array([[[0.5, 0.5, 0.5, 0.0, 0.5, 1.0]]], np.float32)
+  masks = np.array([[[0, 0, 0, 0, 1, 1]]], bool)
+  merged = metrics.pixel_metrics(maps, masks, aupro_ties='merged')['pixel_aupro']
+  positional = metrics.pixel_metrics(maps, masks, aupro_ties='positional')['pixel_aupro']
+  assert merged == pytest.approx(0.6, abs=1e-12)
+  assert positional == pytest.approx(0.5, abs=1e-12)
+  # On continuous maps the two agree up to the 1 / (number of normal pixels) position shift.
+  maps, masks = blobby_case(np.random.default_rng(0))
+  both = [metrics.pixel_metrics(maps, masks, aupro_ties=t)['pixel_aupro'] for t in metrics.AUPRO_TIES]
+  assert abs(both[0] - both[1]) < 2.0 / np.count_nonzero(~masks)
+  with pytest.raises(ValueError, match='eval.aupro_ties'):
+    metrics.pixel_metrics(maps, masks, aupro_ties='official')
+
+
 def test_pro_weights_regions_equally():
   """One image, a 1-pixel region found and a 9-pixel region missed: PRO is 1/2, not 1/10."""
   masks = np.zeros((1, 8, 8), bool)

@@ -108,7 +108,8 @@ def evaluate_category(config: ml_collections.ConfigDict, category: str) -> dict:
   maps, scores = np.concatenate(maps), np.concatenate(scores)
   labels = np.asarray([data.test[i]['label'] for i in range(len(data.test))])
   masks = np.stack([data.test[i]['mask'] for i in range(len(data.test))]) if data.has_masks else None
-  values = metrics.compute_all(scores, labels, maps if data.has_masks else None, masks)
+  values = metrics.compute_all(scores, labels, maps if data.has_masks else None, masks,
+                               aupro_ties=config.eval.aupro_ties)
   values.update(num_test_images=len(labels), bank_size=int(bank.shape[0]),
                 bank_fraction=b.bank_fraction, subsample=b.subsample)
   return values

@@ -1,6 +1,7 @@
 """Synthetic anomaly generators: masks match the changes, seeds are deterministic, images stay valid."""
 import numpy as np
 import pytest
+from scipy import ndimage
 
 from adtr_jax.data import anomalies
 
@@ -120,3 +121,33 @@ def test_unknown_name_and_bad_images():
     anomalies.make_anomaly('cutpaste', image[None], 0)
   with pytest.raises(ValueError, match='size'):
     anomalies.confetti(image, 0, size=(8, 4))
+
+
+def test_training_anomalies_are_made_at_model_size(tmp_path):
+  """On 1024 px source images and a 256 px model input, every synthetic anomaly is generated after
+  the resize, so its size is in model pixels: confetti squares of side 4-16 (1-6 of them), CutPaste
+  rectangles of 2-15% of the image. Pasting before the resize would give 1-4 px squares."""
+  from adtr_jax.data import datasets
+  from tests.conftest import make_toy_mvtec, tiny_config
+  root = make_toy_mvtec(tmp_path / 'data', n_train=6, n_good=1, n_bad=1, size=1024)
+  config = tiny_config(root, tmp_path / 'cache')
+  config.dataset.image_size = 256
+  config.anomalies.synthetic = 'confetti,cutpaste,perlin'
+  config.anomalies.fraction = 0.75   # 3 anomalous slots per normal image: many samples
+  config.loss.type = 'pixel'
+  train = datasets.load_category(config, 'toy').train
+  areas = {'confetti': [], 'cutpaste': [], 'perlin': []}
+  for epoch in range(3):
+    mixed = train.for_epoch(epoch)
+    for slot in range(mixed.num_slots):
+      example = mixed[len(mixed.normal) + slot]
+      assert example['image'].shape == (256, 256, 3) and example['mask'].shape == (256, 256)
+      kind = example['path'].split('(')[0]
+      areas[kind].append(int(example['mask'].sum()))
+      if kind == 'confetti':  # every square (or union of overlapping ones) spans >= 4 model pixels
+        for rows, cols in ndimage.find_objects(ndimage.label(example['mask'])[0]):
+          assert min(rows.stop - rows.start, cols.stop - cols.start) >= 4
+  assert all(areas.values()), areas
+  assert all(4 * 4 <= a <= 6 * 16 * 16 for a in areas['confetti']), areas['confetti']
+  assert all(0.02 * 0.9 <= a / 256**2 <= 0.15 * 1.1 for a in areas['cutpaste']), areas['cutpaste']
+  assert all(a > 0 for a in areas['perlin'])

@@ -33,28 +33,36 @@ def jit_score_fn(mesh, graphdef, config):
 def score_split(config, source, graphdef, params, frozen, mesh, desc: str) -> dict:
   """Scores every example of `source` once (padding rows dropped). Returns numpy arrays:
 
-  'maps' [N, S, S] float32, 'scores' [N], 'labels' [N], 'masks' [N, S, S] bool, 'index' [N].
+  'maps' [N, S, S] float32, 'scores' [N], 'labels' [N], 'masks' [N, S, S] bool, 'index' [N]; entry i
+  is row i of `source`, put there by each row's all-gathered source index (not by its position in
+  the batches), and a row scored twice or never is an error.
   """
   fn = jit_score_fn(mesh, graphdef, config)
   bs = config.eval.batch_size
   sharding.check_batch_size(bs, mesh, 'eval.batch_size')
-  out = {'maps': [], 'scores': [], 'labels': [], 'masks': []}
+  out = {'maps': [], 'scores': [], 'labels': [], 'masks': [], 'index': []}
   n_batches = pipeline.num_batches(len(source), bs, drop_remainder=False)
   for batch in tqdm(pipeline.batches(
       source, batch_size=bs, image_size=config.dataset.image_size, shuffle=False, seed=0, epoch=0,
       drop_remainder=False, process_index=jax.process_index(), process_count=jax.process_count(),
       num_workers=config.dataset.num_workers), total=n_batches, desc=desc, unit='batch',
       disable=jax.process_index() != 0):
-    inputs = sharding.put_batch({k: batch[k] for k in ('image', 'mask', 'label', 'valid')}, mesh)
+    batch['index'] = batch['index'].astype(np.int32)  # JAX's default integer width
+    inputs = sharding.put_batch({k: batch[k] for k in ('image', 'mask', 'label', 'valid', 'index')},
+                                mesh)
     maps, scores = fn(params, frozen, inputs['image'])
     valid = sharding.to_host(inputs['valid'])
     out['maps'].append(sharding.to_host(maps)[valid])
     out['scores'].append(sharding.to_host(scores)[valid])
     out['labels'].append(sharding.to_host(inputs['label'])[valid])
     out['masks'].append(sharding.to_host(inputs['mask'])[valid] >= 0.5)
+    # Each row's source index travels with it (all-gathered like the maps), so a map is paired with
+    # its own image however the processes' slices are laid out.
+    out['index'].append(sharding.to_host(inputs['index'])[valid])
   result = {k: np.concatenate(v) for k, v in out.items()}
-  # Unshuffled, padded only at the end: the valid rows are the split in order, each exactly once.
-  if len(result['labels']) != len(source):
-    raise RuntimeError(f'scored {len(result["labels"])} of {len(source)} test images')
-  result['index'] = np.arange(len(source))
+  order = np.argsort(result['index'], kind='stable')
+  result = {k: v[order] for k, v in result.items()}  # entry i is source row i, by the gathered index
+  if not np.array_equal(result['index'], np.arange(len(source))):
+    raise RuntimeError(f'scored {len(result["index"])} rows, not each of the {len(source)} images of '
+                       'the split exactly once')
   return result

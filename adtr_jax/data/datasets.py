@@ -10,8 +10,8 @@ import ml_collections
 
 import numpy as np
 
+from adtr_jax import errors, multihost
 from adtr_jax.data import builder, elpv, image_cache, mixing, mvtec, pipeline
-from adtr_jax import errors
 
 SOURCES = ('mvtec', 'elpv')
 
@@ -80,8 +80,9 @@ def _elpv_folder(config: ml_collections.ConfigDict, category: str) -> tuple[path
   return elpv.export_elpv(cache_dir(config) / 'elpv', cell_type)
 
 
-def load_category(config: ml_collections.ConfigDict, category: str) -> CategoryData:
-  """Prepares (or reuses) `category` of config.dataset.source in the cache's tfds data_dir."""
+def _prepare(config: ml_collections.ConfigDict, category: str) -> tuple[pathlib.Path, str, bool, dict]:
+  """(folder root, category folder name, whether masks are required, {split: resized-image source}),
+  exporting and preparing whatever the cache does not hold yet."""
   source = config.dataset.source
   if source == 'mvtec':
     if not config.dataset.root:
@@ -93,8 +94,19 @@ def load_category(config: ml_collections.ConfigDict, category: str) -> CategoryD
   else:
     raise errors.ConfigError(f'--config.dataset.source={source!r} is not one of {", ".join(SOURCES)}')
   splits = builder.prepare(root, category, cache_dir(config) / 'tfds', require_masks)
-  splits = {name: image_cache.cached(split, config.dataset.image_size, config.dataset.num_workers)
-            for name, split in splits.items()}
+  return root, category, require_masks, {
+      name: image_cache.cached(split, config.dataset.image_size, config.dataset.num_workers)
+      for name, split in splits.items()}
+
+
+def load_category(config: ml_collections.ConfigDict, category: str) -> CategoryData:
+  """Prepares (or reuses) `category` of config.dataset.source in the cache's tfds data_dir.
+
+  On multi-host runs process 0 prepares the shared files (export, tfds data, resized images) while the
+  others wait; then they read them.
+  """
+  root, category, require_masks, splits = multihost.first_then_others(
+      lambda: _prepare(config, category), f'prepare {category}')
   train, calib = split_calibration(splits['train'], config.calibration.holdout_fraction, config.seed)
   test, has_masks = splits['test'], splits['test'].has_masks
   mixing.check(config, has_masks)

@@ -1,0 +1,41 @@
+"""Multi-host logic, by simulating process indices: shared preparation order and index-paired scores."""
+import jax
+import numpy as np
+import pytest
+
+from adtr_jax import inference, multihost, sharding, train_state
+from adtr_jax.data import datasets, pipeline
+from adtr_jax.models.adtr import build_model
+from tests.conftest import tiny_config
+
+
+@pytest.mark.parametrize('index,count,want', [(0, 1, ['fn']), (0, 4, ['fn', 'sync']),
+                                              (3, 4, ['sync', 'fn'])])
+def test_process_zero_prepares_before_the_others_read(monkeypatch, index, count, want):
+  events = []
+  monkeypatch.setattr(jax, 'process_index', lambda: index)
+  monkeypatch.setattr(jax, 'process_count', lambda: count)
+  from jax.experimental import multihost_utils
+  monkeypatch.setattr(multihost_utils, 'sync_global_devices', lambda name: events.append('sync'))
+  assert multihost.first_then_others(lambda: events.append('fn') or 'data', 'test') == 'data'
+  assert events == want
+
+
+def test_scores_are_paired_with_their_rows_by_index(toy_root, tmp_path, monkeypatch):
+  """Feed the test split in a scrambled row order (as a different process layout would): every map
+  and score still lands on its own row, so the results equal those of the ordered pass."""
+  config = tiny_config(toy_root, tmp_path / 'cache')
+  mesh = sharding.make_mesh()
+  test = datasets.load_category(config, 'toy').test
+  model, _ = build_model(config)  # untrained: its scores still differ from image to image
+  graphdef, state, frozen = train_state.init_state(model, train_state.make_optimizer(config.train, 1, 1)[0])
+  params = state.params
+  ordered = inference.score_split(config, test, graphdef, params, frozen, mesh, 'ordered')
+  scrambled_order = np.random.default_rng(0).permutation(len(test))
+  batches = pipeline.batches
+  monkeypatch.setattr(pipeline, 'batches', lambda *a, **kw: batches(*a, **kw, order=scrambled_order))
+  scrambled = inference.score_split(config, test, graphdef, params, frozen, mesh, 'scrambled')
+  assert not np.array_equal(scrambled_order, np.arange(len(test)))
+  for key in ('scores', 'labels', 'index'):
+    np.testing.assert_array_equal(scrambled[key], ordered[key])
+  np.testing.assert_allclose(scrambled['maps'], ordered['maps'], rtol=1e-5, atol=1e-6)

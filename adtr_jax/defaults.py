@@ -19,7 +19,9 @@ def get_config() -> ml_collections.ConfigDict:
 
   config.dataset = ml_collections.ConfigDict()
   # 'mvtec': an MVTec-AD layout folder <root>/<category>/{train,test,ground_truth};
-  # 'elpv': the real solar-cell images of the `elpv-dataset` package, exported into that layout.
+  # 'elpv': the real solar-cell images of the `elpv-dataset` package, exported into that layout;
+  # 'classes': folder-per-class data <root>/{train,test}/<class>/ (or a .tar.gz of it), one-class
+  # protocol: category <class> trains on that class, tests it against every other class.
   config.dataset.source = 'mvtec'
   config.dataset.root = ''
   # One category, or several separated by commas (one model each; metrics.json reports their mean).

@@ -321,3 +321,48 @@ def test_magnetic_tile(shared_data, tmp_path):
   batch = next(pipeline.batches(splits['test'], batch_size=8, image_size=64, shuffle=True, seed=0,
                                 epoch=0, drop_remainder=True))
   assert batch['image'].shape == (8, 64, 64, 3)
+
+
+def _class_folders(root: pathlib.Path, counts=(('cat', 5, 2), ('dog', 4, 3), ('emu', 3, 1))):
+  """A tiny folder-per-class dataset: <root>/{train,test}/<class>/*.png (distinct grey levels)."""
+  rng = np.random.default_rng(0)
+  for name, n_train, n_test in counts:
+    for split, n in (('train', n_train), ('test', n_test)):
+      (root / split / name).mkdir(parents=True, exist_ok=True)
+      for i in range(n):
+        Image.fromarray(rng.integers(0, 256, (12, 12, 3), dtype=np.uint8)).save(
+            root / split / name / f'{i:02d}.png')
+  return root
+
+
+@pytest.mark.parametrize('archived', [False, True])
+def test_folder_per_class_is_the_one_class_protocol(tmp_path, archived):
+  import tarfile
+  root = _class_folders(tmp_path / 'classes')
+  if archived:
+    with tarfile.open(tmp_path / 'classes.tar.gz', 'w:gz') as tar:
+      tar.add(root, arcname='data')   # one top folder, as many archives have
+    root = tmp_path / 'classes.tar.gz'
+  config = defaults.get_config()
+  config.dataset.update(source='classes', root=str(root), category='dog', image_size=16,
+                        cache_dir=str(tmp_path / 'cache'), num_workers=1)
+  config.calibration.holdout_fraction = 0.0
+  data = datasets.load_category(config, 'dog')
+  assert len(data.train) == 4 and not data.has_masks
+  labels = [data.test[i]['label'] for i in range(len(data.test))]
+  assert sorted(labels) == [0] * 3 + [1] * (2 + 1)        # dog's 3 normal, cat's 2 + emu's 1 anomalous
+  assert data.train[0]['image'].shape == (16, 16, 3)
+
+
+def test_folder_per_class_errors_name_the_problem(tmp_path):
+  config = defaults.get_config()
+  config.dataset.update(source='classes', root=str(tmp_path / 'missing.tar.gz'), image_size=16,
+                        cache_dir=str(tmp_path / 'cache'))
+  with pytest.raises(errors.DataError, match='missing.tar.gz does not exist'):
+    datasets.load_category(config, 'dog')
+  config.dataset.root = str(_class_folders(tmp_path / 'classes'))
+  with pytest.raises(errors.ConfigError, match="'fox' is not a class of .*classes: cat, dog, emu"):
+    datasets.load_category(config, 'fox')
+  shutil.rmtree(tmp_path / 'classes' / 'test' / 'emu')
+  with pytest.raises(errors.DataError, match='train/ and test/ hold different classes'):
+    datasets.load_category(config, 'dog')

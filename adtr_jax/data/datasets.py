@@ -11,9 +11,9 @@ import ml_collections
 import numpy as np
 
 from adtr_jax import errors, multihost
-from adtr_jax.data import builder, elpv, image_cache, mixing, mvtec, pipeline
+from adtr_jax.data import builder, classes, elpv, image_cache, mixing, mvtec, pipeline
 
-SOURCES = ('mvtec', 'elpv')
+SOURCES = ('mvtec', 'elpv', 'classes')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,6 +91,12 @@ def _prepare(config: ml_collections.ConfigDict, category: str) -> tuple[pathlib.
     root, require_masks = pathlib.Path(config.dataset.root).expanduser(), True
   elif source == 'elpv':
     (root, category), require_masks = _elpv_folder(config, category), False
+  elif source == 'classes':
+    if not config.dataset.root:
+      raise errors.ConfigError('config.dataset.root is empty: pass --config.dataset.root= a folder with '
+                               'train/<class>/ and test/<class>/, or an archive of one')
+    root, category = classes.export_class(config.dataset.root, category, cache_dir(config) / 'classes')
+    require_masks = False
   else:
     raise errors.ConfigError(f'--config.dataset.source={source!r} is not one of {", ".join(SOURCES)}')
   splits = builder.prepare(root, category, cache_dir(config) / 'tfds', require_masks)

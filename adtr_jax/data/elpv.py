@@ -6,14 +6,12 @@ because it is neither. A seeded quarter of the normal cells is held out as test/
 """
 from __future__ import annotations
 
-import json
-import os
 import pathlib
-import shutil
 
 import numpy as np
 
 from adtr_jax import errors
+from adtr_jax.data import export
 
 CELL_TYPES = ('mono', 'poly')
 HELD_OUT_FRACTION = 0.25
@@ -63,37 +61,6 @@ def split_cells(rows: list[tuple[str, float, str]], cell_type: str) -> dict[str,
           f'test/{DEFECTIVE}': defective, 'excluded': excluded}
 
 
-def _link_or_copy(src: pathlib.Path, dst: pathlib.Path) -> None:
-  try:
-    os.symlink(src, dst)
-  except OSError:  # filesystems without symlinks
-    shutil.copyfile(src, dst)
-
-
-def _is_complete(cat_dir: pathlib.Path, manifest: dict) -> bool:
-  """True when split.json matches `manifest` and every listed image is there (and resolves)."""
-  try:
-    if json.loads((cat_dir / 'split.json').read_text()) != manifest:
-      return False
-  except (OSError, ValueError):
-    return False
-  return all((cat_dir / folder / pathlib.Path(p).name).is_file()
-             for folder, paths in manifest['files'].items() for p in paths)
-
-
-def _write(cat_dir: pathlib.Path, data_dir: pathlib.Path, manifest: dict) -> None:
-  """Writes the category into a temporary folder and renames it, so a crash leaves no half export."""
-  tmp = cat_dir.with_name(f'.{cat_dir.name}.tmp{os.getpid()}')
-  shutil.rmtree(tmp, ignore_errors=True)
-  for folder, paths in manifest['files'].items():
-    (tmp / folder).mkdir(parents=True)
-    for p in paths:
-      _link_or_copy(data_dir / p, tmp / folder / pathlib.Path(p).name)
-  (tmp / 'split.json').write_text(json.dumps(manifest, indent=1) + '\n')
-  shutil.rmtree(cat_dir, ignore_errors=True)
-  os.replace(tmp, cat_dir)
-
-
 def export_elpv(out_root, cell_type: str) -> tuple[pathlib.Path, str]:
   """Exports the `cell_type` cells as <out_root>/elpv_<cell_type> (MVTec layout, no ground_truth).
 
@@ -109,7 +76,5 @@ def export_elpv(out_root, cell_type: str) -> tuple[pathlib.Path, str]:
               'excluded': excluded, 'files': splits}
   root = pathlib.Path(out_root).expanduser()
   category = f'elpv_{cell_type}'
-  if not _is_complete(root / category, manifest):
-    root.mkdir(parents=True, exist_ok=True)
-    _write(root / category, data_dir, manifest)
+  export.ensure(root / category, data_dir, manifest)
   return root, category

@@ -26,7 +26,8 @@ def _entries(folder: pathlib.Path) -> list[pathlib.Path]:
   return sorted(p for p in folder.iterdir() if not p.name.startswith('.'))
 
 
-def _images(folder: pathlib.Path) -> list[pathlib.Path]:
+def images_in(folder: pathlib.Path) -> list[pathlib.Path]:
+  """The image files directly in `folder`, sorted (hidden files left out)."""
   return [p for p in _entries(folder) if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS]
 
 
@@ -51,7 +52,7 @@ def _scan_train(cat: pathlib.Path) -> list[dict]:
   if others:
     raise errors.DataError(f'{train} may only contain {GOOD}/ (training is on normal images only), '
                            f'found: {", ".join(others)}')
-  images = _images(train / GOOD) if (train / GOOD).is_dir() else []
+  images = images_in(train / GOOD) if (train / GOOD).is_dir() else []
   if not images:
     raise errors.DataError(f'{train / GOOD} is missing or has no images ({", ".join(IMAGE_EXTENSIONS)})')
   return [_record(p, GOOD) for p in images]
@@ -61,7 +62,7 @@ def _masks_by_stem(folder: pathlib.Path) -> dict[str, pathlib.Path]:
   """'<stem>' -> path of '<stem>_mask.<ext>' in `folder` (empty if the folder is missing)."""
   if not folder.is_dir():
     return {}
-  return {p.stem[:-len(MASK_SUFFIX)]: p for p in _images(folder) if p.stem.endswith(MASK_SUFFIX)}
+  return {p.stem[:-len(MASK_SUFFIX)]: p for p in images_in(folder) if p.stem.endswith(MASK_SUFFIX)}
 
 
 def _scan_test(cat: pathlib.Path, require_masks: bool) -> list[dict]:
@@ -73,7 +74,7 @@ def _scan_test(cat: pathlib.Path, require_masks: bool) -> list[dict]:
   records = []
   for folder in (p for p in _entries(test) if p.is_dir()):
     masks = _masks_by_stem(truth / folder.name)
-    for path in _images(folder):
+    for path in images_in(folder):
       if folder.name == GOOD:
         records.append(_record(path, GOOD))
       elif path.stem in masks:

@@ -26,6 +26,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.dataset.root = ''
   # One category, or several separated by commas (one model each; metrics.json reports their mean).
   config.dataset.category = ''
+  # True: the unified setting (UniAD's): one model trained on the normal images of all the categories
+  # together, in <workdir>/unified, then evaluated on each category's test split.
+  config.dataset.unified = False
   config.dataset.image_size = 256
   config.dataset.elpv_cell_type = 'mono'
   # Prepared tfds datasets and exported data live here (empty: $ADTR_JAX_CACHE or ~/.cache/adtr_jax).
@@ -64,6 +67,11 @@ def get_config() -> ml_collections.ConfigDict:
   # Initialise each attention's key projection equal to its query projection (position-matched
   # attention from the first step; see models/reconstructor.py). False: independent draws.
   config.model.tie_qk_init = True
+  # UniAD's additions, off because ADTR has neither: neighbour-masked attention (k > 0: no attention to
+  # the k x k tokens around a token's own position; UniAD uses 7 on 14 x 14 tokens) and feature jitter
+  # (s > 0: training inputs get N(0, 1) * |f_u| / C * s noise; UniAD uses 20).
+  config.model.neighbour_mask = 0
+  config.model.feature_jitter = 0.0
   # Compute dtype of the transformer ('bfloat16' on accelerators); parameters and optimizer state
   # stay float32, and losses and scores are computed in float32.
   config.model.dtype = 'float32'

@@ -93,11 +93,21 @@ def save_curves(result: dict, out_dir: pathlib.Path, has_masks: bool, fpr_limit:
   return paths
 
 
-def evaluate_category(config, category: str, workdir: pathlib.Path) -> dict:
-  """Metrics (fractions in [0, 1]) for one category; heatmaps under workdir/heatmaps."""
+UNIFIED = 'unified'  # the model folder of the unified setting (dataset.unified)
+
+
+def model_dir(config, workdir: pathlib.Path, category: str) -> pathlib.Path:
+  """Where `category`'s model lives: workdir/<category>, or workdir/unified in the unified setting."""
+  return workdir / (UNIFIED if config.dataset.unified else category)
+
+
+def evaluate_category(config, category: str, workdir: pathlib.Path,
+                      trained_in: pathlib.Path | None = None) -> dict:
+  """Metrics (fractions in [0, 1]) for one category; heatmaps under workdir/heatmaps. The model is
+  restored from `trained_in` (default: workdir)."""
   mesh = sharding.make_mesh()
   data = datasets.load_category(config, category)
-  graphdef, params, frozen, meta = restore_model(config, workdir, mesh)
+  graphdef, params, frozen, meta = restore_model(config, trained_in or workdir, mesh)
   result = score_split(config, data.test, graphdef, params, frozen, mesh, f'eval {category}')
   values = metrics.compute_all(result['scores'], result['labels'],
                                result['maps'] if data.has_masks else None,
@@ -138,7 +148,8 @@ def markdown_table(per_category: dict, mean: dict) -> str:
 
 def evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict:
   """Evaluates every configured category; writes workdir/metrics.json and metrics.md."""
-  per_category = {c: evaluate_category(config, c, workdir / c) for c in datasets.categories(config)}
+  per_category = {c: evaluate_category(config, c, workdir / c, model_dir(config, workdir, c))
+                  for c in datasets.categories(config)}
   report = {'categories': per_category, 'mean': summarise(per_category)}
   table = markdown_table(per_category, report['mean'])
   if jax.process_index() == 0:
@@ -149,15 +160,15 @@ def evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict:
 
 
 def predict(config: ml_collections.ConfigDict, workdir: pathlib.Path, folder) -> pathlib.Path:
-  """Scores every image of `folder` with the model trained in workdir/<category>.
+  """Scores every image of `folder` with the model trained in workdir/<category> (or workdir/unified).
 
   Writes <category>/predict/predictions.csv (path, image_score, decision) and heatmap overlays; the
   decision compares the score with the threshold calibrated at the end of training. Returns the CSV.
   """
   names = datasets.categories(config)
-  if len(names) != 1:
+  if len(names) != 1 and not config.dataset.unified:
     raise errors.ConfigError(f'--mode=predict needs one --config.dataset.category, got {names}')
-  cat_dir = pathlib.Path(workdir) / names[0]
+  cat_dir = model_dir(config, pathlib.Path(workdir), names[0])
   mesh = sharding.make_mesh()
   source = FolderSource(folder)
   graphdef, params, frozen, meta = restore_model(config, cat_dir, mesh)

@@ -17,11 +17,10 @@ from absl import logging
 from flax import nnx
 from tqdm.auto import tqdm
 
-from adtr_jax import checkpoint, evaluate, feature_cache, inference, loop, losses, sharding
+from adtr_jax import checkpoint, errors, evaluate, feature_cache, inference, loop, losses, sharding
 from adtr_jax.data import datasets, mixing
 from adtr_jax.models.adtr import build_model
 from adtr_jax.train_state import TrainState, init_state, make_optimizer, total_steps
-from adtr_jax import errors
 
 def loss_fn(features: jax.Array, reconstruction: jax.Array, batch: dict) -> jax.Array:
   """The normal-only objective L_norm over the batch's valid rows. features [B, h, w, C]."""
@@ -226,13 +225,15 @@ def _loop(config, workdir, data, mesh, model_state, chunk, cache, mgr, meta, sch
   return loss_now
 
 
-def train(config: ml_collections.ConfigDict, category: str, workdir: pathlib.Path) -> dict:
-  """Trains one category in `workdir` (resuming from its latest checkpoint). Returns a summary."""
+def train(config: ml_collections.ConfigDict, category: str, workdir: pathlib.Path,
+          data: datasets.CategoryData | None = None) -> dict:
+  """Trains one model in `workdir` (resuming from its latest checkpoint) on `category`'s training data,
+  or on `data` when given (the unified setting's union). Returns a summary."""
   workdir.mkdir(parents=True, exist_ok=True)
   mesh = sharding.make_mesh()
   cfg = config.train
   sharding.check_batch_size(cfg.batch_size, mesh, 'train.batch_size')
-  data = datasets.load_category(config, category)
+  data = data if data is not None else datasets.load_category(config, category)
   steps_per_epoch = len(data.train) // cfg.batch_size
   if steps_per_epoch == 0:
     raise errors.ConfigError(f'the train split of {category!r} has {len(data.train)} images, fewer than '
@@ -273,9 +274,14 @@ def train(config: ml_collections.ConfigDict, category: str, workdir: pathlib.Pat
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
                        evaluate_after: bool = True) -> dict:
-  """Trains every configured category in workdir/<category>, then (optionally) evaluates them all."""
+  """Trains every configured category in workdir/<category> (or, with dataset.unified, one model on all
+  of them in workdir/unified), then (optionally) evaluates every category."""
   workdir = pathlib.Path(workdir)
-  summaries = [train(config, c, workdir / c) for c in datasets.categories(config)]
+  if config.dataset.unified:
+    summaries = [train(config, evaluate.UNIFIED, workdir / evaluate.UNIFIED,
+                       datasets.load_unified(config))]
+  else:
+    summaries = [train(config, c, workdir / c) for c in datasets.categories(config)]
   if not evaluate_after:
     return {'train': summaries}
   return {'train': summaries, 'eval': evaluate.evaluate(config, workdir)}

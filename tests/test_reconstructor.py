@@ -67,3 +67,32 @@ def test_tied_qk_init_starts_with_position_matched_attention():
     return float(jnp.mean(jnp.diagonal(weights, axis1=1, axis2=2)))
 
   assert diagonal_mass(tied) > 3 * diagonal_mass(free)
+
+
+def test_neighbour_mask_hides_each_tokens_window():
+  """model.neighbour_mask=3 on a 3 x 4 grid: an attention output at a token does not depend on the
+  values in its 3 x 3 window and does depend on the rest (gradients through the value input)."""
+  m = Reconstructor(12, (3, 4), hidden_dim=16, num_heads=4, num_encoder_layers=1, num_decoder_layers=1,
+                    ffn_dim=32, dropout=0.0, neighbour_mask=3, rngs=nnx.Rngs(0))
+  mask = m.attention_mask()
+  assert mask.shape == (12, 12) and not mask[5, 5] and not mask[5, 0] and mask[5, 3]   # 5 = (1, 1)
+  attn = m.encoder[0].self_attn
+  x = jax.random.normal(jax.random.key(0), (1, 12, 16))
+  grad = jax.grad(lambda v: attn(x, x, v, deterministic=True, rngs=None, mask=mask)[0, 5].sum())(x)
+  touched = np.abs(np.asarray(grad[0])).sum(-1) > 0
+  np.testing.assert_array_equal(touched, np.asarray(mask[5]))
+  assert _model().attention_mask() is None   # off by default (ADTR has no mask)
+
+
+def test_feature_jitter_only_perturbs_training_inputs():
+  x = jax.random.normal(jax.random.key(1), (2, 3, 4, 12))
+  kw = dict(hidden_dim=16, num_encoder_layers=1, num_decoder_layers=1, num_heads=4, ffn_dim=32,
+            dropout=0.0)
+  plain = Reconstructor(12, (3, 4), **kw, rngs=nnx.Rngs(0))
+  jittered = Reconstructor(12, (3, 4), **kw, feature_jitter=20.0, rngs=nnx.Rngs(0))
+  np.testing.assert_array_equal(plain(x), jittered(x))           # evaluation: no jitter
+  train = dict(deterministic=False)
+  np.testing.assert_array_equal(plain(x, **train, rngs=nnx.Rngs(dropout=3)),
+                                plain(x, **train, rngs=nnx.Rngs(dropout=4)))   # dropout 0: no noise
+  assert not np.allclose(jittered(x, **train, rngs=nnx.Rngs(dropout=3)),
+                         plain(x, **train, rngs=nnx.Rngs(dropout=3)))

@@ -40,6 +40,24 @@ class Subset:
     return self.source[self.indices[i]]
 
 
+class Concat:
+  """The rows of several random-access sources, one after the other."""
+
+  def __init__(self, sources):
+    self.sources = list(sources)
+    self.starts = np.cumsum([0] + [len(s) for s in self.sources])
+
+  def __len__(self) -> int:
+    return int(self.starts[-1])
+
+  def __getitem__(self, i: int) -> dict:
+    i = int(i)
+    if not 0 <= i < len(self):
+      raise IndexError(f'row {i} of {len(self)}')
+    k = int(np.searchsorted(self.starts, i, 'right')) - 1
+    return self.sources[k][i - int(self.starts[k])]
+
+
 def split_calibration(train, fraction: float, seed: int):
   """Holds out round(fraction * N) (at least 1) seeded-random normal training rows -> (train, calib).
 
@@ -127,6 +145,20 @@ def load_category(config: ml_collections.ConfigDict, category: str) -> CategoryD
     train = mixing.build(config, train, labelled)
   return CategoryData(train=train, test=test, has_masks=has_masks, root=root, calib=calib,
                       labelled_files=files)
+
+
+def load_unified(config: ml_collections.ConfigDict) -> CategoryData:
+  """The training data of the unified setting: the normal training images (and calibration hold-outs)
+  of every configured category together, in one model. Test splits stay per category (`test` is None:
+  each category is evaluated on its own)."""
+  if mixing.uses_anomalies(config):
+    raise errors.ConfigError('dataset.unified=True trains on normal images only: unset anomalies.* '
+                             "(num_labelled, synthetic, external_dir) and keep loss.type='mse'")
+  parts = [load_category(config, c) for c in categories(config)]
+  calibs = [p.calib for p in parts if p.calib is not None]
+  return CategoryData(train=Concat(p.train for p in parts), test=None,
+                      has_masks=all(p.has_masks for p in parts), root=parts[0].root,
+                      calib=Concat(calibs) if calibs else None)
 
 
 def load_example(source, index: int, size: int) -> dict:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from adtr_jax import errors
@@ -52,12 +53,13 @@ class Attention(nnx.Module):
       self.key.kernel[...] = jnp.copy(self.query.kernel[...])  # a buffer of its own (donation)
     self.dropout = nnx.Dropout(dropout)
 
-  def __call__(self, q, k, v, *, deterministic: bool, rngs: nnx.Rngs | None):
-    """q [B, Tq, D], k and v [B, Tk, D] -> [B, Tq, D]."""
+  def __call__(self, q, k, v, *, deterministic: bool, rngs: nnx.Rngs | None, mask=None):
+    """q [B, Tq, D], k and v [B, Tk, D] -> [B, Tq, D]; mask [Tq, Tk] bool (True: may attend) or None."""
     def heads(x):  # [B, T, D] -> [B, T, H, D/H], the layout dot_product_attention takes
       return x.reshape(*x.shape[:2], self.num_heads, -1)
 
     out = jax.nn.dot_product_attention(heads(self.query(q)), heads(self.key(k)), heads(self.value(v)),
+                                       mask=None if mask is None else mask[None, None],
                                        implementation=self.implementation)
     out = self.out(out.reshape(*out.shape[:2], -1))
     return self.dropout(out, deterministic=deterministic, rngs=rngs)
@@ -75,10 +77,10 @@ class EncoderLayer(nnx.Module):
     self.norm2 = nnx.LayerNorm(dim, epsilon=1e-5, dtype=dtype, rngs=rngs)
     self.dropout = nnx.Dropout(dropout)
 
-  def __call__(self, x, pos, *, deterministic, rngs):
+  def __call__(self, x, pos, *, deterministic, rngs, mask=None):
     kw = dict(deterministic=deterministic, rngs=rngs)
     qk = x + pos
-    x = self.norm1(x + self.self_attn(qk, qk, x, **kw))
+    x = self.norm1(x + self.self_attn(qk, qk, x, mask=mask, **kw))
     return self.norm2(x + self.dropout(self.ffn(x, **kw), **kw))
 
 
@@ -96,11 +98,11 @@ class DecoderLayer(nnx.Module):
     self.norm3 = nnx.LayerNorm(dim, epsilon=1e-5, dtype=dtype, rngs=rngs)
     self.dropout = nnx.Dropout(dropout)
 
-  def __call__(self, tgt, memory, pos, *, deterministic, rngs):
+  def __call__(self, tgt, memory, pos, *, deterministic, rngs, mask=None):
     kw = dict(deterministic=deterministic, rngs=rngs)
     qk = tgt + pos
-    tgt = self.norm1(tgt + self.self_attn(qk, qk, tgt, **kw))
-    tgt = self.norm2(tgt + self.cross_attn(tgt + pos, memory + pos, memory, **kw))
+    tgt = self.norm1(tgt + self.self_attn(qk, qk, tgt, mask=mask, **kw))
+    tgt = self.norm2(tgt + self.cross_attn(tgt + pos, memory + pos, memory, mask=mask, **kw))
     return self.norm3(tgt + self.dropout(self.ffn(tgt, **kw), **kw))
 
 
@@ -119,13 +121,18 @@ class Reconstructor(nnx.Module):
     attention: 'xla', 'cudnn' (GPU, bfloat16) or 'auto' (let JAX choose).
     tie_qk_init: initialise every attention's key projection equal to its query projection (see
       Attention); False draws them independently.
+    neighbour_mask: k > 0 forbids every attention (encoder, decoder self and cross) to look at the
+      k x k tokens around a token's own position (UniAD's neighbour-masked attention; ADTR has none).
+    feature_jitter: s > 0 adds N(0, 1) * |f_u| / C * s to each input token while training (UniAD's
+      feature jitter; the target stays the clean features; ADTR has none).
   """
 
   def __init__(self, in_channels: int, grid: tuple[int, int], *, hidden_dim: int = 256,
                num_encoder_layers: int = 4, num_decoder_layers: int = 4, num_heads: int = 8,
                ffn_dim: int = 1024, dropout: float = 0.1, aux_query: bool = True,
                embed_init_std: float = 1.0, dtype=jnp.float32, attention: str = 'xla',
-               tie_qk_init: bool = False, rngs: nnx.Rngs):
+               tie_qk_init: bool = False, neighbour_mask: int = 0, feature_jitter: float = 0.0,
+               rngs: nnx.Rngs):
     if hidden_dim % num_heads:
       raise errors.ConfigError(f'model.hidden_dim={hidden_dim} must be divisible by model.num_heads={num_heads}')
     self.grid = tuple(grid)
@@ -140,6 +147,16 @@ class Reconstructor(nnx.Module):
     self.decoder = nnx.List([DecoderLayer(*layer_args, **kw) for _ in range(num_decoder_layers)])
     self.output_proj = nnx.Linear(hidden_dim, in_channels, dtype=dtype, rngs=rngs)  # 1x1 conv D->C
     self.dtype = dtype
+    self.neighbour_mask, self.feature_jitter = int(neighbour_mask), float(feature_jitter)
+
+  def attention_mask(self) -> jax.Array | None:
+    """[T, T] bool, False inside each token's neighbour_mask x neighbour_mask window; None when off."""
+    if not self.neighbour_mask:
+      return None
+    rows, cols = np.divmod(np.arange(self.grid[0] * self.grid[1]), self.grid[1])
+    half = self.neighbour_mask // 2
+    near = ((np.abs(rows[:, None] - rows[None]) <= half) & (np.abs(cols[:, None] - cols[None]) <= half))
+    return jnp.asarray(~near)
 
   def __call__(self, features: jax.Array, *, deterministic: bool = True,
                rngs: nnx.Rngs | None = None) -> jax.Array:
@@ -148,8 +165,12 @@ class Reconstructor(nnx.Module):
     if (h, w) != self.grid:
       raise errors.ConfigError(f'feature grid {(h, w)} differs from the model grid {self.grid}: '
                                'dataset.image_size / backbone.out_stride must match the trained model')
-    kw = dict(deterministic=deterministic, rngs=rngs)
-    memory = self.input_proj(features.reshape(b, h * w, c).astype(self.dtype))
+    kw = dict(deterministic=deterministic, rngs=rngs, mask=self.attention_mask())
+    tokens = features.reshape(b, h * w, c)
+    if self.feature_jitter and not deterministic:
+      scale = jnp.linalg.norm(tokens, axis=-1, keepdims=True) / c * self.feature_jitter
+      tokens = tokens + jax.random.normal(rngs.dropout(), tokens.shape) * scale
+    memory = self.input_proj(tokens.astype(self.dtype))
     pos = self.pos_embed[...][None].astype(self.dtype)
     for layer in self.encoder:
       memory = layer(memory, pos, **kw)

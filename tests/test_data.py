@@ -366,3 +366,18 @@ def test_folder_per_class_errors_name_the_problem(tmp_path):
   shutil.rmtree(tmp_path / 'classes' / 'test' / 'emu')
   with pytest.raises(errors.DataError, match='train/ and test/ hold different classes'):
     datasets.load_category(config, 'dog')
+
+
+def test_cifar10_archive_is_the_one_class_protocol(shared_data, tmp_path):
+  """The real CIFAR-10 archive of ../shared/data, extracted into the cache: class 'cat' gives its 5,000
+  training images as normal, its 1,000 test images as test/good and the other 9 x 1,000 as anomalous."""
+  from adtr_jax.data import classes
+  archive = shared_data / 'cifar10_jpeg.tar.gz'
+  if not archive.is_file():
+    pytest.skip(f'{archive} is missing')
+  root, category = classes.export_class(archive, 'cat', tmp_path / 'classes')
+  counts = {p.relative_to(root / category).as_posix(): len(list(p.iterdir()))
+            for p in (root / category).glob('*/*') if p.is_dir()}
+  assert counts['train/good'] == 5000 and counts['test/good'] == 1000
+  others = {k: v for k, v in counts.items() if k.startswith('test/') and k != 'test/good'}
+  assert len(others) == 9 and set(others.values()) == {1000} and 'test/cat' not in others

@@ -34,13 +34,6 @@ PAPER_TRAINING = {'train.num_epochs': 500, 'train.learning_rate': 1e-4, 'train.s
                   'model.feature_norm': 'none', 'model.tie_qk_init': False,
                   'calibration.holdout_fraction': 0.0}
 
-_TABLE = flags.DEFINE_enum('table', None, sorted(PAPER), 'Which paper table.')
-_CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file or shipped name (mvtec, cifar10).',
-                                          lock_config=False)
-_WORKDIR = flags.DEFINE_string('workdir', None, 'Output directory.')
-_SEEDS = flags.DEFINE_list('seeds', ['0', '1', '2'], 'Seeds.')
-flags.mark_flags_as_required(['table', 'config', 'workdir'])
-
 
 def _field(config, dotted: str):
   node = config
@@ -87,10 +80,19 @@ def run(config, table: str, workdir: pathlib.Path, seeds: list[int]) -> str:
 
 
 def main(argv):
-  del argv
-  print(run(_CONFIG.value, _TABLE.value, pathlib.Path(_WORKDIR.value), [int(s) for s in _SEEDS.value]))
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  f = flags.FLAGS
+  print(run(f.config, f.table, pathlib.Path(f.workdir), [int(s) for s in f.seeds]))
 
 
 if __name__ == '__main__':
+  # Flags only for the command line: importing this module (e.g. from a test) defines none.
+  flags.DEFINE_enum('table', None, sorted(PAPER), 'Which paper table.')
+  config_flags.DEFINE_config_file('config', None, 'Config file or shipped name (mvtec, cifar10).',
+                                  lock_config=False)
+  flags.DEFINE_string('workdir', None, 'Output directory.')
+  flags.DEFINE_list('seeds', ['0', '1', '2'], 'Seeds.')
+  flags.mark_flags_as_required(['table', 'config', 'workdir'])
   sys.argv = config_files.resolve_argv(sys.argv)
   app.run(main)

@@ -17,8 +17,8 @@ import pathlib
 
 from absl import app, flags
 
-from adtr_jax.models import weights
 from adtr_jax import errors
+from adtr_jax.models import weights
 
 _ARCH = flags.DEFINE_string('arch', None, 'Backbone architecture, e.g. efficientnet_b4, resnet18.')
 _SRC = flags.DEFINE_string('src', None, 'Checkpoint to convert (.pth/.pt/.bin/.safetensors).')

@@ -11,13 +11,12 @@ import numpy as np
 from absl import logging
 from sklearn import metrics as skm
 
-from adtr_jax import checkpoint, metrics, sharding, visualize
+from adtr_jax import checkpoint, errors, metrics, sharding, visualize
 from adtr_jax.data import datasets
 from adtr_jax.data.folder import FolderSource
 from adtr_jax.inference import score_split
 from adtr_jax.models.adtr import build_model
 from adtr_jax.train_state import init_state, make_optimizer
-from adtr_jax import errors
 
 
 def restore_model(config, workdir: pathlib.Path, mesh):

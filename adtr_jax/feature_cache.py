@@ -15,9 +15,8 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 from tqdm.auto import tqdm
 
-from adtr_jax import sharding
+from adtr_jax import errors, sharding
 from adtr_jax.data import pipeline
-from adtr_jax import errors
 
 PLACES = ('device', 'host', 'off')
 DTYPES = {'bfloat16': jnp.bfloat16, 'float32': jnp.float32}

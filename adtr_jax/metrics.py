@@ -192,14 +192,13 @@ def _aupro_positional(neg_asc, pos_asc, suffix, fpr_limit: float) -> float:
   """
   n_neg = len(neg_asc)
   last = min(int(np.floor(fpr_limit * n_neg)) + 1, n_neg)  # positions j = 0..last-1 reach the limit
-  thresholds = neg_asc[::-1][:last + 1] if last < n_neg else neg_asc[::-1]
-  pro = suffix[np.searchsorted(pos_asc, thresholds, 'right')]  # [last(+1)] PRO above each threshold
+  thresholds = neg_asc[::-1][:last + 1]  # highest first, one position past the limit if there is one
+  pro = suffix[np.searchsorted(pos_asc, thresholds, 'right')]  # PRO above each threshold
   fpr = np.arange(len(pro)) / n_neg
   if len(pro) == n_neg:  # the curve's end point
     fpr, pro = np.r_[fpr, 1.0], np.r_[pro, 1.0]
-  keep = fpr <= fpr_limit
-  area = float(np.sum((pro[keep][1:] + pro[keep][:-1]) * np.diff(fpr[keep])) / 2.0)
-  k = int(np.count_nonzero(keep))
+  k = int(np.searchsorted(fpr, fpr_limit, 'right'))  # fpr[:k] <= fpr_limit (fpr increases)
+  area = float(np.sum((pro[1:k] + pro[:k - 1]) * np.diff(fpr[:k])) / 2.0)
   if fpr[k - 1] < fpr_limit:  # the piece that holds the limit, interpolated as their trapezoid does
     p_limit = pro[k - 1] + (pro[k] - pro[k - 1]) * (fpr_limit - fpr[k - 1]) / (fpr[k] - fpr[k - 1])
     area += (fpr_limit - fpr[k - 1]) * (pro[k - 1] + p_limit) / 2.0

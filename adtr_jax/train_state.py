@@ -9,8 +9,8 @@ import ml_collections
 import optax
 from flax import nnx, struct
 
-from adtr_jax.models.adtr import TRAINABLE, decays
 from adtr_jax import errors
+from adtr_jax.models.adtr import TRAINABLE, decays
 
 SCHEDULES = ('warmup_cosine', 'step')
 

@@ -24,10 +24,9 @@ from flax import nnx
 from ml_collections import config_flags
 from tqdm.auto import tqdm
 
-from adtr_jax import evaluate, feature_cache, metrics, scoring, sharding
+from adtr_jax import errors, evaluate, feature_cache, metrics, scoring, sharding
 from adtr_jax.data import datasets
 from adtr_jax.models.adtr import TRAINABLE, build_model
-from adtr_jax import errors
 
 SUBSAMPLING = ('random', 'coreset')
 

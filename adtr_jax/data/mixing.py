@@ -17,9 +17,9 @@ import collections
 import ml_collections
 import numpy as np
 
+from adtr_jax import errors
 from adtr_jax.data import anomalies
 from adtr_jax.data.folder import FolderSource
-from adtr_jax import errors
 
 LOSS_TYPES = ('mse', 'pixel', 'image')
 

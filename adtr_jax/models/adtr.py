@@ -7,10 +7,10 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
+from adtr_jax import errors
 from adtr_jax.models import ablations
 from adtr_jax.models.backbone import Backbone, build_backbone
 from adtr_jax.models.reconstructor import Reconstructor
-from adtr_jax import errors
 
 # model.type -> reconstruction network; only 'transformer' is ADTR, the others are ablations.
 RECONSTRUCTORS = {'transformer': Reconstructor, 'mlp': ablations.TokenMLP, 'cnn': ablations.ConvNet}

@@ -6,8 +6,8 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
-from adtr_jax.models import weights
 from adtr_jax import errors
+from adtr_jax.models import weights
 
 LAYERS = ('layer1', 'layer2', 'layer3', 'layer4', 'layer5')
 LAYER_STRIDES = {name: 2 ** (k + 1) for k, name in enumerate(LAYERS)}

@@ -25,8 +25,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from adtr_jax.models import safetensors_reader, torch_pickle
 from adtr_jax import errors
+from adtr_jax.models import safetensors_reader, torch_pickle
 
 PACKAGE_VERSION = '0.1.0'
 # Bumped when the converted layout changes, so stale caches are not reused.

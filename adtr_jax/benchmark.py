@@ -3,12 +3,17 @@ r"""Throughput of the jitted train step (from images and from cached features) a
   python -m adtr_jax.benchmark --config=configs/mvtec.py [--batch_size=8 --image_size=224]
   python -m adtr_jax.benchmark --config=configs/mvtec.py --breakdown   # where a train step's time goes
   python -m adtr_jax.benchmark --metrics   # the metric suite on an MVTec-sized synthetic test set
+  python -m adtr_jax.benchmark --config=configs/mvtec.py --models=16   # 16 stacked models (stacked.py)
 
 Prints one JSON line: train_images_per_s (backbone + reconstructor, from uint8 images),
 train_cached_images_per_s (from features cached on the device, `--steps` steps per jitted call),
 infer_images_per_s, train_flops_per_image (XLA's cost analysis of the step), mfu (accelerators only:
 achieved FLOP/s of the cached step over the chip's dense bfloat16 peak), the devices and the model size.
 Runs on every device JAX sees (the batch is sharded over them).
+
+--models=M (> 1) trains M stacked models from the cache in one jitted step instead (adtr_jax/stacked.py):
+train_cached_images_per_s and infer_images_per_s are then summed over the M models, and
+stacked_vs_one_model is that total over one model's cached images/s measured in the same process.
 """
 import functools
 import json
@@ -28,6 +33,8 @@ _SIZE = flags.DEFINE_integer('image_size', 224, 'Input size in pixels (square).'
 _STEPS = flags.DEFINE_integer('steps', 10, 'Timed steps (after warm-up).')
 _METRICS = flags.DEFINE_bool('metrics', False, 'Time the metrics (150 images of 256x256) instead.')
 _BREAKDOWN = flags.DEFINE_bool('breakdown', False, 'Time the parts of a train step separately.')
+_MODELS = flags.DEFINE_integer('models', 1, 'Stacked models trained in one step (train.model_axis of '
+                               'the config sets the mesh).')
 
 # Dense bfloat16 peak FLOP/s by device_kind prefix (vendor data sheets, SXM parts).
 PEAK_BF16_FLOPS = {'NVIDIA H100': 989e12, 'NVIDIA H200': 989e12, 'NVIDIA A100': 312e12,
@@ -121,6 +128,52 @@ def run(config, batch_size: int, steps: int) -> dict:
           'jax': jax.__version__}
 
 
+def stacked_run(config, batch_size: int, steps: int, models: int) -> dict:
+  """run()'s cached-feature and scoring figures for `models` stacked models, summed over them, beside
+  one model's (the same process, the same cache)."""
+  import jax
+  import jax.numpy as jnp
+  from flax import nnx
+
+  from adtr_jax import feature_cache, inference, loop, sharding, stacked, train, train_state
+  one = run(config, batch_size, steps)
+  _, _, graphdef, _, state, frozen, batch, _ = _setup(config, batch_size)
+  mesh = sharding.make_mesh(model_axis=config.train.model_axis)
+  features = jax.device_get(jax.jit(lambda f, x: nnx.merge(graphdef, state.params, f).embed(x))(
+      frozen, batch['image']))
+  cache, size = feature_cache.place_stacked([features.repeat(4, axis=0)], mesh)
+  hyper = dict(train_state.hyperparameters(config.train, 4, 1000), num_rows=jnp.int32(4 * batch_size),
+               steps_per_epoch=jnp.int32(4), last_step=jnp.int32(2 ** 30), data=jnp.int32(0))
+  tile = lambda tree: jax.tree.map(lambda x: jnp.stack([jnp.asarray(x)] * models), tree)
+  mod = sharding.model_sharded(mesh)
+  holder = {'state': jax.device_put(tile(state), mod)}
+  keys, hyper = jax.device_put((jax.random.split(jax.random.key(0), models), tile(hyper)), mod)
+  frozen = sharding.put_replicated(frozen, mesh)
+  step_fn = functools.partial(stacked._model_step, graphdef=graphdef, loss=train.loss_fn,
+                              schedule=config.train.schedule)
+  chunk = loop.stacked_cache_chunk(step_fn, mesh, size=size, batch_size=batch_size)
+
+  def cached_once():
+    holder['state'], m = chunk(holder['state'], frozen, cache, keys, hyper, steps)
+    jax.block_until_ready(m['loss'])
+
+  t_cached = _time(cached_once, 1, warmup=1) / steps
+  score = inference.jit_score_fn(mesh, graphdef, config, stacked=True)
+  params = jax.device_put(holder['state'].params, sharding.replicated(mesh))
+  images = sharding.put_batch({'image': jax.device_get(batch['image'])}, mesh)['image']
+  t_infer = _time(lambda: jax.block_until_ready(score(params, frozen, images)), steps)
+  total = models * batch_size / t_cached
+  peak = peak_flops(jax.devices()[0])
+  flops = one['train_cached_flops_per_image'] * models * batch_size
+  # One model's figures keep their names with a one_model_ prefix; the summed ones take the usual keys.
+  renamed = {f'one_model_{k}' if k.endswith(('_per_s', 'speedup')) else k: v for k, v in one.items()}
+  return dict(renamed, models=models, model_axis=mesh.shape['model'],
+              train_cached_images_per_s=round(total, 2),
+              stacked_vs_one_model=round(total / one['train_cached_images_per_s'], 2),
+              infer_images_per_s=round(models * batch_size / t_infer, 2),
+              mfu=(round(flops / t_cached / (peak * jax.device_count()), 4) if peak else None))
+
+
 def breakdown(config, batch_size: int, steps: int) -> dict:
   """Seconds per train step spent in each part, each part jitted and timed on its own."""
   import jax
@@ -197,8 +250,11 @@ def main(argv):
   config = _CONFIG.value
   config.dataset.image_size = _SIZE.value
   config.scoring.avgpool_size = min(config.scoring.avgpool_size, _SIZE.value)
+  if _MODELS.value > 1:
+    print(json.dumps(stacked_run(config, _BATCH.value, _STEPS.value, _MODELS.value)))
+    return
   fn = breakdown if _BREAKDOWN.value else run
-  print(json.dumps(fn(config, _BATCH.value, _STEPS.value)))
+  print(json.dumps(dict(fn(config, _BATCH.value, _STEPS.value), models=1)))
 
 
 if __name__ == '__main__':

@@ -106,6 +106,13 @@ def get_config() -> ml_collections.ConfigDict:
   config.train.checkpoint_every_minutes = 10.0
   config.train.max_checkpoints = 3
   config.train.log_every_steps = 50
+  # True: the categories of dataset.category train together, stacked on a model axis in one jitted
+  # step (adtr_jax/stacked.py; normal-only training from the device feature cache), one checkpoint for
+  # all in <workdir>/stacked; False: one after another.
+  config.train.stacked = False
+  # Devices along the mesh's 'model' axis (stacked models are spread over it; each model's batch over
+  # the other devices, the 'data' axis). Must divide the device count and the number of models.
+  config.train.model_axis = 1
 
   config.scoring = ml_collections.ConfigDict()
   # 'max_avgpool': max of the k x k average-pooled map (MVTec); 'mean' (CIFAR-10); 'topk_mean'.

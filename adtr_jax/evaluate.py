@@ -108,6 +108,12 @@ def evaluate_category(config, category: str, workdir: pathlib.Path,
   data = datasets.load_category(config, category)
   graphdef, params, frozen, meta = restore_model(config, trained_in or workdir, mesh)
   result = score_split(config, data.test, graphdef, params, frozen, mesh, f'eval {category}')
+  return category_report(config, data, result, workdir, int(meta['step']))
+
+
+def category_report(config, data: datasets.CategoryData, result: dict, workdir: pathlib.Path,
+                    step: int) -> dict:
+  """Metrics, heatmaps and curves of one model's scores of data.test (score_split's result)."""
   values = metrics.compute_all(result['scores'], result['labels'],
                                result['maps'] if data.has_masks else None,
                                result['masks'] if data.has_masks else None,
@@ -115,7 +121,7 @@ def evaluate_category(config, category: str, workdir: pathlib.Path,
   heatmaps = save_heatmaps(config, data.test, result, workdir / 'heatmaps', data.has_masks)
   curves = save_curves(result, workdir, data.has_masks)
   values.update(num_test_images=int(len(result['labels'])),
-                num_anomalous=int(result['labels'].sum()), checkpoint_step=int(meta['step']),
+                num_anomalous=int(result['labels'].sum()), checkpoint_step=step,
                 heatmap_dir=str(workdir / 'heatmaps'), num_heatmaps=len(heatmaps), curves=curves,
                 labelled_anomalies_removed_from_test=list(data.labelled_files),
                 labelled_use=config.anomalies.labelled_use)
@@ -149,9 +155,15 @@ def evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict:
   """Evaluates every configured category; writes workdir/metrics.json and metrics.md."""
   per_category = {c: evaluate_category(config, c, workdir / c, model_dir(config, workdir, c))
                   for c in datasets.categories(config)}
+  return write_report(per_category, workdir)
+
+
+def write_report(per_category: dict, workdir: pathlib.Path) -> dict:
+  """workdir/metrics.json ({'categories': ..., 'mean': ...}) and metrics.md; prints the table."""
   report = {'categories': per_category, 'mean': summarise(per_category)}
   table = markdown_table(per_category, report['mean'])
   if jax.process_index() == 0:
+    workdir.mkdir(parents=True, exist_ok=True)
     (workdir / 'metrics.json').write_text(json.dumps(report, indent=2) + '\n')
     (workdir / 'metrics.md').write_text(table + '\n')
   print(table)

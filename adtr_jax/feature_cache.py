@@ -65,10 +65,23 @@ def place(features: np.ndarray, mesh, where: str):
     return features
   if where != 'device':
     raise ValueError(f'feature_cache.place: where={where!r} must be "device" or "host"')
-  n_dev = mesh.devices.size
+  n_dev = sharding.data_size(mesh)
   pad = -len(features) % n_dev
   if pad:
     features = np.concatenate([features, np.zeros((pad, *features.shape[1:]), features.dtype)])
   # Each process hands over only the rows of its own devices (callback per addressable shard).
   spec = NamedSharding(mesh, P('data'))
   return jax.make_array_from_callback(features.shape, spec, lambda index: features[index])
+
+
+def place_stacked(features: list[np.ndarray], mesh) -> tuple[jax.Array, int]:
+  """Several training sets' features (one per category) -> ([K, N', h, w, C] on (None, 'data'), N'):
+  each padded with zero rows (never sampled) to N', the largest N rounded up to the 'data' devices."""
+  n_dev = sharding.data_size(mesh)
+  size = max(len(f) for f in features)
+  size += -size % n_dev
+  stacked = np.zeros((len(features), size, *features[0].shape[1:]), features[0].dtype)
+  for k, f in enumerate(features):
+    stacked[k, :len(f)] = f
+  spec = NamedSharding(mesh, P(None, 'data'))
+  return jax.make_array_from_callback(stacked.shape, spec, lambda index: stacked[index]), size

@@ -4,6 +4,7 @@ from __future__ import annotations
 import jax
 import numpy as np
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
 from tqdm.auto import tqdm
 
 from adtr_jax import scoring, sharding
@@ -20,24 +21,32 @@ def score_fn(params, frozen, images, *, graphdef, scoring_cfg, image_size: int):
   return maps, scores
 
 
-def jit_score_fn(mesh, graphdef, config):
+def jit_score_fn(mesh, graphdef, config, stacked: bool = False):
+  """score_fn jitted, images sharded on 'data'. stacked: params have a leading model axis [M] and the
+  outputs too ([M, B, S, S], [M, B]); the backbone runs once per batch (vmap batches only what
+  depends on the parameters)."""
   rep, dat = sharding.replicated(mesh), sharding.data_sharded(mesh)
 
   def fn(params, frozen, images):
     return score_fn(params, frozen, images, graphdef=graphdef, scoring_cfg=config.scoring,
                     image_size=config.dataset.image_size)
 
-  return jax.jit(fn, in_shardings=(rep, rep, dat), out_shardings=(dat, dat))
+  if stacked:
+    fn, dat = jax.vmap(fn, in_axes=(0, None, None)), NamedSharding(mesh, P(None, 'data'))
+  return jax.jit(fn, in_shardings=(rep, rep, sharding.data_sharded(mesh)), out_shardings=(dat, dat))
 
 
-def score_split(config, source, graphdef, params, frozen, mesh, desc: str) -> dict:
+def score_split(config, source, graphdef, params, frozen, mesh, desc: str, stacked: bool = False) -> dict:
   """Scores every example of `source` once (padding rows dropped). Returns numpy arrays:
 
   'maps' [N, S, S] float32, 'scores' [N], 'labels' [N], 'masks' [N, S, S] bool, 'index' [N]; entry i
   is row i of `source`, put there by each row's all-gathered source index (not by its position in
-  the batches), and a row scored twice or never is an error.
+  the batches), and a row scored twice or never is an error. stacked: `params` are M models' stacked
+  on a leading axis, all scored in the same pass; 'maps' [M, N, S, S] and 'scores' [M, N].
   """
-  fn = jit_score_fn(mesh, graphdef, config)
+  fn = jit_score_fn(mesh, graphdef, config, stacked)
+  # Stacked outputs are [M, B, ...]: handled batch-first below, model axis restored at the end.
+  batch_first = (lambda x: np.moveaxis(x, 0, 1)) if stacked else (lambda x: x)
   bs = config.eval.batch_size
   sharding.check_batch_size(bs, mesh, 'eval.batch_size')
   out = {'maps': [], 'scores': [], 'labels': [], 'masks': [], 'index': []}
@@ -52,8 +61,8 @@ def score_split(config, source, graphdef, params, frozen, mesh, desc: str) -> di
                                 mesh)
     maps, scores = fn(params, frozen, inputs['image'])
     valid = sharding.to_host(inputs['valid'])
-    out['maps'].append(sharding.to_host(maps)[valid])
-    out['scores'].append(sharding.to_host(scores)[valid])
+    out['maps'].append(batch_first(sharding.to_host(maps))[valid])
+    out['scores'].append(batch_first(sharding.to_host(scores))[valid])
     out['labels'].append(sharding.to_host(inputs['label'])[valid])
     out['masks'].append(sharding.to_host(inputs['mask'])[valid] >= 0.5)
     # Each row's source index travels with it (all-gathered like the maps), so a map is paired with
@@ -65,4 +74,6 @@ def score_split(config, source, graphdef, params, frozen, mesh, desc: str) -> di
   if not np.array_equal(result['index'], np.arange(len(source))):
     raise RuntimeError(f'scored {len(result["index"])} rows, not each of the {len(source)} images of '
                        'the split exactly once')
+  if stacked:
+    result.update(maps=batch_first(result['maps']), scores=batch_first(result['scores']))
   return result

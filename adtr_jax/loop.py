@@ -27,18 +27,29 @@ from adtr_jax.data import pipeline
 _DATA_STREAM = 0x0DA7A
 
 
-def epoch_order(key: jax.Array, epoch: jax.Array, num_rows: int) -> jax.Array:
-  """int32 [num_rows]: the permutation of the training rows that epoch `epoch` visits (every feed)."""
+def epoch_order(key: jax.Array, epoch: jax.Array, num_rows, size: int | None = None) -> jax.Array:
+  """int32 [size]: epoch `epoch`'s permutation of rows [0, num_rows) (every feed uses it), followed by
+  the padding rows [num_rows, size) (size defaults to num_rows).
+
+  Rows are sorted by random 32-bit keys. With JAX's partitionable threefry the key of row r depends
+  only on (key, epoch, r), so `num_rows` may be traced and the order of a model's rows does not depend
+  on `size`: a stacked model (stacked.py) padded to the largest training set visits the same rows as
+  the same model trained alone.
+  """
+  size = num_rows if size is None else size
   data_key = jax.random.fold_in(jax.random.fold_in(key, _DATA_STREAM), epoch)
-  return jax.random.permutation(data_key, num_rows).astype(jnp.int32)
+  bits = jax.random.bits(data_key, (size,), jnp.uint32)
+  padding = jnp.arange(size) >= num_rows
+  return jnp.lexsort((jnp.arange(size), bits, padding)).astype(jnp.int32)  # ties: by row
 
 
-def step_rows(key: jax.Array, step: jax.Array, *, num_rows: int, steps_per_epoch: int,
-              batch_size: int) -> jax.Array:
+def step_rows(key: jax.Array, step: jax.Array, *, num_rows, steps_per_epoch, batch_size: int,
+              size: int | None = None) -> jax.Array:
   """int32 [batch_size]: the rows global step `step` trains on: positions
-  [(step mod steps_per_epoch) * B, ... + B) of its epoch's order (a last partial batch is dropped)."""
+  [(step mod steps_per_epoch) * B, ... + B) of its epoch's order (a last partial batch is dropped).
+  num_rows and steps_per_epoch may be traced when `size` (static) bounds num_rows."""
   epoch, position = jnp.divmod(step, steps_per_epoch)
-  return jax.lax.dynamic_slice_in_dim(epoch_order(key, epoch, num_rows), position * batch_size,
+  return jax.lax.dynamic_slice_in_dim(epoch_order(key, epoch, num_rows, size), position * batch_size,
                                       batch_size)
 
 
@@ -141,3 +152,43 @@ def image_chunk(step_fn_jit: Callable, mesh, feeder: ImageFeeder) -> Callable:
       metrics.append(m)
     return state, jax.tree.map(lambda *xs: jnp.stack(xs), *metrics)
   return chunk
+
+
+def stacked_cache_chunk(step_fn: Callable, mesh, *, size: int, batch_size: int) -> Callable:
+  """Stacked models (stacked.py) from cached features in device memory: one jitted scan per chunk.
+
+  -> chunk(state, frozen, cache [K, N', h, w, C] on (None, 'data'), keys [M], hyper [M], num_steps)
+  -> (state, metrics [num_steps, M]). state, keys and hyper have a leading model axis sharded on
+  'model'; model i reads category hyper['data'][i] of the cache, its first hyper['num_rows'][i] rows,
+  in its own epoch order. A model whose run is over (step == hyper['last_step']) keeps its state
+  unchanged while longer runs go on (metrics 'active' False).
+
+  step_fn(state, frozen, batch, key, hyper) -> (state, metrics) is one model's pure train step.
+  """
+  mod, rep, dat = sharding.model_sharded(mesh), sharding.replicated(mesh), sharding.data_sharded(mesh)
+  cache_sharding = NamedSharding(mesh, P(None, 'data'))
+
+  def one(state, frozen, cache, key, hyper):
+    rows = step_rows(key, state.step, num_rows=hyper['num_rows'],
+                     steps_per_epoch=hyper['steps_per_epoch'], batch_size=batch_size, size=size)
+    batch = _feature_batch(cache[hyper['data'], rows])
+    batch = jax.lax.with_sharding_constraint(batch, dat)   # + 'model' from spmd_axis_name
+    new, metrics = step_fn(state, frozen, batch, key, hyper)
+    active = state.step < hyper['last_step']
+    new = jax.tree.map(lambda n, o: jnp.where(active, n, o), new, state)
+    return new, dict(metrics, active=active)
+
+  stacked = jax.vmap(one, in_axes=(0, None, None, 0, 0), spmd_axis_name='model')
+
+  def chunk(state, frozen, cache, keys, hyper, num_steps):
+    return jax.lax.scan(lambda s, _: stacked(s, frozen, cache, keys, hyper), state, None,
+                        length=num_steps)
+
+  @functools.cache  # one compilation per chunk length (at most two in a run)
+  def compiled(num_steps):
+    return jax.jit(functools.partial(chunk, num_steps=num_steps),
+                   in_shardings=(mod, rep, cache_sharding, mod, mod),
+                   out_shardings=(mod, NamedSharding(mesh, P(None, 'model'))), donate_argnums=(0,))
+
+  return lambda state, frozen, cache, keys, hyper, num_steps: compiled(num_steps)(state, frozen, cache,
+                                                                                  keys, hyper)

@@ -1,5 +1,8 @@
 """Device mesh and data placement: the batch is sharded on the `data` axis, the state replicated.
 
+The mesh is 2-D, ('model', 'data'). One model uses a 'model' axis of size 1. Stacked models
+(stacked.py) are spread over 'model', and each model's batch over 'data'.
+
 Works unchanged on 1 CPU, N (fake) CPU devices, a GPU and a multi-host TPU pod: each process feeds its own
 slice of the global batch and `make_array_from_process_local_data` assembles the global array.
 """
@@ -12,10 +15,19 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from adtr_jax import errors
 
 
-def make_mesh(devices=None) -> Mesh:
-  """A 1-D mesh over all (or the given) devices, axis name 'data'."""
+def make_mesh(devices=None, model_axis: int = 1) -> Mesh:
+  """A ('model', 'data') mesh over all (or the given) devices: `model_axis` rows of devices, each row
+  one data-parallel group."""
   devices = jax.devices() if devices is None else list(devices)
-  return Mesh(np.asarray(devices), ('data',))
+  if model_axis < 1 or len(devices) % model_axis:
+    raise errors.ConfigError(f'train.model_axis={model_axis} must divide the number of devices '
+                             f'({len(devices)})')
+  return Mesh(np.asarray(devices).reshape(model_axis, -1), ('model', 'data'))
+
+
+def data_size(mesh: Mesh) -> int:
+  """Devices along 'data': what one model's batch is split over."""
+  return mesh.shape['data']
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
@@ -26,11 +38,16 @@ def data_sharded(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P('data'))
 
 
+def model_sharded(mesh: Mesh) -> NamedSharding:
+  """Leading axis = stacked models, spread over 'model' (each model's arrays whole on its devices)."""
+  return NamedSharding(mesh, P('model'))
+
+
 def check_batch_size(global_batch: int, mesh: Mesh, field: str) -> None:
   """The global batch must split evenly over devices and processes; say which field to change if not."""
-  n = mesh.devices.size
+  n = data_size(mesh)
   if global_batch % n or global_batch % jax.process_count():
-    raise errors.ConfigError(f'{field}={global_batch} must be divisible by the number of devices ({n}) '
+    raise errors.ConfigError(f'{field}={global_batch} must be divisible by the number of devices along "data" ({n}) '
                              f'and processes ({jax.process_count()})')
 
 

@@ -226,11 +226,12 @@ def _loop(config, workdir, data, mesh, model_state, chunk, cache, mgr, meta, sch
 
 
 def train(config: ml_collections.ConfigDict, category: str, workdir: pathlib.Path,
-          data: datasets.CategoryData | None = None) -> dict:
+          data: datasets.CategoryData | None = None, mesh=None) -> dict:
   """Trains one model in `workdir` (resuming from its latest checkpoint) on `category`'s training data,
-  or on `data` when given (the unified setting's union). Returns a summary."""
+  or on `data` when given (the unified setting's union), on `mesh` (default: every device on 'data').
+  Returns a summary."""
   workdir.mkdir(parents=True, exist_ok=True)
-  mesh = sharding.make_mesh()
+  mesh = mesh or sharding.make_mesh()
   cfg = config.train
   sharding.check_batch_size(cfg.batch_size, mesh, 'train.batch_size')
   data = data if data is not None else datasets.load_category(config, category)
@@ -277,6 +278,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   """Trains every configured category in workdir/<category> (or, with dataset.unified, one model on all
   of them in workdir/unified), then (optionally) evaluates every category."""
   workdir = pathlib.Path(workdir)
+  if config.train.stacked and not config.dataset.unified:
+    return _train_and_evaluate_stacked(config, workdir, evaluate_after)
   if config.dataset.unified:
     summaries = [train(config, evaluate.UNIFIED, workdir / evaluate.UNIFIED,
                        datasets.load_unified(config))]
@@ -285,3 +288,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib
   if not evaluate_after:
     return {'train': summaries}
   return {'train': summaries, 'eval': evaluate.evaluate(config, workdir)}
+
+
+def _train_and_evaluate_stacked(config, workdir: pathlib.Path, evaluate_after: bool) -> dict:
+  """train.stacked: every category's model in one stacked run (stacked.py), then the usual report."""
+  from adtr_jax import stacked   # stacked builds on this module
+  members = []
+  for c in datasets.categories(config):
+    member = config.copy_and_resolve_references()
+    member.dataset.category = c
+    members.append(stacked.Member(member, workdir / c))
+  trained = stacked.train_members(members, workdir / 'stacked')
+  summaries = [{'category': m.category, 'steps': s, 'stacked': True}
+               for m, s in zip(members, trained[0].last_steps)]
+  if not evaluate_after:
+    return {'train': summaries}
+  reports = stacked.evaluate_members(*trained)
+  per_category = {m.category: r['categories'][m.category] for m, r in zip(members, reports)}
+  return {'train': summaries, 'eval': evaluate.write_report(per_category, workdir)}

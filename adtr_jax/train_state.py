@@ -32,29 +32,61 @@ def total_steps(cfg: ml_collections.ConfigDict, steps_per_epoch: int) -> int:
   return max(int(cfg.num_epochs) * steps_per_epoch, int(cfg.min_steps))
 
 
-def make_schedule(cfg: ml_collections.ConfigDict, steps_per_epoch: int, total: int):
-  """config.train -> learning rate per step.
+def hyperparameters(cfg: ml_collections.ConfigDict, steps_per_epoch: int, total: int) -> dict:
+  """config.train -> the optimiser's numbers (float32 / int32 scalars).
 
-  'warmup_cosine': linear warmup over warmup_fraction of the run, then cosine decay to
-  learning_rate * final_lr_fraction at its last step, so any budget gets a complete schedule.
-  'step' (the paper's): constant, x lr_decay_factor at each epoch of lr_decay_epochs.
+  They are plain numbers rather than Python constants of a closure so that stacked models (stacked.py)
+  can each carry their own, stacked on a leading model axis and traced inside one jitted step.
   """
-  if cfg.schedule == 'warmup_cosine':
-    warmup = max(1, round(cfg.warmup_fraction * total))
-    return optax.warmup_cosine_decay_schedule(0.0, cfg.learning_rate, warmup, max(total, warmup + 1),
-                                              cfg.learning_rate * cfg.final_lr_fraction)
-  if cfg.schedule == 'step':
-    boundaries = {int(e) * steps_per_epoch: cfg.lr_decay_factor for e in cfg.lr_decay_epochs}
-    return optax.piecewise_constant_schedule(cfg.learning_rate, boundaries)
-  raise errors.ConfigError(f'train.schedule={cfg.schedule!r} must be one of {SCHEDULES}')
+  if cfg.schedule not in SCHEDULES:
+    raise errors.ConfigError(f'train.schedule={cfg.schedule!r} must be one of {SCHEDULES}')
+  warmup = max(1, round(cfg.warmup_fraction * total))
+  return {'learning_rate': jnp.float32(cfg.learning_rate), 'weight_decay': jnp.float32(cfg.weight_decay),
+          'grad_clip_norm': jnp.float32(cfg.grad_clip_norm), 'warmup_steps': jnp.int32(warmup),
+          'decay_steps': jnp.int32(max(total, warmup + 1)),
+          'final_lr': jnp.float32(cfg.learning_rate * cfg.final_lr_fraction),
+          'decay_boundaries': jnp.asarray([int(e) * steps_per_epoch for e in cfg.lr_decay_epochs],
+                                          jnp.int32).reshape(-1),
+          'decay_factor': jnp.float32(cfg.lr_decay_factor)}
+
+
+def learning_rate(hyper: dict, step: jax.Array, schedule: str) -> jax.Array:
+  """The learning rate at `step` (traceable in `hyper` and `step`).
+
+  'warmup_cosine': linear warmup from 0 over warmup_steps, then cosine decay to final_lr at
+  decay_steps (the run's last step), so any budget gets a complete schedule.
+  'step' (the paper's): constant, x decay_factor from each of decay_boundaries on.
+  """
+  step = jnp.asarray(step, jnp.float32)
+  peak = hyper['learning_rate']
+  if schedule == 'step':
+    n = jnp.sum(step >= hyper['decay_boundaries'].astype(jnp.float32))
+    return peak * hyper['decay_factor'] ** n
+  warmup = hyper['warmup_steps'].astype(jnp.float32)
+  span = hyper['decay_steps'].astype(jnp.float32) - warmup
+  progress = jnp.clip(step - warmup, 0.0, span) / span
+  cosine = hyper['final_lr'] + (peak - hyper['final_lr']) * 0.5 * (1.0 + jnp.cos(jnp.pi * progress))
+  return jnp.where(step < warmup, peak * step / warmup, cosine)
+
+
+def optimizer(hyper: dict, schedule: str) -> optax.GradientTransformation:
+  """AdamW with global-norm clipping, built from `hyper` (concrete or traced: the state's structure
+  does not depend on the values)."""
+  return optax.chain(optax.clip_by_global_norm(hyper['grad_clip_norm']),
+                     optax.adamw(lambda count: learning_rate(hyper, count, schedule),
+                                 weight_decay=hyper['weight_decay'], mask=decays))
+
+
+def make_schedule(cfg: ml_collections.ConfigDict, steps_per_epoch: int, total: int):
+  """config.train -> learning rate per step (see learning_rate)."""
+  hyper = hyperparameters(cfg, steps_per_epoch, total)
+  return lambda step: learning_rate(hyper, step, cfg.schedule)
 
 
 def make_optimizer(cfg: ml_collections.ConfigDict, steps_per_epoch: int, total: int):
-  """AdamW with global-norm clipping. Returns (optax transformation, learning-rate schedule)."""
-  schedule = make_schedule(cfg, steps_per_epoch, total)
-  tx = optax.chain(optax.clip_by_global_norm(cfg.grad_clip_norm),
-                   optax.adamw(schedule, weight_decay=cfg.weight_decay, mask=decays))
-  return tx, schedule
+  """Returns (optax transformation, learning-rate schedule) of config.train for a run of `total` steps."""
+  hyper = hyperparameters(cfg, steps_per_epoch, total)
+  return optimizer(hyper, cfg.schedule), lambda step: learning_rate(hyper, step, cfg.schedule)
 
 
 def init_state(model: nnx.Module, tx) -> tuple[nnx.GraphDef, TrainState, nnx.State]:

@@ -65,16 +65,23 @@ def test_bad_model_fields_are_named(toy_root, tmp_path):
 
 
 def test_ablation_runner_writes_a_table(toy_root, tmp_path):
+  """Two variants x two seeds: each variant's seeds train stacked (a variant changes shapes, so the
+  variants form separate groups); the table gives each variant's mean ± std over its seeds."""
   workdir = tmp_path / 'abl'
   arg = f'{toy_root}|{tmp_path / "cache"}'
   cmd = [sys.executable, 'experiments/ablations/run.py', f'--config=tests/tiny_config.py:{arg}',
-         f'--workdir={workdir}', '--variants=adtr,pixels', '--num_epochs=1']
+         f'--workdir={workdir}', '--variants=adtr,pixels', '--num_epochs=1', '--seeds=0,1']
   out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
   assert out.returncode == 0, out.stderr[-3000:]
+  assert len(list((workdir / '_stacked').iterdir())) == 2
   table = (workdir / 'ablations.md').read_text()
   rows = [line for line in table.splitlines() if line.startswith('| adtr') or line.startswith('| pixels')]
   assert len(rows) == 2
   for row, name in zip(rows, ('adtr', 'pixels')):
-    metrics = json.loads((workdir / name / 'metrics.json').read_text())['categories']['toy']
-    assert f'{100 * metrics["image_auroc"]:.1f}' == row.split('|')[3].strip()
+    reports = [json.loads((workdir / name / f'seed{s}' / 'metrics.json').read_text()) for s in (0, 1)]
+    assert [r['stacked_models'] for r in reports] == [2, 2]
+    values = [100 * r['categories']['toy']['image_auroc'] for r in reports]
+    cells = row.split('|')
+    assert cells[3].strip() == '2'
+    assert cells[4].strip() == f'{np.mean(values):.1f} ± {np.std(values):.1f}'
   assert json.loads((workdir / 'ablations.json').read_text())['pixels']['model']['target'] == 'pixels'

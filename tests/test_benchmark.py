@@ -22,3 +22,14 @@ def test_breakdown_times_every_part(tmp_path):
           'reconstructor_forward_backward_no_dropout_s', 'attention_forward_backward_s',
           'ffn_forward_backward_s', 'optimizer_s', 'host_resize_batch_s'} <= set(parts)
   assert all(out[k] > 0 for k in parts)
+
+
+def test_stacked_benchmark_sums_over_the_models(tmp_path):
+  config = tiny_config(tmp_path, tmp_path / 'cache')
+  config.train.model_axis = 4
+  out = benchmark.stacked_run(config, batch_size=8, steps=1, models=4)
+  assert out['models'] == 4 and out['model_axis'] == 4
+  assert out['train_cached_images_per_s'] > 0 and out['one_model_train_cached_images_per_s'] > 0
+  assert out['stacked_vs_one_model'] == round(
+      out['train_cached_images_per_s'] / out['one_model_train_cached_images_per_s'], 2)
+  assert 'train_images_per_s' not in out and out['one_model_train_images_per_s'] > 0

@@ -106,7 +106,9 @@ def test_device_cache_host_cache_and_images_train_identically(setup):
 
 def test_device_cache_on_8_devices_matches_1_device(setup):
   """The cache sharded over 8 devices (rows gathered across them) == everything on one device.
-  float32; after 4 AdamW steps parameters agree to 1e-5 (reduction order differs across devices)."""
+  float32; losses agree to 1e-5 and, after 4 AdamW steps, parameters to 1e-4: the reduction order
+  differs across devices, and Adam's normalised step turns a rounding-level difference in a
+  near-zero gradient into a step of up to the learning rate (1e-3); measured 2.7e-5."""
   config, data, features = setup
   assert jax.device_count() == 8
   out = []
@@ -117,7 +119,7 @@ def test_device_cache_on_8_devices_matches_1_device(setup):
                                     batch_size=8)
     out.append(_run(chunk, state, frozen, feature_cache.place(features, mesh, 'device'), key, 4, 4))
   np.testing.assert_allclose(out[0][0], out[1][0], rtol=1e-5)
-  _assert_params_close(out[0][1], out[1][1], atol=1e-5)
+  _assert_params_close(out[0][1], out[1][1], atol=1e-4)
 
 
 def test_place_pads_the_device_cache_to_the_device_count(setup):

@@ -107,7 +107,7 @@ def take(tree, index, mesh):
 
 
 class _Group:
-  """A group's data, models and stacked state (built by `prepare`)."""
+  """A group's members, their categories' data (loaded once per category) and each model's budget."""
 
   def __init__(self, members: list[Member], mesh):
     self.members, self.mesh = members, mesh
@@ -139,8 +139,8 @@ def prepare(members: list[Member], mesh, fresh: bool):
   models = [build_model(m.config) for m in members]
   info = models[0][1]
   graphdef, state0, frozen = train_state.init_state(models[0][0], tx0)
-  features = {c: train._train_features(g.cfg, g.data[c], mesh, graphdef, state0, frozen,
-                                       g.cfg.train.feature_cache_dtype) for c in g.categories}
+  features = {c: train.train_features(g.cfg, g.data[c], mesh, graphdef, state0, frozen,
+                                      g.cfg.train.feature_cache_dtype) for c in g.categories}
   states = []
   for m, (model, _) in zip(members, models):
     if fresh and model.feature_norm.kind != 'none':

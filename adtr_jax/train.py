@@ -160,7 +160,8 @@ def uses_feature_cache(config) -> bool:
   return config.train.feature_cache != 'off' and not mixing.uses_anomalies(config)
 
 
-def _train_features(config, data, mesh, graphdef, state, frozen, dtype: str) -> np.ndarray:
+def train_features(config, data, mesh, graphdef, state, frozen, dtype: str) -> np.ndarray:
+  """The frozen backbone's features of every training image, [N, h, w, C] numpy in `dtype`."""
   return feature_cache.compute(
       data.train, graphdef, state.params, frozen, mesh, image_size=config.dataset.image_size,
       batch_size=config.eval.batch_size, dtype=dtype, num_workers=config.dataset.num_workers)
@@ -246,13 +247,13 @@ def train(config: ml_collections.ConfigDict, category: str, workdir: pathlib.Pat
   mgr = checkpoint.manager(workdir / 'checkpoints', cfg.max_checkpoints)
   latest = mgr.latest_step()
   finished = latest is not None and latest >= last_step
-  features = (_train_features(config, data, mesh, graphdef, state, frozen, cfg.feature_cache_dtype)
+  features = (train_features(config, data, mesh, graphdef, state, frozen, cfg.feature_cache_dtype)
               if uses_feature_cache(config) and not finished else None)
   if latest is None and not config.init_from and model.feature_norm.kind != 'none':
     # A fresh run: the feature statistics of its training images (a resumed or initialised run
     # restores them with the weights).
     model.feature_norm.fit(features if features is not None else
-                           _train_features(config, data, mesh, graphdef, state, frozen, 'float32'))
+                           train_features(config, data, mesh, graphdef, state, frozen, 'float32'))
     graphdef, state, frozen = init_state(model, tx)
   state, frozen = sharding.put_replicated((state, frozen), mesh)
   meta = checkpoint_meta(config, category, info, steps_per_epoch)

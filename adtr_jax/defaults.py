@@ -31,6 +31,10 @@ def get_config() -> ml_collections.ConfigDict:
   config.dataset.unified = False
   config.dataset.image_size = 256
   config.dataset.elpv_cell_type = 'mono'
+  # 'mvtec' source: every anomalous test image needs its ground_truth mask. False: a category with no
+  # ground_truth/ folder at all is scored on image labels only (no pixel metrics), e.g. an exported
+  # image-labelled set placed beside mask-labelled ones for the unified setting.
+  config.dataset.require_masks = True
   # Prepared tfds datasets and exported data live here (empty: $ADTR_JAX_CACHE or ~/.cache/adtr_jax).
   config.dataset.cache_dir = ''
   config.dataset.num_workers = 2

@@ -12,7 +12,8 @@ lives in <workdir>/<name>/seed<k>/ and is reused when its metrics.json exists (a
 adtr_jax/stacked.py STACKABLE) train together as stacked models in one jitted step, one group per
 set of shapes, each group in <workdir>/_stacked/<id>/ (its checkpoint: a killed group resumes);
 min/run is then the group's wall time divided by its models. Runs that cannot be stacked (anomaly-
-aware training) and --nostack train one after another.
+aware training, several categories in one run, the unified setting) and --nostack train one after
+another. A config with several categories gets a row per category and a 'mean' row per run.
 """
 import itertools
 import json
@@ -26,16 +27,8 @@ from ml_collections import config_flags
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-_CONFIG = config_flags.DEFINE_config_file('config', None, 'Base config.', lock_config=False)
-_WORKDIR = flags.DEFINE_string('workdir', None, 'Output directory.')
-_SWEEP = flags.DEFINE_string('sweep', '', "Crossed overrides: 'a.b=1,2;c.d=x,y' (empty: the base only).")
-_SET = flags.DEFINE_string('set', '', "Overrides for every run: 'a.b=1,c.d=x'.")
-_SEEDS = flags.DEFINE_list('seeds', ['0'], 'Seeds of every grid point.')
-_REFERENCE = flags.DEFINE_bool('reference', True, 'Also run the nearest-neighbour reference.')
-_STACK = flags.DEFINE_bool('stack', True, 'Train runs that differ only in numbers as stacked models.')
-flags.mark_flags_as_required(['config', 'workdir'])
-
 KEYS = ('image_auroc', 'pixel_auroc', 'pixel_aupro')
+REFERENCE = 'nearest_neighbour'
 
 
 def _parse_value(text: str):
@@ -47,7 +40,7 @@ def _parse_value(text: str):
   return {'True': True, 'False': False}.get(text, text)
 
 
-def _apply(config, overrides: dict):
+def apply(config, overrides: dict):
   for field, value in overrides.items():
     node = config
     *parents, leaf = field.split('.')
@@ -69,7 +62,8 @@ def grid(spec: str) -> list[dict]:
   return [dict(combo) for combo in itertools.product(*axes)] if axes else [{}]
 
 
-def _set(spec: str) -> dict:
+def overrides(spec: str) -> dict:
+  """'a.b=1,c.d=x' -> {'a.b': 1, 'c.d': 'x'}."""
   return dict((kv.split('=', 1)[0].strip(), _parse_value(kv.split('=', 1)[1].strip()))
               for kv in filter(None, spec.split(',')))
 
@@ -83,48 +77,73 @@ def _mean_std(reports: list[dict]) -> dict:
   return out
 
 
-def main(argv):
-  del argv
+def _rows(report: dict) -> dict:
+  """{category: metrics (+ minutes)} of one run's metrics.json, plus 'mean' when it has several."""
+  cats = dict(report['categories'])
+  if len(cats) > 1:
+    cats['mean'] = report['mean']
+  return {c: dict(m, minutes=report.get('minutes', float('nan'))) for c, m in cats.items()}
+
+
+def run_sweep(base, workdir, points: list[dict], common: dict, seeds: list, reference: bool = True,
+              stack: bool = True) -> str:
+  """Trains and evaluates every (point, seed) on `base` + `common` + point (+ the reference per seed),
+  seed by seed, skipping runs whose metrics.json exists; writes workdir/sweep.md and sweep.json and
+  returns the table (mean +- std over seeds, a row per run and category)."""
   from adtr_jax import stacked
   from adtr_jax.baselines import nearest_neighbour
-  workdir = pathlib.Path(_WORKDIR.value)
-  common = _set(_SET.value)
-  rows = {}
-  points = grid(_SWEEP.value)
-  runs = [('nearest_neighbour', {}, s) for s in _SEEDS.value] if _REFERENCE.value else []
-  runs += [(','.join(f'{k}={v}' for k, v in p.items()) or 'base', p, s)
-           for p in points for s in _SEEDS.value]
+  workdir = pathlib.Path(workdir)
+  names = ([(REFERENCE, {})] if reference else []) + [
+      (','.join(f'{k}={v}' for k, v in p.items()) or 'base', p) for p in points]
+  run_dir = lambda name, seed: workdir / name.replace('/', '_') / f'seed{seed}'
   pending = []
-  for name, point, seed in runs:
-    run_dir = workdir / name.replace('/', '_') / f'seed{seed}'
-    if (run_dir / 'metrics.json').is_file():
-      continue
-    config = _apply(_apply(_CONFIG.value.copy_and_resolve_references(), common),
-                    dict(point, seed=int(seed)))
-    if name == 'nearest_neighbour':
-      t0 = time.time()
-      report = nearest_neighbour.run(config, run_dir)
-      report['minutes'] = (time.time() - t0) / 60
-      (run_dir / 'metrics.json').write_text(json.dumps(report, indent=2) + '\n')
-    else:
-      pending.append((run_dir, config))
-  stacked.train_runs(pending, workdir / '_stacked', stack=_STACK.value)
-  for name, point, seed in runs:
-    report = json.loads((workdir / name.replace('/', '_') / f'seed{seed}' / 'metrics.json').read_text())
-    cat = next(iter(report['categories'].values()))
-    rows.setdefault(name, []).append(dict(cat, minutes=report.get('minutes', float('nan'))))
-  lines = [f'Base: `{_CONFIG.value.dataset.category}`; for every run: {common or "-"}; seeds '
-           f'{",".join(_SEEDS.value)}.', '', '| run | seeds | ' + ' | '.join(KEYS) + ' | min/run |',
-           '|---' * (len(KEYS) + 3) + '|']
-  for name, reports in rows.items():
-    stats = _mean_std(reports)
-    cells = [f'{stats[k][0]:.1f} ± {stats[k][1]:.1f}' if k in stats else '-' for k in KEYS]
-    minutes = np.mean([r['minutes'] for r in reports])
-    lines.append(f'| {name} | {len(reports)} | ' + ' | '.join(cells) + f' | {minutes:.1f} |')
-  (workdir / 'sweep.md').write_text('\n'.join(lines) + '\n')
+  for seed in seeds:  # seed-major: a budget cut short leaves whole seeds of every run
+    for name, point in names:
+      if (run_dir(name, seed) / 'metrics.json').is_file():
+        continue
+      config = apply(apply(base.copy_and_resolve_references(), common), dict(point, seed=int(seed)))
+      if name == REFERENCE:
+        t0 = time.time()
+        report = nearest_neighbour.run(config, run_dir(name, seed))
+        report['minutes'] = (time.time() - t0) / 60
+        (run_dir(name, seed) / 'metrics.json').write_text(json.dumps(report, indent=2) + '\n')
+      else:
+        pending.append((run_dir(name, seed), config))
+  stacked.train_runs(pending, workdir / '_stacked', stack=stack)
+  rows = {}
+  for name, _ in names:
+    for seed in seeds:
+      report = json.loads((run_dir(name, seed) / 'metrics.json').read_text())
+      for cat, metrics in _rows(report).items():
+        rows.setdefault(name, {}).setdefault(cat, []).append(metrics)
+  lines = [f'Base: `{base.dataset.category}`; for every run: {common or "-"}; seeds {",".join(map(str, seeds))}.',
+           '', '| run | category | seeds | ' + ' | '.join(KEYS) + ' | min/run |', '|---' * (len(KEYS) + 4) + '|']
+  for name, cats in rows.items():
+    for cat, reports in cats.items():
+      stats = _mean_std(reports)
+      cells = [f'{stats[k][0]:.1f} ± {stats[k][1]:.1f}' if k in stats else '-' for k in KEYS]
+      minutes = np.mean([r['minutes'] for r in reports])
+      lines.append(f'| {name} | {cat} | {len(reports)} | ' + ' | '.join(cells) + f' | {minutes:.1f} |')
+  table = '\n'.join(lines) + '\n'
+  (workdir / 'sweep.md').write_text(table)
   (workdir / 'sweep.json').write_text(json.dumps(rows, indent=2) + '\n')
-  print('\n'.join(lines))
+  return table
+
+
+def main(argv):
+  del argv
+  print(run_sweep(_CONFIG.value, _WORKDIR.value, grid(_SWEEP.value), overrides(_SET.value), _SEEDS.value,
+                  reference=_REFERENCE.value, stack=_STACK.value), end='')
 
 
 if __name__ == '__main__':
+  # Flags only here, so that other scripts can import run_sweep without clashing with theirs.
+  _CONFIG = config_flags.DEFINE_config_file('config', None, 'Base config.', lock_config=False)
+  _WORKDIR = flags.DEFINE_string('workdir', None, 'Output directory.')
+  _SWEEP = flags.DEFINE_string('sweep', '', "Crossed overrides: 'a.b=1,2;c.d=x,y' (empty: the base only).")
+  _SET = flags.DEFINE_string('set', '', "Overrides for every run: 'a.b=1,c.d=x'.")
+  _SEEDS = flags.DEFINE_list('seeds', ['0'], 'Seeds of every grid point.')
+  _REFERENCE = flags.DEFINE_bool('reference', True, 'Also run the nearest-neighbour reference.')
+  _STACK = flags.DEFINE_bool('stack', True, 'Train runs that differ only in numbers as stacked models.')
+  flags.mark_flags_as_required(['config', 'workdir'])
   app.run(main)

@@ -1,7 +1,13 @@
 """experiments/sweep.py: runs that differ in numbers train stacked, shapes split the groups, one table."""
 import json
+import shutil
 import subprocess
 import sys
+
+import pytest
+
+from adtr_jax import errors
+from adtr_jax.data import datasets
 
 from tests.conftest import REPO
 
@@ -25,8 +31,38 @@ def test_sweep_stacks_runs_by_shape_and_tabulates_seeds(toy_root, tmp_path):
       assert (workdir / name / f'seed{seed}' / 'toy' / 'checkpoints' / '6').is_dir()
   table = (workdir / 'sweep.md').read_text()
   for name in names:
-    assert f'| {name} | 2 | ' in table
+    assert f'| {name} | toy | 2 | ' in table
   # Resumable: a second invocation finds every metrics.json and trains nothing.
   again = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
   assert again.returncode == 0 and 'stacked models in' not in again.stdout
   assert (workdir / 'sweep.md').read_text() == table
+
+
+def test_unified_against_separate_on_a_mixed_root(toy_root, tmp_path):
+  """experiments/unified.py's pieces: a root joining a masked and an image-labelled category, swept over
+  dataset.unified with the reference; a row per category and a mean per run, equal total steps."""
+  from experiments import sweep, unified
+  from tests import tiny_config
+  plain = tmp_path / 'plain'
+  shutil.copytree(toy_root / 'toy', plain, ignore=shutil.ignore_patterns('ground_truth'))
+  root = unified.joint_root(tmp_path / 'root', {'toy': toy_root / 'toy', 'plain': plain})
+  assert unified.joint_root(root, {'toy': toy_root / 'toy', 'plain': plain}) == root  # idempotent
+  config = tiny_config.make(root, tmp_path / 'cache')
+  config.dataset.category = 'toy,plain'
+  with pytest.raises(errors.DataError, match='require_masks=False'):
+    datasets.load_category(config, 'plain')
+  config.dataset.require_masks = False
+  workdir = tmp_path / 'sweep'
+  table = sweep.run_sweep(config, workdir, sweep.grid('dataset.unified=False,True'),
+                          {'calibration.holdout_fraction': 0}, [0])
+  for run in ('nearest_neighbour', 'dataset.unified=False', 'dataset.unified=True'):
+    for cat in ('toy', 'plain', 'mean'):
+      assert f'| {run} | {cat} | 1 | ' in table
+  separate = json.loads((workdir / 'dataset.unified=False/seed0/metrics.json').read_text())
+  joint = json.loads((workdir / 'dataset.unified=True/seed0/metrics.json').read_text())
+  assert 'pixel_auroc' in joint['categories']['toy'] and 'pixel_auroc' not in joint['categories']['plain']
+  one = workdir / 'dataset.unified=True/seed0'   # one model; the categories' folders hold heatmaps only
+  assert (one / 'unified/checkpoints').is_dir()
+  assert not any((one / c / 'checkpoints').exists() for c in ('toy', 'plain'))
+  steps = [separate['categories'][c]['checkpoint_step'] for c in ('toy', 'plain')]
+  assert sum(steps) - config.train.num_epochs <= joint['categories']['toy']['checkpoint_step'] <= sum(steps)

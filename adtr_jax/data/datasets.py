@@ -106,7 +106,8 @@ def _prepare(config: ml_collections.ConfigDict, category: str) -> tuple[pathlib.
     if not config.dataset.root:
       raise errors.ConfigError('config.dataset.root is empty: pass --config.dataset.root=/path to the folder '
                                f'that holds {category}/train, {category}/test and {category}/ground_truth')
-    root, require_masks = pathlib.Path(config.dataset.root).expanduser(), True
+    root = pathlib.Path(config.dataset.root).expanduser()
+    require_masks = config.dataset.require_masks
   elif source == 'elpv':
     (root, category), require_masks = _elpv_folder(config, category), False
   elif source == 'classes':

@@ -82,7 +82,9 @@ def _scan_test(cat: pathlib.Path, require_masks: bool) -> list[dict]:
       elif need_masks:
         expected = truth / folder.name / f'{path.stem}{MASK_SUFFIX}.png'
         raise errors.DataError(f'anomalous test image {path} has no mask {expected}' +
-                               ('' if require_masks else f' (delete {truth} to use image labels only)'))
+                               (' (or, with no ground_truth folder at all, --config.dataset.require_masks=False for '
+                                'image labels only)' if require_masks else
+                                f' (delete {truth} to use image labels only)'))
       else:
         records.append(_record(path, folder.name))
   if not records:

@@ -143,11 +143,12 @@ def summarise(per_category: dict) -> dict:
 
 
 def markdown_table(per_category: dict, mean: dict) -> str:
-  """Paper-style percentages with one decimal, one row per category."""
-  keys = [k for k in METRIC_KEYS if k in mean]
+  """Paper-style percentages with one decimal, one row per category; a metric that some category lacks
+  (pixel metrics of an image-labelled one) shows as '-' there and in the mean."""
+  keys = [k for k in METRIC_KEYS if any(k in v for v in per_category.values())]
   lines = ['| category | ' + ' | '.join(keys) + ' |', '|---' * (len(keys) + 1) + '|']
   for name, vals in list(per_category.items()) + [('mean', mean)]:
-    lines.append(f'| {name} | ' + ' | '.join(f'{100 * vals[k]:.1f}' for k in keys) + ' |')
+    lines.append(f'| {name} | ' + ' | '.join(f'{100 * vals[k]:.1f}' if k in vals else '-' for k in keys) + ' |')
   return '\n'.join(lines)
 
 

@@ -95,7 +95,10 @@ def run_sweep(base, workdir, points: list[dict], common: dict, seeds: list, refe
   workdir = pathlib.Path(workdir)
   names = ([(REFERENCE, {})] if reference else []) + [
       (','.join(f'{k}={v}' for k, v in p.items()) or 'base', p) for p in points]
-  run_dir = lambda name, seed: workdir / name.replace('/', '_') / f'seed{seed}'
+
+  def run_dir(name, seed):
+    return workdir / name.replace('/', '_') / f'seed{seed}'
+
   pending = []
   for seed in seeds:  # seed-major: a budget cut short leaves whole seeds of every run
     for name, point in names:

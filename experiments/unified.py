@@ -6,11 +6,13 @@ real sources: Magnetic Tile (pixel masks) and ELPV monocrystalline cells (image 
 
 The default recipe at 224 px for both settings (only --set changes the budget). num_epochs counts
 passes over a model's own training images, so the unified model, whose pass covers both categories,
-takes the sum of the separate models' steps (min_steps=0 keeps that exact; metrics.json has each
-model's step). The two categories sit side by side as symlinks in <workdir>/root, an MVTec-layout root
-read with dataset.require_masks=False (ELPV has no masks: its pixel columns and the mean's stay
-empty). experiments/sweep.py then crosses dataset.unified=False,True, seed by seed, with the
-nearest-neighbour reference of each seed; the table goes to <workdir>/sweep.md.
+takes the sum of the separate models' steps, or up to one more per epoch, since an epoch is
+floor(images / batch) steps (min_steps=0 keeps it so; metrics.json has each model's step).
+
+The two categories sit side by side as symlinks in <workdir>/root, an MVTec-layout root read with
+dataset.require_masks=False (ELPV has no masks: its pixel columns and the mean's stay empty).
+experiments/sweep.py then crosses dataset.unified=False,True, seed by seed, with the nearest-neighbour
+reference of each seed; the table goes to <workdir>/sweep.md.
 """
 import pathlib
 import sys

@@ -3,8 +3,6 @@ device and on a 4 x 2 ('model', 'data') mesh; vmapped scoring == scoring each mo
 stacked CLI run resumes exactly."""
 import json
 import shutil
-import signal
-import time
 
 import jax
 import numpy as np
@@ -12,7 +10,7 @@ import pytest
 
 from adtr_jax import errors, evaluate, inference, sharding, stacked, train
 from tests.conftest import make_toy_mvtec, tiny_config
-from tests.test_train import _cli, _steps
+from tests.test_train import _cli, _kill_after_first_checkpoint
 
 # (category, seed, learning rate): two categories of different sizes (18 and 26 training images:
 # 2 and 3 steps per epoch, budgets of 4 and 6 steps), several seeds and learning rates.
@@ -139,16 +137,8 @@ def test_killed_stacked_cli_run_resumes_exactly(root, tmp_path):
             '--config.train.num_epochs=12', '--config.train.checkpoint_every_steps=3',
             '--config.calibration.holdout_fraction=0']
   workdir = tmp_path / 'run'
-  proc = _cli([*common, f'--workdir={workdir}'])
-  ckpt = workdir / 'stacked' / 'checkpoints'
-  deadline = time.time() + 300
-  while not _steps(ckpt) and proc.poll() is None and time.time() < deadline:
-    time.sleep(0.02)
-  proc.send_signal(signal.SIGKILL)
-  proc.wait()
-  assert _steps(ckpt), proc.stdout.read()[-3000:]
-  killed_at = _steps(ckpt)[-1]
-  assert killed_at < 36, 'the run finished before it was killed'
+  killed_at = _kill_after_first_checkpoint([*common, f'--workdir={workdir}'],
+                                           workdir / 'stacked' / 'checkpoints', 36)
   assert not (workdir / 'toy' / 'checkpoints').exists()   # exported only at the end
 
   resumed = _cli([*common, f'--workdir={workdir}'])

@@ -61,8 +61,12 @@ def test_unified_against_separate_on_a_mixed_root(toy_root, tmp_path):
   separate = json.loads((workdir / 'dataset.unified=False/seed0/metrics.json').read_text())
   joint = json.loads((workdir / 'dataset.unified=True/seed0/metrics.json').read_text())
   assert 'pixel_auroc' in joint['categories']['toy'] and 'pixel_auroc' not in joint['categories']['plain']
+  rows = {line.split('|')[1].strip(): line for line in (workdir / 'dataset.unified=True/seed0/metrics.md')
+          .read_text().splitlines()[2:]}
+  assert ' - |' not in rows['toy'] and ' - |' in rows['plain']   # its pixel columns only, shown as '-'
   one = workdir / 'dataset.unified=True/seed0'   # one model; the categories' folders hold heatmaps only
   assert (one / 'unified/checkpoints').is_dir()
   assert not any((one / c / 'checkpoints').exists() for c in ('toy', 'plain'))
   steps = [separate['categories'][c]['checkpoint_step'] for c in ('toy', 'plain')]
-  assert sum(steps) - config.train.num_epochs <= joint['categories']['toy']['checkpoint_step'] <= sum(steps)
+  # steps/epoch = floor(images / batch): the union's is the sum of the parts', or up to 1 more
+  assert sum(steps) <= joint['categories']['toy']['checkpoint_step'] <= sum(steps) + config.train.num_epochs

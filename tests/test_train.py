@@ -139,6 +139,20 @@ def _steps(ckpt_dir: pathlib.Path) -> list[int]:
   return sorted(int(p.name) for p in ckpt_dir.glob('[0-9]*') if p.is_dir() and p.name.isdigit())
 
 
+def _kill_after_first_checkpoint(args, ckpt_dir: pathlib.Path, total_steps: int) -> int:
+  """Starts the CLI with `args`, SIGKILLs it once ckpt_dir holds a checkpoint; returns its last step."""
+  proc = _cli(args)
+  deadline = time.time() + 300
+  while not _steps(ckpt_dir) and proc.poll() is None and time.time() < deadline:
+    time.sleep(0.02)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  assert _steps(ckpt_dir), proc.stdout.read()[-3000:]
+  killed_at = _steps(ckpt_dir)[-1]
+  assert killed_at < total_steps, 'the run finished before it was killed'
+  return killed_at
+
+
 def _params(config, workdir):
   _, params, _, meta = evaluate.restore_model(config, workdir, sharding.make_mesh())
   return meta['step'], [np.asarray(x) for x in jax.tree.leaves(params)]
@@ -200,16 +214,7 @@ def test_killed_cli_run_resumes_from_its_checkpoint(toy_root, cache_dir, tmp_pat
             '--config.train.checkpoint_every_steps=3']
   workdir = tmp_path / 'run'
   args = [*common, f'--workdir={workdir}']
-  proc = _cli(args)
-  ckpt = workdir / 'toy' / 'checkpoints'
-  deadline = time.time() + 300
-  while not _steps(ckpt) and proc.poll() is None and time.time() < deadline:
-    time.sleep(0.02)
-  proc.send_signal(signal.SIGKILL)
-  proc.wait()
-  assert _steps(ckpt), proc.stdout.read()[-3000:]
-  killed_at = _steps(ckpt)[-1]
-  assert killed_at < 24, 'the run finished before it was killed'
+  killed_at = _kill_after_first_checkpoint(args, workdir / 'toy' / 'checkpoints', 24)
 
   resumed = _cli(args)
   out, _ = resumed.communicate(timeout=600)

@@ -120,11 +120,7 @@ class _Group:
     sharding.check_batch_size(batch, mesh, 'train.batch_size')
     self.steps_per_epoch, self.last_steps = [], []
     for m in members:
-      spe = len(self.data[m.category].train) // batch
-      if spe == 0:
-        raise errors.ConfigError(f'the train split of {m.category!r} has '
-                                 f'{len(self.data[m.category].train)} images, fewer than '
-                                 f'train.batch_size={batch}')
+      spe = train.epoch_steps(len(self.data[m.category].train), batch, m.category)
       self.steps_per_epoch.append(spe)
       self.last_steps.append(train_state.total_steps(m.config.train, spe))
     self.total = max(self.last_steps)

@@ -226,6 +226,15 @@ def _loop(config, workdir, data, mesh, model_state, chunk, cache, mgr, meta, sch
   return loss_now
 
 
+def epoch_steps(num_images: int, batch_size: int, category: str) -> int:
+  """Steps per epoch, floor(images / batch) (a last partial batch is dropped); an error naming the
+  category when it has fewer images than one batch."""
+  if num_images < batch_size:
+    raise errors.ConfigError(f'the train split of {category!r} has {num_images} images, fewer than '
+                             f'train.batch_size={batch_size}')
+  return num_images // batch_size
+
+
 def train(config: ml_collections.ConfigDict, category: str, workdir: pathlib.Path,
           data: datasets.CategoryData | None = None, mesh=None) -> dict:
   """Trains one model in `workdir` (resuming from its latest checkpoint) on `category`'s training data,
@@ -236,10 +245,7 @@ def train(config: ml_collections.ConfigDict, category: str, workdir: pathlib.Pat
   cfg = config.train
   sharding.check_batch_size(cfg.batch_size, mesh, 'train.batch_size')
   data = data if data is not None else datasets.load_category(config, category)
-  steps_per_epoch = len(data.train) // cfg.batch_size
-  if steps_per_epoch == 0:
-    raise errors.ConfigError(f'the train split of {category!r} has {len(data.train)} images, fewer than '
-                             f'train.batch_size={cfg.batch_size}')
+  steps_per_epoch = epoch_steps(len(data.train), cfg.batch_size, category)
   last_step = total_steps(cfg, steps_per_epoch)
   model, info = build_model(config)
   tx, schedule = make_optimizer(cfg, steps_per_epoch, last_step)

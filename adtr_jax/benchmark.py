@@ -144,10 +144,10 @@ def stacked_run(config, batch_size: int, steps: int, models: int) -> dict:
   cache, size = feature_cache.place_stacked([features.repeat(4, axis=0)], mesh)
   hyper = dict(train_state.hyperparameters(config.train, 4, 1000), num_rows=jnp.int32(4 * batch_size),
                steps_per_epoch=jnp.int32(4), last_step=jnp.int32(2 ** 30), data=jnp.int32(0))
-  tile = lambda tree: jax.tree.map(lambda x: jnp.stack([jnp.asarray(x)] * models), tree)
   mod = sharding.model_sharded(mesh)
-  holder = {'state': jax.device_put(tile(state), mod)}
-  keys, hyper = jax.device_put((jax.random.split(jax.random.key(0), models), tile(hyper)), mod)
+  holder = {'state': jax.device_put(stacked.stack([state] * models), mod)}
+  keys = jax.random.split(jax.random.key(0), models)
+  keys, hyper = jax.device_put((keys, stacked.stack([hyper] * models)), mod)
   frozen = sharding.put_replicated(frozen, mesh)
   step_fn = functools.partial(stacked._model_step, graphdef=graphdef, loss=train.loss_fn,
                               schedule=config.train.schedule)

@@ -2,8 +2,8 @@
 
 The recipe (found by measurement, see README "Results" and experiments/sweep.py): per-channel feature
 standardisation, embeddings initialised at unit scale, key projections initialised equal to the query
-projections, AdamW at 3e-4 with 5% linear warmup and cosine decay over the run's length, at least 200
-steps. Everything else is the paper's (4+4 layers, hidden 256, 8 heads, FFN 1024, dropout 0.1, batch 16,
+projections, no dropout, AdamW at 3e-4 with 5% linear warmup and cosine decay over the run's length, at
+least 200 steps. Everything else is the paper's (4+4 layers, hidden 256, 8 heads, FFN 1024, batch 16,
 weight decay 1e-4, clipping 0.1). configs/mvtec_paper.py has the paper's optimiser and schedule exactly.
 
 The files in configs/ start from this and change only what differs (configs/default.py is this one as a
@@ -56,7 +56,10 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.num_decoder_layers = 4
   config.model.num_heads = 8
   config.model.ffn_dim = 1024
-  config.model.dropout = 0.1
+  # The recipe trains without dropout (the paper: 0.1, kept in configs/mvtec_paper.py). Measured with
+  # 3 seeds on Magnetic Tile and ELPV: the same AUROC at the same budget, and 1.4x faster CPU steps,
+  # as no masks are drawn (README "Results").
+  config.model.dropout = 0.0
   # Ablations (the paper's model: True, 'transformer', 'features'). aux_query=False feeds the decoder
   # the encoder output; type 'mlp' / 'cnn' replaces attention by token-wise MLP / 3x3 conv blocks;
   # target 'pixels' reconstructs s x s image patches instead of backbone features.

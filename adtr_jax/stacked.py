@@ -95,7 +95,8 @@ def check(config) -> None:
     raise errors.ConfigError('dataset.unified trains one model: it is not stacked (train.stacked=False)')
 
 
-def _stack(trees):
+def stack(trees):
+  """Stacks equal-structured pytrees on a new leading (model) axis."""
   return jax.tree.map(lambda *xs: jnp.stack([jnp.asarray(x) for x in xs]), *trees)
 
 
@@ -149,14 +150,14 @@ def prepare(members: list[Member], mesh, fresh: bool):
   if n_models % mesh.shape['model']:
     raise errors.ConfigError(f'{n_models} stacked models do not split over train.model_axis='
                              f'{mesh.shape["model"]} devices')
-  hyper = _stack([dict(train_state.hyperparameters(m.config.train, spe, last),
+  hyper = stack([dict(train_state.hyperparameters(m.config.train, spe, last),
                        num_rows=jnp.int32(len(g.data[m.category].train)),
                        steps_per_epoch=jnp.int32(spe), last_step=jnp.int32(last),
                        data=jnp.int32(g.categories.index(m.category)))
                   for m, spe, last in zip(members, g.steps_per_epoch, g.last_steps)])
   keys = jnp.stack([jax.random.key(m.config.seed) for m in members])
   mod = sharding.model_sharded(mesh)
-  state, keys, hyper = jax.device_put((_stack(states), keys, hyper), mod)
+  state, keys, hyper = jax.device_put((stack(states), keys, hyper), mod)
   frozen = sharding.put_replicated(frozen, mesh)
   cache, size = feature_cache.place_stacked([features[c] for c in g.categories], mesh)
   return g, graphdef, state, frozen, (cache, size), keys, hyper, info

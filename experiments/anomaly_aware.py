@@ -21,13 +21,12 @@ import pathlib
 import sys
 import time
 
-import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-from experiments import paper_table  # noqa: E402
+from experiments import paper_table, sweep  # noqa: E402
 
 VARIANTS = {
     'normal': dict(loss='mse', synthetic='none', labelled_use='exclude'),
@@ -75,10 +74,7 @@ def table(per_seed: list[dict], header: str, deviations: list[str]) -> str:
   """Mean ± std over seeds of each variant's metrics, as markdown."""
   rows = []
   for name in VARIANTS:
-    cells = []
-    for key in KEYS:
-      vals = [100 * r[name][key] for r in per_seed if key in r[name]]
-      cells.append(f'{np.mean(vals):.1f} ± {np.std(vals):.1f}' if vals else '-')
+    cells = [sweep.mean_std([r[name][key] for r in per_seed if key in r[name]]) for key in KEYS]
     tests = sorted({r[name]['num_test_images'] for r in per_seed})
     rows.append(f'| {name} | {len(per_seed)} | ' + ' | '.join(cells) + f' | {",".join(map(str, tests))} |')
   return '\n'.join([header, '', '| variant | seeds | image AUROC | pixel AUROC | pixel AUPRO | test images |',

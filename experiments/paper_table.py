@@ -12,13 +12,13 @@ import json
 import pathlib
 import sys
 
-import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 from adtr_jax import config_files  # noqa: E402
+from experiments import sweep  # noqa: E402
 
 # The paper's figures (You et al. 2022). Only the means are transcribed here; per-category columns are
 # left to be filled from the paper's tables, so a missing one shows as '-' rather than a guess.
@@ -31,7 +31,7 @@ PAPER = {
 }
 # The paper's training setting, shared by both tables.
 PAPER_TRAINING = {'train.num_epochs': 500, 'train.learning_rate': 1e-4, 'train.schedule': 'step',
-                  'model.feature_norm': 'none', 'model.tie_qk_init': False,
+                  'model.feature_norm': 'none', 'model.tie_qk_init': False, 'model.dropout': 0.1,
                   'calibration.holdout_fraction': 0.0}
 
 
@@ -68,8 +68,7 @@ def run(config, table: str, workdir: pathlib.Path, seeds: list[int]) -> str:
   for name in names:
     cells = []
     for k in keys:
-      vals = [100 * (r['mean'] if name == 'mean' else r['categories'][name])[k] for r in reports]
-      cells += [f'{np.mean(vals):.1f} ± {np.std(vals):.1f}',
+      cells += [sweep.mean_std([(r['mean'] if name == 'mean' else r['categories'][name])[k] for r in reports]),
                 f'{paper[k]:.1f}' if name == 'mean' else '-']
     lines.append(f'| {name} | ' + ' | '.join(cells) + ' |')
   devs = deviations(config, table)

@@ -68,13 +68,10 @@ def overrides(spec: str) -> dict:
               for kv in filter(None, spec.split(',')))
 
 
-def _mean_std(reports: list[dict]) -> dict:
-  out = {}
-  for key in KEYS:
-    vals = [r[key] for r in reports if key in r and np.isfinite(r[key])]
-    if vals:
-      out[key] = (100 * float(np.mean(vals)), 100 * float(np.std(vals)), len(vals))
-  return out
+def mean_std(fractions) -> str:
+  """'mean ± std' in percent of a list of fractions ('-' when empty): every table's cell."""
+  vals = 100 * np.asarray([v for v in fractions if np.isfinite(v)], dtype=float)
+  return f'{vals.mean():.1f} ± {vals.std():.1f}' if vals.size else '-'
 
 
 def _rows(report: dict) -> dict:
@@ -123,8 +120,7 @@ def run_sweep(base, workdir, points: list[dict], common: dict, seeds: list, refe
            '', '| run | category | seeds | ' + ' | '.join(KEYS) + ' | min/run |', '|---' * (len(KEYS) + 4) + '|']
   for name, cats in rows.items():
     for cat, reports in cats.items():
-      stats = _mean_std(reports)
-      cells = [f'{stats[k][0]:.1f} ± {stats[k][1]:.1f}' if k in stats else '-' for k in KEYS]
+      cells = [mean_std([r[k] for r in reports if k in r]) for k in KEYS]
       minutes = np.mean([r['minutes'] for r in reports])
       lines.append(f'| {name} | {cat} | {len(reports)} | ' + ' | '.join(cells) + f' | {minutes:.1f} |')
   table = '\n'.join(lines) + '\n'

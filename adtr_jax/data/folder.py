@@ -14,8 +14,7 @@ class FolderSource:
     folder = pathlib.Path(folder).expanduser()
     if not folder.is_dir():
       raise errors.DataError(f'{folder} is not a folder of images')
-    self.paths = sorted(p for p in folder.iterdir()
-                        if p.is_file() and p.suffix.lower() in mvtec.IMAGE_EXTENSIONS)
+    self.paths = mvtec.images_in(folder)
     if not self.paths:
       raise errors.DataError(f'{folder} has no images ({", ".join(mvtec.IMAGE_EXTENSIONS)})')
 

@@ -20,6 +20,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2]))
+from experiments import sweep  # noqa: E402
 from experiments.ablations import variants  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Base config (one category).',
@@ -60,10 +61,7 @@ def _row(name: str, config, reports: list[dict], minutes: float) -> str:
   embedding = (f'{b.arch}, {"+".join(b.layers)}' if m.target == 'features'
                else f'pixels, {b.out_stride}x{b.out_stride} patches')
   setup = f'{embedding}, {m.type}, aux query {"on" if m.aux_query else "off"}'
-  cells = []
-  for key in KEYS:
-    vals = 100 * np.asarray([r[key] for r in reports])
-    cells.append(f'{vals.mean():.1f} ± {vals.std():.1f}')
+  cells = [sweep.mean_std([r[key] for r in reports]) for key in KEYS]
   return f'| {name} | {setup} | {len(reports)} | ' + ' | '.join(cells) + f' | {minutes:.1f} |'
 
 

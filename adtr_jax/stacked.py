@@ -151,10 +151,10 @@ def prepare(members: list[Member], mesh, fresh: bool):
     raise errors.ConfigError(f'{n_models} stacked models do not split over train.model_axis='
                              f'{mesh.shape["model"]} devices')
   hyper = stack([dict(train_state.hyperparameters(m.config.train, spe, last),
-                       num_rows=jnp.int32(len(g.data[m.category].train)),
-                       steps_per_epoch=jnp.int32(spe), last_step=jnp.int32(last),
-                       data=jnp.int32(g.categories.index(m.category)))
-                  for m, spe, last in zip(members, g.steps_per_epoch, g.last_steps)])
+                      num_rows=jnp.int32(len(g.data[m.category].train)),
+                      steps_per_epoch=jnp.int32(spe), last_step=jnp.int32(last),
+                      data=jnp.int32(g.categories.index(m.category)))
+                 for m, spe, last in zip(members, g.steps_per_epoch, g.last_steps)])
   keys = jnp.stack([jax.random.key(m.config.seed) for m in members])
   mod = sharding.model_sharded(mesh)
   state, keys, hyper = jax.device_put((stack(states), keys, hyper), mod)

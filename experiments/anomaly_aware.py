@@ -119,6 +119,21 @@ def table(per_seed: list[dict], categories: list[str], header: str, deviations: 
                     'Differences from the paper: ' + ('; '.join(deviations) or 'none') + '.'])
 
 
+def _setting(flags_: dict, min_steps: int) -> str:
+  """The two stages and each variant's anomalies, in words (only what the chosen variants use)."""
+  stage1 = (f'stage 1 = the runs in {flags_["pretrained"]}' if flags_['pretrained']
+            else f'{flags_["pretrain_epochs"]} normal-only epochs')
+  parts = [f'{stage1}, then {flags_["finetune_epochs"]} epochs (at least {min_steps} steps) per variant']
+  variants = flags_['variants']
+  if 'synthetic' in variants:
+    parts.append(f'synthetic = {flags_["synthetic"]}')
+  if {'real_px', 'real_img'} & set(variants):
+    parts.append(f'N = {flags_["num_labelled"]} real anomalies per defect type')
+  if 'external' in variants:
+    parts.append(f'external = {flags_["external_dir"]}')
+  return '; '.join(parts)
+
+
 def main(argv):
   del argv
   from adtr_jax.data import datasets
@@ -134,14 +149,15 @@ def main(argv):
                 pretrained=_PRETRAINED.value)
   t0 = time.time()
   per_seed = [run_seed(base, categories, workdir / f'seed{s}', int(s), flags_) for s in _SEEDS.value]
-  stage1 = f'the runs in {_PRETRAINED.value}' if _PRETRAINED.value else f'{_PRE.value} normal-only epochs'
-  header = (f'Categories {", ".join(categories)}: {stage1}, then {_FT.value} epochs (at least '
-            f'{base.train.min_steps} steps) per variant; N = {_N.value} real anomalies per defect type; '
-            f'synthetic = {_SYN.value}; external = {_EXT.value or "-"}; seeds {",".join(_SEEDS.value)}; '
-            f'{(time.time() - t0) / 60:.1f} min in this invocation.')
+  header = f'Categories {", ".join(categories)}: {_setting(flags_, base.train.min_steps)}; seeds ' \
+           f'{",".join(_SEEDS.value)}; {(time.time() - t0) / 60:.1f} min in this invocation.'
   as_run = base.copy_and_resolve_references()   # what every variant saw: both stages, no hold-out
   as_run.train.num_epochs, as_run.calibration.holdout_fraction = _PRE.value + _FT.value, 0.0
-  text = table(per_seed, categories, header, paper_table.deviations(as_run, _PAPER.value))
+  deviations = paper_table.deviations(as_run, _PAPER.value)
+  if _PRETRAINED.value:   # stage 1's budget and hold-out are those of the given runs, unknown here
+    deviations = [d for d in deviations if not d.startswith(('train.num_epochs', 'calibration.'))] + [
+        "the budget: the --pretrained runs' own, then stage 2 (paper: 500 epochs)"]
+  text = table(per_seed, categories, header, deviations)
   (workdir / 'anomaly_aware.md').write_text(text + '\n')
   print(text)
 

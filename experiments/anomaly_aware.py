@@ -82,7 +82,8 @@ def stage_one(base, categories: list[str], workdir: pathlib.Path, seed: int, fla
 
 
 def run_seed(base, categories: list[str], workdir: pathlib.Path, seed: int, flags_: dict) -> dict:
-  """{variant: {category: metrics}} of one seed (each variant trained unless its metrics.json exists)."""
+  """{variant: {category: metrics}, plus 'mean' over several categories} of one seed (each variant
+  trained unless its metrics.json exists)."""
   from adtr_jax import train
   seeded = base.copy_and_resolve_references()
   seeded.seed = seed
@@ -92,16 +93,8 @@ def run_seed(base, categories: list[str], workdir: pathlib.Path, seed: int, flag
   for name, path in done.items():
     if not path.is_file():
       train.train_and_evaluate(variant_config(seeded, name, init_from, flags_), workdir / name)
-    out[name] = json.loads(path.read_text())['categories']
+    out[name] = sweep.report_rows(json.loads(path.read_text()))
   return out
-
-
-def _metrics(runs: dict, category: str, categories: list[str]) -> dict:
-  """One seed's metrics of a variant for `category`, or (category 'mean') their mean over categories."""
-  if category != 'mean':
-    return runs[category]
-  return {k: sum(runs[c][k] for c in categories) / len(categories) for k in KEYS
-          if all(k in runs[c] for c in categories)}
 
 
 def table(per_seed: list[dict], categories: list[str], header: str, deviations: list[str]) -> str:
@@ -110,7 +103,7 @@ def table(per_seed: list[dict], categories: list[str], header: str, deviations: 
   rows = []
   for category in categories + (['mean'] if len(categories) > 1 else []):
     for name in per_seed[0]:
-      runs = [_metrics(r[name], category, categories) for r in per_seed]
+      runs = [r[name][category] for r in per_seed]
       cells = [sweep.mean_std([m[key] for m in runs if key in m]) for key in KEYS]
       tests = ','.join(map(str, sorted({m['num_test_images'] for m in runs if 'num_test_images' in m})))
       rows.append(f'| {category} | {name} | {len(per_seed)} | ' + ' | '.join(cells) + f' | {tests or "-"} |')

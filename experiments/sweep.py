@@ -74,7 +74,7 @@ def mean_std(fractions) -> str:
   return f'{vals.mean():.1f} ± {vals.std():.1f}' if vals.size else '-'
 
 
-def _rows(report: dict) -> dict:
+def report_rows(report: dict) -> dict:
   """{category: metrics (+ minutes)} of one run's metrics.json, plus 'mean' when it has several."""
   cats = dict(report['categories'])
   if len(cats) > 1:
@@ -114,7 +114,7 @@ def run_sweep(base, workdir, points: list[dict], common: dict, seeds: list, refe
   for name, _ in names:
     for seed in seeds:
       report = json.loads((run_dir(name, seed) / 'metrics.json').read_text())
-      for cat, metrics in _rows(report).items():
+      for cat, metrics in report_rows(report).items():
         rows.setdefault(name, {}).setdefault(cat, []).append(metrics)
   lines = [f'Base: `{base.dataset.category}`; for every run: {common or "-"}; seeds {",".join(map(str, seeds))}.',
            '', '| run | category | seeds | ' + ' | '.join(KEYS) + ' | min/run |', '|---' * (len(KEYS) + 4) + '|']

@@ -74,11 +74,12 @@ def test_external_variant_on_two_categories_from_given_stage_one(toy_root, tmp_p
   for category in ('toy', 'toy2', 'mean'):
     for name in ('normal', 'external'):
       assert f'| {category} | {name} | 1 | ' in table
+  # the mean row: per seed over the two categories
   mean_row = table.split('| mean | external | 1 | ')[1].split(' |')[0]
+  assert float(mean_row.split(' ± ')[0]) == round(50 * (ext['toy']['image_auroc'] + ext['toy2']['image_auroc']), 1)
   # the header names what the chosen variants use, and stage 1's budget as the given runs'
   assert f'external = {external}' in table and 'synthetic =' not in table and 'N = ' not in table
   assert "the --pretrained runs' own" in table and 'train.num_epochs' not in table
-  assert float(mean_row.split(' ± ')[0]) == round(50 * (ext['toy']['image_auroc'] + ext['toy2']['image_auroc']), 1)
 
   _, out = _run([f'--workdir={tmp_path / "none"}', '--variants=normal', '--pretrained=/nonexistent/{seed}',
                  *common], root, tmp_path / 'c')

@@ -2,7 +2,8 @@
 
 A member is one model a run would train alone: a config with one category, and its workdir. Members
 whose configs differ only in STACKABLE fields (category, seed, and the optimiser's numbers) share
-every array shape and the frozen backbone, so they train together:
+every array shape and the frozen backbone, so they train together (the init-only model numbers too:
+each model is initialised from its own config):
 
 * parameters, optimizer state, keys and optimiser numbers are stacked on a leading model axis and
   `jax.vmap`-ed through train.train_step; the model axis is sharded over the mesh's 'model' axis,
@@ -42,10 +43,12 @@ from adtr_jax.data import datasets
 from adtr_jax.models.adtr import build_model
 
 # Config fields that are numbers (or the data) rather than shapes: members differing only in these
-# train in one group.
+# train in one group. The model.* ones change only initial values (prepare builds each member's model
+# from its own config), not the graph.
 STACKABLE = ('seed', 'dataset.category', 'train.learning_rate', 'train.weight_decay',
              'train.grad_clip_norm', 'train.warmup_fraction', 'train.final_lr_fraction',
-             'train.num_epochs', 'train.min_steps', 'train.lr_decay_factor')
+             'train.num_epochs', 'train.min_steps', 'train.lr_decay_factor',
+             'model.embed_init_std', 'model.tie_qk_init')
 
 
 @dataclasses.dataclass

@@ -12,9 +12,11 @@ from adtr_jax import errors, evaluate, inference, sharding, stacked, train
 from tests.conftest import make_toy_mvtec, tiny_config
 from tests.test_train import _cli, _kill_after_first_checkpoint
 
-# (category, seed, learning rate): two categories of different sizes (18 and 26 training images:
-# 2 and 3 steps per epoch, budgets of 4 and 6 steps), several seeds and learning rates.
-MEMBERS = [('toy', 0, 1e-3), ('toy', 1, 3e-4), ('toy2', 0, 1e-3), ('toy2', 2, 2e-3)]
+# (category, seed, learning rate, model init): two categories of different sizes (18 and 26 training
+# images: 2 and 3 steps per epoch, budgets of 4 and 6 steps), several seeds, learning rates and
+# initialisations (init-only fields are stackable too).
+MEMBERS = [('toy', 0, 1e-3, {}), ('toy', 1, 3e-4, {'tie_qk_init': False}), ('toy2', 0, 1e-3, {}),
+           ('toy2', 2, 2e-3, {'embed_init_std': 0.02})]
 
 
 @pytest.fixture(scope='module')
@@ -26,9 +28,10 @@ def root(toy_root, tmp_path_factory):
   return root
 
 
-def _config(root, cache, category, seed, lr):
+def _config(root, cache, category, seed, lr, model=None):
   config = tiny_config(root, cache, schedule='warmup_cosine', learning_rate=lr, num_epochs=2)
   config.dataset.category, config.seed = category, seed
+  config.model.update(**(model or {}))
   config.calibration.holdout_fraction = 0.0
   return config
 
@@ -111,10 +114,11 @@ def test_groups_split_on_shapes_not_numbers(root, tmp_path):
     return stacked.Member(config, tmp_path / name)
   members = [member('base'), member('lr', train__learning_rate=3e-4), member('cat', dataset__category='toy2'),
              member('wide', model__hidden_dim=64), member('epochs', train__num_epochs=5),
-             member('dropout', model__dropout=0.0)]
+             member('dropout', model__dropout=0.0), member('embed', model__embed_init_std=0.1),
+             member('untied', model__tie_qk_init=False)]
   members[1].config.seed = 7
   assert [[m.workdir.name for m in g] for g in stacked.groups(members)] == [
-      ['base', 'lr', 'cat', 'epochs'], ['wide'], ['dropout']]
+      ['base', 'lr', 'cat', 'epochs', 'embed', 'untied'], ['wide'], ['dropout']]
 
 
 def test_anomaly_training_is_not_stacked(root, tmp_path):

@@ -48,7 +48,7 @@ from adtr_jax.models.adtr import build_model
 STACKABLE = ('seed', 'dataset.category', 'train.learning_rate', 'train.weight_decay',
              'train.grad_clip_norm', 'train.warmup_fraction', 'train.final_lr_fraction',
              'train.num_epochs', 'train.min_steps', 'train.lr_decay_factor',
-             'model.embed_init_std', 'model.tie_qk_init')
+             'model.embed_init_std', 'model.tie_qk_init', 'model.pos_init')
 
 
 @dataclasses.dataclass

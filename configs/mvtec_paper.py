@@ -10,7 +10,7 @@ timm or efficientnet_pytorch) and name it, converted or not:
 
 What the paper does not state and this config takes from adtr_jax/defaults.py: the initial scale of the
 learned position/query embeddings (model.embed_init_std) and the avg-pool size of the image score. The
-default recipe's additions (feature_norm, tie_qk_init, warmup-cosine schedule, min_steps) are off.
+default recipe's additions (feature_norm, tie_qk_init, pos_init, warmup-cosine schedule, min_steps) are off.
 Known deviation: attention goes through jax.nn.dot_product_attention, which has no dropout on the
 attention weights (PyTorch's nn.MultiheadAttention drops them at 0.1); residual-branch dropout is kept.
 """
@@ -32,6 +32,7 @@ def get_config():
                       ffn_dim=1024, dropout=0.1)
   config.model.feature_norm = 'none'       # raw features in the loss and the score
   config.model.tie_qk_init = False         # independent key/query projections
+  config.model.pos_init = 'normal'         # independently drawn position embeddings
   config.train.batch_size = 16
   config.train.learning_rate = 1e-4
   config.train.weight_decay = 1e-4

@@ -32,6 +32,7 @@ PAPER = {
 # The paper's training setting, shared by both tables.
 PAPER_TRAINING = {'train.num_epochs': 500, 'train.learning_rate': 1e-4, 'train.schedule': 'step',
                   'model.feature_norm': 'none', 'model.tie_qk_init': False, 'model.dropout': 0.1,
+                  'model.pos_init': 'normal',
                   'calibration.holdout_fraction': 0.0}
 
 

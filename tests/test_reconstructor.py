@@ -96,3 +96,32 @@ def test_feature_jitter_only_perturbs_training_inputs():
                                 plain(x, **train, rngs=nnx.Rngs(dropout=4)))   # dropout 0: no noise
   assert not np.allclose(jittered(x, **train, rngs=nnx.Rngs(dropout=3)),
                          plain(x, **train, rngs=nnx.Rngs(dropout=3)))
+
+
+def test_fourier_position_init_is_a_one_token_gaussian_kernel():
+  """pos_init='fourier': unit-variance position codes whose similarity falls with grid distance as
+  exp(-d^2 / 2) (sampled, so within a tolerance), where 'normal' draws are ~0 for every other
+  position; every other parameter gets the same initial values either way."""
+  kw = dict(hidden_dim=512, num_encoder_layers=1, num_decoder_layers=1, num_heads=8, ffn_dim=32,
+            dropout=0.0)
+  smooth = Reconstructor(8, (6, 6), pos_init='fourier', rngs=nnx.Rngs(0), **kw)
+  plain = Reconstructor(8, (6, 6), pos_init='normal', rngs=nnx.Rngs(0), **kw)
+
+  def similarity(m):
+    p = np.asarray(m.pos_embed[...])
+    return p @ p.T / p.shape[1], p.var()
+
+  gram, var = similarity(smooth)
+  assert abs(var - 1) < 0.1
+  centre = 2 * 6 + 2                                # (2, 2); (2, 3) is 1 token away, (2, 5) 3 tokens
+  assert abs(gram[centre, centre + 1] - np.exp(-0.5)) < 0.15
+  assert abs(gram[centre, centre + 7] - np.exp(-1.0)) < 0.15
+  assert abs(gram[centre, centre + 3]) < 0.15
+  plain_gram, _ = similarity(plain)
+  assert abs(plain_gram[centre, centre + 1]) < 0.15
+  same = jax.tree.map(np.array_equal, nnx.state(smooth, nnx.Param), nnx.state(plain, nnx.Param))
+  assert not same['pos_embed'].get_value()
+  del same['pos_embed']
+  assert all(jax.tree.leaves(same))
+  with pytest.raises(ValueError, match='pos_init'):
+    Reconstructor(8, (2, 2), hidden_dim=16, num_heads=4, pos_init='sine', rngs=nnx.Rngs(0))

@@ -20,6 +20,22 @@ from flax import nnx
 from adtr_jax import errors
 
 ATTENTION_IMPLEMENTATIONS = ('xla', 'cudnn', 'auto')
+POS_INITS = ('normal', 'fourier')
+
+
+def fourier_positions(key: jax.Array, grid: tuple[int, int], dim: int, scale: float = 1.0) -> jax.Array:
+  """[H*W, dim] float32 random Fourier features of the 2-D token position (u_i in token units):
+  sqrt(2) cos(w_k . u_i + b_k), w_k ~ N(0, I), b_k ~ U[0, 2 pi). Each dim has unit variance (the scale
+  of an N(0, 1) embedding), and p_i . p_j / dim ~ exp(-|u_i - u_j|^2 / 2): a Gaussian kernel one token
+  wide, where independent draws give ~0 for every j != i. So tied q/k attention starts out looking at
+  a token and its nearest neighbours instead of at the token alone and random others.
+  """
+  rows, cols = np.divmod(np.arange(grid[0] * grid[1]), grid[1])
+  u = jnp.asarray(np.stack([rows, cols], axis=1), jnp.float32)     # [T, 2]
+  kw, kb = jax.random.split(key)
+  w = jax.random.normal(kw, (2, dim))
+  b = jax.random.uniform(kb, (dim,), maxval=2 * np.pi)
+  return scale * np.sqrt(2.0) * jnp.cos(u @ w + b)
 
 
 class FeedForward(nnx.Module):
@@ -117,6 +133,9 @@ class Reconstructor(nnx.Module):
     embed_init_std: standard deviation of the initial position and query embeddings. At 0.02 (BERT's
       habit) position barely moves attention for thousands of steps at lr 1e-4; at 1.0 (the scale of
       the LayerNorm'd tokens they are added to) the decoder tells positions apart from the first step.
+    pos_init: 'normal' (N(0, embed_init_std) draws) or 'fourier' (random Fourier features of the
+      position at the same scale, see fourier_positions); either way the position embedding is
+      learned. The query embedding is N(0, embed_init_std) in both cases.
     dtype: compute dtype (float32 or bfloat16); parameters stay float32.
     attention: 'xla', 'cudnn' (GPU, bfloat16) or 'auto' (let JAX choose).
     tie_qk_init: initialise every attention's key projection equal to its query projection (see
@@ -132,14 +151,18 @@ class Reconstructor(nnx.Module):
                ffn_dim: int = 1024, dropout: float = 0.1, aux_query: bool = True,
                embed_init_std: float = 1.0, dtype=jnp.float32, attention: str = 'xla',
                tie_qk_init: bool = False, neighbour_mask: int = 0, feature_jitter: float = 0.0,
-               rngs: nnx.Rngs):
+               pos_init: str = 'normal', rngs: nnx.Rngs):
     if hidden_dim % num_heads:
       raise errors.ConfigError(f'model.hidden_dim={hidden_dim} must be divisible by model.num_heads={num_heads}')
     self.grid = tuple(grid)
     num_tokens = grid[0] * grid[1]
     init = nnx.initializers.normal(embed_init_std)
     self.input_proj = nnx.Linear(in_channels, hidden_dim, dtype=dtype, rngs=rngs)   # 1x1 conv C->D
-    self.pos_embed = nnx.Param(init(rngs.params(), (num_tokens, hidden_dim)))
+    if pos_init not in POS_INITS:
+      raise errors.ConfigError(f'model.pos_init={pos_init!r} must be one of {POS_INITS}')
+    key = rngs.params()   # one draw either way, so every later parameter gets the same values
+    self.pos_embed = nnx.Param(fourier_positions(key, self.grid, hidden_dim, embed_init_std)
+                               if pos_init == 'fourier' else init(key, (num_tokens, hidden_dim)))
     self.aux_query = nnx.Param(init(rngs.params(), (num_tokens, hidden_dim))) if aux_query else None
     layer_args = (hidden_dim, num_heads, ffn_dim, dropout)
     kw = dict(dtype=dtype, attention=attention, tie_qk_init=tie_qk_init, rngs=rngs)

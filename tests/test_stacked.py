@@ -16,7 +16,7 @@ from tests.test_train import _cli, _kill_after_first_checkpoint
 # images: 2 and 3 steps per epoch, budgets of 4 and 6 steps), several seeds, learning rates and
 # initialisations (init-only fields are stackable too).
 MEMBERS = [('toy', 0, 1e-3, {}), ('toy', 1, 3e-4, {'tie_qk_init': False}),
-           ('toy2', 0, 1e-3, {'pos_init': 'fourier'}),
+           ('toy2', 0, 1e-3, {'pos_init': 'normal'}),
            ('toy2', 2, 2e-3, {'embed_init_std': 0.02})]
 
 
@@ -116,10 +116,10 @@ def test_groups_split_on_shapes_not_numbers(root, tmp_path):
   members = [member('base'), member('lr', train__learning_rate=3e-4), member('cat', dataset__category='toy2'),
              member('wide', model__hidden_dim=64), member('epochs', train__num_epochs=5),
              member('dropout', model__dropout=0.0), member('embed', model__embed_init_std=0.1),
-             member('untied', model__tie_qk_init=False), member('fourier', model__pos_init='fourier')]
+             member('untied', model__tie_qk_init=False), member('normal_pos', model__pos_init='normal')]
   members[1].config.seed = 7
   assert [[m.workdir.name for m in g] for g in stacked.groups(members)] == [
-      ['base', 'lr', 'cat', 'epochs', 'embed', 'untied', 'fourier'], ['wide'], ['dropout']]
+      ['base', 'lr', 'cat', 'epochs', 'embed', 'untied', 'normal_pos'], ['wide'], ['dropout']]
 
 
 def test_anomaly_training_is_not_stacked(root, tmp_path):

@@ -116,7 +116,7 @@ def _transformer_options(m: ml_collections.ConfigDict) -> dict:
     raise errors.ConfigError(f'model.dtype={m.dtype!r} must be one of {sorted(DTYPES)}')
   return {'embed_init_std': m.embed_init_std, 'dtype': DTYPES[m.dtype], 'attention': m.attention,
           'tie_qk_init': m.tie_qk_init, 'neighbour_mask': m.neighbour_mask,
-          'feature_jitter': m.feature_jitter, 'pos_init': m.get('pos_init', 'normal')}
+          'feature_jitter': m.feature_jitter, 'pos_init': m.pos_init}
 
 
 def build_model(config: ml_collections.ConfigDict, seed: int | None = None) -> tuple[ADTR, dict]:

@@ -4,11 +4,13 @@ r"""Throughput of the jitted train step (from images and from cached features) a
   python -m adtr_jax.benchmark --config=configs/mvtec.py --breakdown   # where a train step's time goes
   python -m adtr_jax.benchmark --metrics   # the metric suite on an MVTec-sized synthetic test set
   python -m adtr_jax.benchmark --config=configs/mvtec.py --models=16   # 16 stacked models (stacked.py)
+  python -m adtr_jax.benchmark --config=configs/mvtec.py --batch_size=16 --scan_steps=6500  # 500 epochs
 
 Prints one JSON line: train_images_per_s (backbone + reconstructor, from uint8 images),
-train_cached_images_per_s (from features cached on the device, `--steps` steps per jitted call),
-infer_images_per_s, train_flops_per_image (XLA's cost analysis of the step), mfu (accelerators only:
-achieved FLOP/s of the cached step over the chip's dense bfloat16 peak), the devices and the model size.
+train_cached_images_per_s (from features cached on the device: one jitted scan of `--scan_steps`
+steps, default `--steps`, whose wall time is cached_scan_s), infer_images_per_s, train_flops_per_image
+(XLA's cost analysis of the step), mfu (accelerators only: achieved FLOP/s of the cached step over the
+chip's dense bfloat16 peak), the devices and the model size.
 Runs on every device JAX sees (the batch is sharded over them).
 
 --models=M (> 1) trains M stacked models from the cache in one jitted step instead (adtr_jax/stacked.py):
@@ -33,6 +35,8 @@ _SIZE = flags.DEFINE_integer('image_size', 224, 'Input size in pixels (square).'
 _STEPS = flags.DEFINE_integer('steps', 10, 'Timed steps (after warm-up).')
 _METRICS = flags.DEFINE_bool('metrics', False, 'Time the metrics (150 images of 256x256) instead.')
 _BREAKDOWN = flags.DEFINE_bool('breakdown', False, 'Time the parts of a train step separately.')
+_SCAN = flags.DEFINE_integer('scan_steps', 0, 'Steps of the one timed on-device scan of the cached path (0: '
+                             '--steps); e.g. 6500 times a 200-image category\'s 500 epochs at batch 16.')
 _MODELS = flags.DEFINE_integer('models', 1, 'Stacked models trained in one step (train.model_axis of '
                                'the config sets the mesh).')
 
@@ -77,7 +81,9 @@ def _setup(config, batch_size: int):
   return mesh, info, graphdef, tx, state, frozen, batch, key
 
 
-def run(config, batch_size: int, steps: int) -> dict:
+def run(config, batch_size: int, steps: int, scan_steps: int = 0) -> dict:
+  """The one-model figures; the cached path is timed as one jitted scan of `scan_steps` steps (0:
+  `steps`), after one untimed scan of the same length that compiles it."""
   import jax
   from flax import nnx
 
@@ -98,18 +104,21 @@ def run(config, batch_size: int, steps: int) -> dict:
   t_train, t_infer = _time(train_once, steps), _time(infer_once, steps)
   flops = step.lower(holder['state'], frozen, batch, key).compile().cost_analysis().get('flops', 0.0)
 
-  # Cached features: a cache of 4 batches on the device, `steps` steps per jitted call.
+  # Cached features: a cache of 4 batches on the device, `scan` steps in one jitted call.
   features = jax.jit(lambda f, x: nnx.merge(graphdef, holder['state'].params, f).embed(x))(
       frozen, batch['image'])
   cache = feature_cache.place(jax.device_get(features).repeat(4, axis=0), mesh, 'device')
   chunk = loop.device_cache_chunk(step_fn, mesh, num_rows=4 * batch_size, steps_per_epoch=4,
                                   batch_size=batch_size)
 
+  scan = scan_steps or steps
+
   def cached_once():
-    holder['state'], m = chunk(holder['state'], frozen, cache, key, 0, steps)
+    holder['state'], m = chunk(holder['state'], frozen, cache, key, 0, scan)
     jax.block_until_ready(m['loss'])
 
-  t_cached = _time(cached_once, 1, warmup=1) / steps
+  t_scan = _time(cached_once, 1, warmup=1)
+  t_cached = t_scan / scan
   cached_flops = train.jit_step(step_fn, mesh).lower(
       holder['state'], frozen, {'features': features, 'valid': batch['valid']}, key
   ).compile().cost_analysis().get('flops', 0.0)
@@ -118,6 +127,7 @@ def run(config, batch_size: int, steps: int) -> dict:
   return {'train_images_per_s': round(batch_size / t_train, 2),
           'train_cached_images_per_s': round(batch_size / t_cached, 2),
           'cached_speedup': round(t_train / t_cached, 2),
+          'cached_scan_steps': int(scan), 'cached_scan_s': round(t_scan, 3),
           'infer_images_per_s': round(batch_size / t_infer, 2),
           'train_flops_per_image': float(flops) / batch_size,
           'train_cached_flops_per_image': float(cached_flops) / batch_size,
@@ -157,7 +167,8 @@ def stacked_run(config, batch_size: int, steps: int, models: int) -> dict:
     holder['state'], m = chunk(holder['state'], frozen, cache, keys, hyper, steps)
     jax.block_until_ready(m['loss'])
 
-  t_cached = _time(cached_once, 1, warmup=1) / steps
+  t_scan = _time(cached_once, 1, warmup=1)
+  t_cached = t_scan / steps
   score = inference.jit_score_fn(mesh, graphdef, config, stacked=True)
   params = jax.device_put(holder['state'].params, sharding.replicated(mesh))
   images = sharding.put_batch({'image': jax.device_get(batch['image'])}, mesh)['image']
@@ -166,8 +177,9 @@ def stacked_run(config, batch_size: int, steps: int, models: int) -> dict:
   peak = peak_flops(jax.devices()[0])
   flops = one['train_cached_flops_per_image'] * models * batch_size
   # One model's figures keep their names with a one_model_ prefix; the summed ones take the usual keys.
-  renamed = {f'one_model_{k}' if k.endswith(('_per_s', 'speedup')) else k: v for k, v in one.items()}
-  return dict(renamed, models=models, model_axis=mesh.shape['model'],
+  renamed = {f'one_model_{k}' if k.endswith(('_per_s', 'speedup', '_scan_s')) else k: v
+             for k, v in one.items()}
+  return dict(renamed, models=models, model_axis=mesh.shape['model'], cached_scan_s=round(t_scan, 3),
               train_cached_images_per_s=round(total, 2),
               stacked_vs_one_model=round(total / one['train_cached_images_per_s'], 2),
               infer_images_per_s=round(models * batch_size / t_infer, 2),
@@ -243,6 +255,8 @@ def breakdown(config, batch_size: int, steps: int) -> dict:
 
 def main(argv):
   del argv
+  if _SCAN.value and (_METRICS.value or _BREAKDOWN.value or _MODELS.value > 1):
+    raise app.UsageError('--scan_steps times the one-model run: not with --metrics, --breakdown or --models')
   if _METRICS.value:
     from adtr_jax import metrics
     print(json.dumps(metrics.time_metrics(n=150, size=256)))
@@ -253,8 +267,11 @@ def main(argv):
   if _MODELS.value > 1:
     print(json.dumps(stacked_run(config, _BATCH.value, _STEPS.value, _MODELS.value)))
     return
-  fn = breakdown if _BREAKDOWN.value else run
-  print(json.dumps(dict(fn(config, _BATCH.value, _STEPS.value), models=1)))
+  if _BREAKDOWN.value:
+    out = breakdown(config, _BATCH.value, _STEPS.value)
+  else:
+    out = run(config, _BATCH.value, _STEPS.value, _SCAN.value)
+  print(json.dumps(dict(out, models=1)))
 
 
 if __name__ == '__main__':

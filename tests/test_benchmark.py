@@ -12,6 +12,18 @@ def test_run_reports_cached_and_image_training(tmp_path):
   assert 0 < out['train_cached_flops_per_image'] < out['train_flops_per_image']
   assert out['mfu'] is None      # no known peak for a CPU
   assert out['batch_size'] == 8 and out['image_size'] == 64
+  assert out['cached_scan_steps'] == 1      # scan_steps=0: one scan of `steps` steps
+
+
+def test_run_times_one_scan_of_scan_steps(tmp_path):
+  """scan_steps sets the length of the timed on-device scan: its wall time is what the per-step
+  images/s figure is derived from (3 steps of batch 8 in cached_scan_s)."""
+  config = tiny_config(tmp_path, tmp_path / 'cache')
+  out = benchmark.run(config, batch_size=8, steps=1, scan_steps=3)
+  assert out['cached_scan_steps'] == 3 and out['cached_scan_s'] > 0
+  ips = out['train_cached_images_per_s']
+  # Both figures are rounded (3 decimals of seconds, 2 of images/s): that is the whole allowed gap.
+  assert abs(3 * 8 / out['cached_scan_s'] - ips) <= ips * 0.0006 / out['cached_scan_s'] + 0.01
 
 
 def test_breakdown_times_every_part(tmp_path):

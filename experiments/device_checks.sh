@@ -80,21 +80,19 @@ run() {
   timeout 300 python3 -m pytest -q -p no:cacheprovider tests/test_loop.py -k bfloat16 2>&1 | tail -n 3
   timeout 300 python3 - "$attention" "$size" <<'PY' | tee -a "$OUT/device_checks.jsonl"
 # The same parameters scored three ways: how far bfloat16, then the attention kernel, move image scores.
-import importlib.util, json, sys
+import json, sys
 import jax, jax.numpy as jnp, numpy as np
 from flax import nnx
 from adtr_jax import inference
 from adtr_jax.models.adtr import TRAINABLE, build_model
-spec = importlib.util.spec_from_file_location('mvtec', 'configs/mvtec.py')
-module = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(module)
+from configs import mvtec
 size = int(sys.argv[2])
 images = jnp.asarray(np.random.default_rng(0).integers(0, 256, (16, size, size, 3), dtype=np.uint8))
 runs = {'f32_xla': ('float32', 'xla'), 'bf16_xla': ('bfloat16', 'xla'),
         f'bf16_{sys.argv[1]}': ('bfloat16', sys.argv[1])}
 scores = {}
 for name, (dtype, attention) in runs.items():
-  config = module.get_config()
+  config = mvtec.get_config()
   config.dataset.image_size, config.model.dtype, config.model.attention = size, dtype, attention
   config.scoring.avgpool_size = min(config.scoring.avgpool_size, size)
   graphdef, params, frozen = nnx.split(build_model(config, seed=0)[0], TRAINABLE, ...)

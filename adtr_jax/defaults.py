@@ -126,6 +126,10 @@ def get_config() -> ml_collections.ConfigDict:
   # Devices along the mesh's 'model' axis (stacked models are spread over it; each model's batch over
   # the other devices, the 'data' axis). Must divide the device count and the number of models.
   config.train.model_axis = 1
+  # Stacked models stepped by one vectorised (vmapped) call on each device; the rest of a device's
+  # models run through the same jitted step in sequence (lax.map). 0: all at once on accelerators,
+  # one at a time on CPU (where vmapping lost throughput, BENCHMARKS.md). Same results either way.
+  config.train.models_per_call = 0
 
   config.scoring = ml_collections.ConfigDict()
   # 'max_avgpool': max of the k x k average-pooled map (MVTec); 'mean' (CIFAR-10); 'topk_mean'.

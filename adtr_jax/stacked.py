@@ -7,7 +7,9 @@ each model is initialised from its own config):
 
 * parameters, optimizer state, keys and optimiser numbers are stacked on a leading model axis and
   `jax.vmap`-ed through train.train_step; the model axis is sharded over the mesh's 'model' axis,
-  each model's batch over 'data' (`train.model_axis` devices along 'model');
+  each model's batch over 'data' (`train.model_axis` devices along 'model'); on each device,
+  `train.models_per_call` of its models share one vectorised call and the rest run in sequence in the
+  same jitted step (on CPU one at a time by default: vmapping lost throughput there);
 * each category's training features are computed once and cached on the device ([K, N', h, w, C]);
   each model draws its own rows in its own epoch order, so model i trains exactly as it would alone
   (tests/test_stacked.py);
@@ -256,7 +258,9 @@ def train_members(members: list[Member], group_dir: str | pathlib.Path, mesh=Non
     print(f'adtr_jax: resumed {len(members)} stacked models from step {latest}', flush=True)
   step_fn = functools.partial(_model_step, graphdef=graphdef, loss=train.make_loss(g.cfg.loss),
                               schedule=cfg.schedule)
-  chunk = loop.stacked_cache_chunk(step_fn, mesh, size=size, batch_size=cfg.batch_size)
+  chunk = loop.stacked_cache_chunk(
+      step_fn, mesh, size=size, batch_size=cfg.batch_size,
+      models_per_call=loop.models_per_call(cfg.models_per_call, mesh.devices.flat[0].platform))
   logging.info('training %d stacked models (%s) on mesh %s', len(members), g.categories, mesh.shape)
   state = _run(g, group_dir, chunk, state, frozen, cache, keys, hyper, mgr, meta)
   mgr.wait_until_finished()

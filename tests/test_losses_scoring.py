@@ -1,4 +1,5 @@
 """L_norm and the score functions on hand-made inputs."""
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -48,3 +49,22 @@ def test_gaussian_kernel_normalised():
   assert k.shape == (33,)
   np.testing.assert_allclose(float(k.sum()), 1.0, rtol=1e-6)
   assert int(jnp.argmax(k)) == 16
+
+
+@pytest.mark.parametrize('h, w, size, sigma', [(3, 5, 20, 1.5), (4, 4, 8, 4.0), (2, 3, 12, 0.0)])
+def test_upsample_map_equals_resize_then_edge_padded_blur(h, w, size, sigma):
+  # The matrix form against the two steps done directly: jax.image.resize, then a separable
+  # Gaussian over an edge-padded copy (the kernel wider than the map in the second case).
+  s = np.random.default_rng(0).random((2, h, w)).astype(np.float32)
+  want = np.asarray(jax.image.resize(jnp.asarray(s), (2, size, size), method='bilinear'))
+  if sigma > 0:
+    k = scoring.gaussian_kernel1d(sigma)
+    r = (len(k) - 1) // 2
+    padded = np.pad(want, ((0, 0), (r, r), (r, r)), mode='edge')
+    rows = np.stack([np.convolve(padded[b, :, x], k, mode='valid') for b in range(2)
+                     for x in range(padded.shape[2])]).reshape(2, padded.shape[2], size).transpose(0, 2, 1)
+    want = np.stack([np.convolve(rows[b, y], k, mode='valid') for b in range(2)
+                     for y in range(size)]).reshape(2, size, size)
+  got = scoring.upsample_map(jnp.asarray(s), size, sigma)
+  assert got.shape == (2, size, size)
+  np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-6)

@@ -61,18 +61,25 @@ def alone(root, tmp_path_factory):
   return out
 
 
-@pytest.mark.parametrize('layout', ['one_device', 'mesh_4x2'])
+# (mesh, train.models_per_call): on one device the four models in sequence (0: CPU's default) or in one
+# vmapped call (4); on a 2 x 4 mesh two models per 'model' device, in sequence on each; on 4 x 2 one each.
+LAYOUTS = {'one_device': (1, 0), 'one_device_vmap': (1, 4), 'mesh_2x4': (2, 0), 'mesh_4x2': (4, 0)}
+
+
+@pytest.mark.parametrize('layout', list(LAYOUTS))
 def test_stacked_models_train_as_they_would_alone(root, alone, tmp_path, layout):
   """Same seeds, float32 features and parameters. Losses agree to 1e-6 relative and parameters to
   1e-4 absolute (measured: 2e-5; vmapped matmuls round differently, and Adam turns a ~1e-9 gradient
   difference on a near-zero gradient into a visible step). Control: a model compared with another
   seed's on the same data differs by > 1e-3 (the learning rate)."""
-  mesh = (sharding.make_mesh(jax.devices()[:1]) if layout == 'one_device'
-          else sharding.make_mesh(model_axis=4))
-  assert dict(mesh.shape) == ({'model': 1, 'data': 1} if layout == 'one_device'
-                              else {'model': 4, 'data': 2})
+  model_axis, per_call = LAYOUTS[layout]
+  mesh = (sharding.make_mesh(jax.devices()[:1]) if model_axis == 1
+          else sharding.make_mesh(model_axis=model_axis))
+  assert dict(mesh.shape) == {'model': model_axis, 'data': 1 if model_axis == 1 else 8 // model_axis}
   members = [stacked.Member(_config(root, tmp_path / 'cache', *spec), tmp_path / str(i))
              for i, spec in enumerate(MEMBERS)]
+  for m in members:
+    m.config.train.models_per_call = per_call
   group, *_ = stacked.train_members(members, tmp_path / 'group', mesh=mesh)
   assert group.last_steps == [4, 4, 6, 6]   # the shorter runs are masked for their last 2 steps
   for i, m in enumerate(members):
@@ -159,3 +166,12 @@ def test_killed_stacked_cli_run_resumes_exactly(root, tmp_path):
     step_s, p_straight, _ = _result(config, tmp_path / 'straight' / cat)
     assert step_r == step_s == last
     assert _max_diff(p_resumed, p_straight) <= 1e-6
+
+
+def test_models_per_call_default_is_sequential_on_cpu_only():
+  from adtr_jax import loop
+  assert loop.models_per_call(0, 'cpu') == 1
+  assert loop.models_per_call(0, 'gpu') == loop.models_per_call(0, 'tpu') == 0   # 0: all at once
+  assert loop.models_per_call(3, 'cpu') == loop.models_per_call(3, 'gpu') == 3
+  with pytest.raises(errors.ConfigError, match='train.models_per_call'):
+    loop.models_per_call(-1, 'cpu')

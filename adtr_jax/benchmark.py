@@ -161,9 +161,8 @@ def stacked_run(config, batch_size: int, steps: int, models: int) -> dict:
   frozen = sharding.put_replicated(frozen, mesh)
   step_fn = functools.partial(stacked._model_step, graphdef=graphdef, loss=train.loss_fn,
                               schedule=config.train.schedule)
-  per_call = loop.models_per_call(config.train.models_per_call, jax.devices()[0].platform)
   chunk = loop.stacked_cache_chunk(step_fn, mesh, size=size, batch_size=batch_size,
-                                   models_per_call=per_call)
+                                   models_per_call=config.train.models_per_call)
 
   def cached_once():
     holder['state'], m = chunk(holder['state'], frozen, cache, keys, hyper, steps)
@@ -181,6 +180,7 @@ def stacked_run(config, batch_size: int, steps: int, models: int) -> dict:
   # One model's figures keep their names with a one_model_ prefix; the summed ones take the usual keys.
   renamed = {f'one_model_{k}' if k.endswith(('_per_s', 'speedup', '_scan_s')) else k: v
              for k, v in one.items()}
+  per_call = loop.models_per_call_for(config.train.models_per_call, mesh.devices.flat[0].platform)
   return dict(renamed, models=models, model_axis=mesh.shape['model'], models_per_call=per_call,
               cached_scan_s=round(t_scan, 3),
               train_cached_images_per_s=round(total, 2),

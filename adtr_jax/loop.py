@@ -165,8 +165,9 @@ def stacked_cache_chunk(step_fn: Callable, mesh, *, size: int, batch_size: int,
   unchanged while longer runs go on (metrics 'active' False).
 
   step_fn(state, frozen, batch, key, hyper) -> (state, metrics) is one model's pure train step.
-  models_per_call: how many of a device's models one vectorised call steps (models_per_call()); the
-  rest of them go through the same call in sequence (`lax.map`), so the result is the same either way.
+  models_per_call: train.models_per_call, how many of a device's models one vectorised call steps
+  (0: by the mesh's platform, see models_per_call_for()); the rest of them go through the same jitted
+  step in sequence (`lax.map`), so the result is the same either way.
   """
   mod, rep, dat = sharding.model_sharded(mesh), sharding.replicated(mesh), sharding.data_sharded(mesh)
   cache_sharding = NamedSharding(mesh, P(None, 'data'))
@@ -182,18 +183,19 @@ def stacked_cache_chunk(step_fn: Callable, mesh, *, size: int, batch_size: int,
     return new, dict(metrics, active=active)
 
   devices = mesh.shape['model']
+  per_call = models_per_call_for(models_per_call, mesh.devices.flat[0].platform)
 
   def stacked(state, frozen, cache, keys, hyper):
     xs = (state, keys, hyper)
-    per_device = jax.tree.leaves(keys)[0].shape[0] // devices
-    if models_per_call <= 0 or models_per_call >= per_device:  # every model in one vectorised call
+    per_device = keys.shape[0] // devices
+    if per_call == 0 or per_call >= per_device:  # every model in one vectorised call
       return jax.vmap(lambda x: one(x[0], frozen, cache, x[1], x[2]), spmd_axis_name='model')(xs)
     # [M] -> [devices, M / devices]: vmapped across the 'model' devices, and on each device the models
-    # in sequence, models_per_call at a time.
+    # in sequence, per_call at a time.
     split = lambda t: jax.tree.map(lambda x: x.reshape(devices, per_device, *x.shape[1:]), t)
     merge = lambda t: jax.tree.map(lambda x: x.reshape(devices * per_device, *x.shape[2:]), t)
     on_device = lambda x: jax.lax.map(lambda y: one(y[0], frozen, cache, y[1], y[2]), x,
-                                      batch_size=models_per_call)
+                                      batch_size=per_call)
     return merge(jax.vmap(on_device, spmd_axis_name='model')(split(xs)))
 
   def chunk(state, frozen, cache, keys, hyper, num_steps):
@@ -210,10 +212,10 @@ def stacked_cache_chunk(step_fn: Callable, mesh, *, size: int, batch_size: int,
                                                                                   keys, hyper)
 
 
-def models_per_call(value: int, platform: str) -> int:
+def models_per_call_for(value: int, platform: str) -> int:
   """train.models_per_call resolved: value if > 0; 0 = every model at once (one vmapped call) on
-  accelerators, one at a time on CPU, where the vmapped step ran at 0.72-0.78x of sequential models'
-  images/s (BENCHMARKS.md)."""
+  accelerators, one at a time on CPU, where the vmapped step ran at 0.72-0.84x of one model's images/s
+  (BENCHMARKS.md)."""
   if value < 0:
     raise errors.ConfigError(f'train.models_per_call={value} must be >= 0')
   return value or (1 if platform == 'cpu' else 0)

@@ -258,9 +258,8 @@ def train_members(members: list[Member], group_dir: str | pathlib.Path, mesh=Non
     print(f'adtr_jax: resumed {len(members)} stacked models from step {latest}', flush=True)
   step_fn = functools.partial(_model_step, graphdef=graphdef, loss=train.make_loss(g.cfg.loss),
                               schedule=cfg.schedule)
-  chunk = loop.stacked_cache_chunk(
-      step_fn, mesh, size=size, batch_size=cfg.batch_size,
-      models_per_call=loop.models_per_call(cfg.models_per_call, mesh.devices.flat[0].platform))
+  chunk = loop.stacked_cache_chunk(step_fn, mesh, size=size, batch_size=cfg.batch_size,
+                                   models_per_call=cfg.models_per_call)
   logging.info('training %d stacked models (%s) on mesh %s', len(members), g.categories, mesh.shape)
   state = _run(g, group_dir, chunk, state, frozen, cache, keys, hyper, mgr, meta)
   mgr.wait_until_finished()

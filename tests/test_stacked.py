@@ -170,8 +170,8 @@ def test_killed_stacked_cli_run_resumes_exactly(root, tmp_path):
 
 def test_models_per_call_default_is_sequential_on_cpu_only():
   from adtr_jax import loop
-  assert loop.models_per_call(0, 'cpu') == 1
-  assert loop.models_per_call(0, 'gpu') == loop.models_per_call(0, 'tpu') == 0   # 0: all at once
-  assert loop.models_per_call(3, 'cpu') == loop.models_per_call(3, 'gpu') == 3
+  assert loop.models_per_call_for(0, 'cpu') == 1
+  assert loop.models_per_call_for(0, 'gpu') == loop.models_per_call_for(0, 'tpu') == 0   # 0: all at once
+  assert loop.models_per_call_for(3, 'cpu') == loop.models_per_call_for(3, 'gpu') == 3
   with pytest.raises(errors.ConfigError, match='train.models_per_call'):
-    loop.models_per_call(-1, 'cpu')
+    loop.models_per_call_for(-1, 'cpu')

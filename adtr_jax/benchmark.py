@@ -92,6 +92,9 @@ def run(config, batch_size: int, steps: int, scan_steps: int = 0) -> dict:
   step_fn = functools.partial(train.train_step, graphdef=graphdef, tx=tx)
   step = train.jit_step(step_fn, mesh)
   score = inference.jit_score_fn(mesh, graphdef, config)
+  # A first scoring pass: the backbone on every batch (no feature memo), then the reconstructor.
+  embed = feature_cache.Embedder(graphdef, state.params, frozen, mesh, max_mb=0)
+  local_images = jax.device_get(batch['image'])
   holder = {'state': state}
 
   def train_once():
@@ -99,7 +102,7 @@ def run(config, batch_size: int, steps: int, scan_steps: int = 0) -> dict:
     jax.block_until_ready(m['loss'])
 
   def infer_once():
-    jax.block_until_ready(score(holder['state'].params, frozen, batch['image']))
+    jax.block_until_ready(score(holder['state'].params, frozen, embed(local_images)))
 
   t_train, t_infer = _time(train_once, steps), _time(infer_once, steps)
   flops = step.lower(holder['state'], frozen, batch, key).compile().cost_analysis().get('flops', 0.0)
@@ -172,8 +175,9 @@ def stacked_run(config, batch_size: int, steps: int, models: int) -> dict:
   t_cached = t_scan / steps
   score = inference.jit_score_fn(mesh, graphdef, config, stacked=True)
   params = jax.device_put(holder['state'].params, sharding.replicated(mesh))
-  images = sharding.put_batch({'image': jax.device_get(batch['image'])}, mesh)['image']
-  t_infer = _time(lambda: jax.block_until_ready(score(params, frozen, images)), steps)
+  embed = feature_cache.Embedder(graphdef, state.params, frozen, mesh, max_mb=0)
+  images = jax.device_get(batch['image'])
+  t_infer = _time(lambda: jax.block_until_ready(score(params, frozen, embed(images))), steps)
   total = models * batch_size / t_cached
   peak = peak_flops(jax.devices()[0])
   flops = one['train_cached_flops_per_image'] * models * batch_size

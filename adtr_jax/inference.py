@@ -3,33 +3,39 @@ from __future__ import annotations
 
 import jax
 import numpy as np
+from absl import logging
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 from tqdm.auto import tqdm
 
-from adtr_jax import scoring, sharding
+from adtr_jax import feature_cache, scoring, sharding
 from adtr_jax.data import pipeline
 
 
-def score_fn(params, frozen, images, *, graphdef, scoring_cfg, image_size: int):
-  """images [B, S, S, 3] -> (score maps [B, S, S], image scores [B]). Pure; dropout off."""
-  model = nnx.merge(graphdef, params, frozen)
-  f, f_hat = model(images, deterministic=True)
+def score_features(params, frozen, embedded, *, graphdef, scoring_cfg, image_size: int):
+  """embed()'s features [B, h, w, C] -> (score maps [B, S, S], image scores [B]). Pure; dropout off."""
+  f, f_hat = nnx.merge(graphdef, params, frozen).reconstruct(embedded, deterministic=True)
   maps = scoring.pixel_score_map(f, f_hat, image_size, scoring_cfg.gaussian_sigma)
   scores = scoring.image_score(maps, scoring_cfg.image_score, scoring_cfg.avgpool_size,
                                scoring_cfg.topk)
   return maps, scores
 
 
+def score_fn(params, frozen, images, *, graphdef, scoring_cfg, image_size: int):
+  """images [B, S, S, 3] -> (score maps [B, S, S], image scores [B]): the backbone, then score_features."""
+  embedded = nnx.merge(graphdef, params, frozen).embed(images)
+  return score_features(params, frozen, embedded, graphdef=graphdef, scoring_cfg=scoring_cfg,
+                        image_size=image_size)
+
+
 def jit_score_fn(mesh, graphdef, config, stacked: bool = False):
-  """score_fn jitted, images sharded on 'data'. stacked: params have a leading model axis [M] and the
-  outputs too ([M, B, S, S], [M, B]); the backbone runs once per batch (vmap batches only what
-  depends on the parameters)."""
+  """score_features jitted, features sharded on 'data'. stacked: params have a leading model axis [M]
+  and the outputs too ([M, B, S, S], [M, B]); the features are shared by all models."""
   rep, dat = sharding.replicated(mesh), sharding.data_sharded(mesh)
 
-  def fn(params, frozen, images):
-    return score_fn(params, frozen, images, graphdef=graphdef, scoring_cfg=config.scoring,
-                    image_size=config.dataset.image_size)
+  def fn(params, frozen, embedded):
+    return score_features(params, frozen, embedded, graphdef=graphdef, scoring_cfg=config.scoring,
+                          image_size=config.dataset.image_size)
 
   if stacked:
     fn, dat = jax.vmap(fn, in_axes=(0, None, None)), NamedSharding(mesh, P(None, 'data'))
@@ -42,9 +48,13 @@ def score_split(config, source, graphdef, params, frozen, mesh, desc: str, stack
   'maps' [N, S, S] float32, 'scores' [N], 'labels' [N], 'masks' [N, S, S] bool, 'index' [N]; entry i
   is row i of `source`, put there by each row's all-gathered source index (not by its position in
   the batches), and a row scored twice or never is an error. stacked: `params` are M models' stacked
-  on a leading axis, all scored in the same pass; 'maps' [M, N, S, S] and 'scores' [M, N].
+  on a leading axis, all scored in the same pass; 'maps' [M, N, S, S] and 'scores' [M, N]. The
+  backbone runs once per batch (for all M), or not at all for images it embedded before in this
+  process (feature_cache.MEMO, up to eval.feature_memo_mb).
   """
   fn = jit_score_fn(mesh, graphdef, config, stacked)
+  one = jax.tree.map(lambda x: x[0], params) if stacked else params   # the backbone ignores them
+  embed = feature_cache.Embedder(graphdef, one, frozen, mesh, config.eval.feature_memo_mb)
   # Stacked outputs are [M, B, ...]: handled batch-first below, model axis restored at the end.
   batch_first = (lambda x: np.moveaxis(x, 0, 1)) if stacked else (lambda x: x)
   bs = config.eval.batch_size
@@ -57,9 +67,8 @@ def score_split(config, source, graphdef, params, frozen, mesh, desc: str, stack
       num_workers=config.dataset.num_workers), total=n_batches, desc=desc, unit='batch',
       disable=jax.process_index() != 0):
     batch['index'] = batch['index'].astype(np.int32)  # JAX's default integer width
-    inputs = sharding.put_batch({k: batch[k] for k in ('image', 'mask', 'label', 'valid', 'index')},
-                                mesh)
-    maps, scores = fn(params, frozen, inputs['image'])
+    inputs = sharding.put_batch({k: batch[k] for k in ('mask', 'label', 'valid', 'index')}, mesh)
+    maps, scores = fn(params, frozen, embed(batch['image']))
     valid = sharding.to_host(inputs['valid'])
     out['maps'].append(batch_first(sharding.to_host(maps))[valid])
     out['scores'].append(batch_first(sharding.to_host(scores))[valid])
@@ -76,4 +85,6 @@ def score_split(config, source, graphdef, params, frozen, mesh, desc: str, stack
                        'the split exactly once')
   if stacked:
     result.update(maps=batch_first(result['maps']), scores=batch_first(result['scores']))
+  if embed.hits:
+    logging.info('%s: %d of %d batches embedded earlier (feature memo)', desc, embed.hits, embed.calls)
   return result

@@ -4,7 +4,8 @@ The backbone is frozen and normal-only training has no randomness in input space
 recompute the same features. `compute` runs the backbone once over a split in inference batches;
 `place` puts the result in host memory or in device memory sharded over the mesh's `data` axis
 (each device, and so each process of a multi-host run, holds only its block of rows). `Embedder`
-gives evaluation the features of a batch, from `MEMO` when the same images were embedded before.
+gives the features of a batch, to `compute` and to evaluation, from `MEMO` when the same images were
+embedded before in this process.
 """
 from __future__ import annotations
 
@@ -36,15 +37,11 @@ def check(cfg: ml_collections.ConfigDict) -> None:
 
 
 def compute(source, graphdef: nnx.GraphDef, params, frozen, mesh, *, image_size: int, batch_size: int,
-            dtype: str, num_workers: int = 2) -> np.ndarray:
-  """Features of every row of `source`, in order: [N, h, w, C] numpy in `dtype` (bfloat16/float32)."""
-  rep, dat = sharding.replicated(mesh), sharding.data_sharded(mesh)
+            dtype: str, num_workers: int = 2, memo_mb: float = 0) -> np.ndarray:
+  """Features of every row of `source`, in order: [N, h, w, C] numpy in `dtype` (bfloat16/float32).
+  Batches embedded before in this process come from MEMO (up to memo_mb, see Embedder)."""
   store = DTYPES[dtype]
-
-  def embed(frozen, images):
-    return nnx.merge(graphdef, params, frozen).embed(images).astype(store)
-
-  embed = jax.jit(embed, in_shardings=(rep, dat), out_shardings=dat)
+  embed = Embedder(graphdef, params, frozen, mesh, memo_mb)
   sharding.check_batch_size(batch_size, mesh, 'eval.batch_size')
   out = []
   n_batches = pipeline.num_batches(len(source), batch_size, drop_remainder=False)
@@ -53,9 +50,9 @@ def compute(source, graphdef: nnx.GraphDef, params, frozen, mesh, *, image_size:
       drop_remainder=False, process_index=jax.process_index(), process_count=jax.process_count(),
       num_workers=num_workers), total=n_batches, desc='feature cache', unit='batch', leave=False,
       disable=jax.process_index() != 0):
-    inputs = sharding.put_batch({'image': batch['image'], 'valid': batch['valid']}, mesh)
-    features = sharding.to_host(embed(frozen, inputs['image']))
-    out.append(features[sharding.to_host(inputs['valid'])])
+    valid = sharding.put_batch({'valid': batch['valid']}, mesh)['valid']
+    features = sharding.to_host(embed(batch['image']).astype(store))
+    out.append(features[sharding.to_host(valid)])
   features = np.concatenate(out)
   if len(features) != len(source):  # unshuffled and padded only at the end: each row exactly once
     raise RuntimeError(f'feature cache holds {len(features)} rows for {len(source)} images')
@@ -96,8 +93,9 @@ class Memo:
   -> float32 row [h, w, C], least recently used evicted beyond max_bytes.
 
   Evaluation scores the same test images again and again (every class of a one-class protocol, every
-  variant and seed of an experiment, every run of an in-process sweep); the frozen backbone gives them
-  the same features each time, so only the reconstructor needs to run again.
+  variant and seed of an experiment, every run of an in-process sweep), and runs on the same training
+  set build the same feature cache; the frozen backbone gives them the same features each time, so
+  only the reconstructor needs to run again.
   """
 
   def __init__(self):

@@ -50,11 +50,11 @@ def score_split(config, source, graphdef, params, frozen, mesh, desc: str, stack
   the batches), and a row scored twice or never is an error. stacked: `params` are M models' stacked
   on a leading axis, all scored in the same pass; 'maps' [M, N, S, S] and 'scores' [M, N]. The
   backbone runs once per batch (for all M), or not at all for images it embedded before in this
-  process (feature_cache.MEMO, up to eval.feature_memo_mb).
+  process (feature_cache.MEMO, up to backbone.feature_memo_mb).
   """
   fn = jit_score_fn(mesh, graphdef, config, stacked)
   one = jax.tree.map(lambda x: x[0], params) if stacked else params   # the backbone ignores them
-  embed = feature_cache.Embedder(graphdef, one, frozen, mesh, config.eval.feature_memo_mb)
+  embed = feature_cache.Embedder(graphdef, one, frozen, mesh, config.backbone.feature_memo_mb)
   # Stacked outputs are [M, B, ...]: handled batch-first below, model axis restored at the end.
   batch_first = (lambda x: np.moveaxis(x, 0, 1)) if stacked else (lambda x: x)
   bs = config.eval.batch_size

@@ -164,7 +164,8 @@ def train_features(config, data, mesh, graphdef, state, frozen, dtype: str) -> n
   """The frozen backbone's features of every training image, [N, h, w, C] numpy in `dtype`."""
   return feature_cache.compute(
       data.train, graphdef, state.params, frozen, mesh, image_size=config.dataset.image_size,
-      batch_size=config.eval.batch_size, dtype=dtype, num_workers=config.dataset.num_workers)
+      batch_size=config.eval.batch_size, dtype=dtype, num_workers=config.dataset.num_workers,
+      memo_mb=config.backbone.feature_memo_mb)
 
 
 def _feeder(config, data, mesh, features, step_fn, steps_per_epoch):

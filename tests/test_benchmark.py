@@ -6,7 +6,8 @@ from tests.conftest import tiny_config
 def test_run_reports_cached_and_image_training(tmp_path):
   config = tiny_config(tmp_path, tmp_path / 'cache')
   out = benchmark.run(config, batch_size=8, steps=1)
-  for key in ('train_images_per_s', 'train_cached_images_per_s', 'infer_images_per_s'):
+  for key in ('train_images_per_s', 'train_cached_images_per_s', 'infer_images_per_s',
+              'infer_memo_images_per_s'):
     assert out[key] > 0, key
   # The cached step skips the backbone, so XLA counts fewer FLOPs for it than for the image step.
   assert 0 < out['train_cached_flops_per_image'] < out['train_flops_per_image']

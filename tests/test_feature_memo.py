@@ -80,7 +80,7 @@ class EditedFirstRow:
 
 def test_memo_off_and_budget(setup):
   config, split, graphdef, params, frozen, mesh = setup
-  config.eval.feature_memo_mb = 0
+  config.backbone.feature_memo_mb = 0
   _score(config, split, graphdef, params, frozen, mesh)
   _, e = _score(config, split, graphdef, params, frozen, mesh)
   assert e.hits == 0 and feature_cache.MEMO.bytes == 0
@@ -96,3 +96,16 @@ def test_memo_evicts_the_least_recently_used_rows():
   assert memo.get('k', [b'b']) is None       # the least recently used went
   assert memo.get('k', [b'a', b'c', b'd']).shape == (3, 2, 2, 4)
   assert memo.get('other', [b'a']) is None   # rows belong to their backbone key
+
+
+def test_training_feature_cache_reuses_the_memo(setup):
+  """A second run on the same training set builds its feature cache from the memo, equal to the first."""
+  config, split, graphdef, params, frozen, mesh = setup
+  kw = dict(image_size=64, batch_size=8, dtype='bfloat16', num_workers=1)
+  plain = feature_cache.compute(split, graphdef, params, frozen, mesh, **kw, memo_mb=0)
+  first = feature_cache.compute(split, graphdef, params, frozen, mesh, **kw, memo_mb=64)
+  again = feature_cache.compute(split, graphdef, params, frozen, mesh, **kw, memo_mb=64)
+  assert Recorder.made[-2].hits == 0 and Recorder.made[-1].hits == Recorder.made[-1].calls == 2
+  assert again.dtype == plain.dtype and again.shape == (len(split), 8, 8, plain.shape[-1])
+  np.testing.assert_array_equal(first, plain)
+  np.testing.assert_array_equal(again, plain)

@@ -86,7 +86,8 @@ def evaluate_category(config: ml_collections.ConfigDict, category: str) -> dict:
   model, _ = build_model(config)
   graphdef, params, frozen = nnx.split(model, TRAINABLE, ...)
   kw = dict(image_size=config.dataset.image_size, batch_size=config.eval.batch_size,
-            dtype='float32', num_workers=config.dataset.num_workers)
+            dtype='float32', num_workers=config.dataset.num_workers,
+            memo_mb=config.backbone.feature_memo_mb)
   train = feature_cache.compute(data.train, graphdef, params, frozen, mesh, **kw)
   model.feature_norm.fit(train)   # the same feature space as ADTR with this config
   train = np.asarray(model.feature_norm(train))

@@ -131,12 +131,15 @@ def digest(image: np.ndarray) -> bytes:
   return h.digest()
 
 
-def backbone_key(graphdef: nnx.GraphDef, frozen) -> tuple:
+_GRAPHS: dict = {}   # model structure -> a small int: hashing an nnx GraphDef costs milliseconds
+
+
+def backbone_key(graphdef: nnx.GraphDef, frozen) -> tuple[int, str]:
   """What the features depend on besides the image: the model's structure and the frozen weights."""
   h = hashlib.blake2b(digest_size=16)
   for leaf in jax.tree.leaves(jax.device_get(frozen)):
     h.update(np.ascontiguousarray(leaf).data)
-  return graphdef, h.hexdigest()
+  return _GRAPHS.setdefault(graphdef, len(_GRAPHS)), h.hexdigest()
 
 
 class Embedder:

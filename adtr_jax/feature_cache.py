@@ -163,13 +163,12 @@ class Embedder:
 
   def __call__(self, images: np.ndarray) -> jax.Array:
     self.calls += 1
-    if not self.max_bytes:
-      return self.fn(self.params, self.frozen, sharding.put_batch({'image': images}, self.mesh)['image'])
-    digests = [digest(x) for x in images]
-    rows = MEMO.get(self.key, digests)
+    digests = [digest(x) for x in images] if self.max_bytes else []
+    rows = MEMO.get(self.key, digests) if digests else None
     if rows is not None:
       self.hits += 1
       return sharding.put_batch({'features': rows}, self.mesh)['features']
     features = self.fn(self.params, self.frozen, sharding.put_batch({'image': images}, self.mesh)['image'])
-    MEMO.put(self.key, digests, sharding.to_host(features), self.max_bytes)
+    if digests:
+      MEMO.put(self.key, digests, sharding.to_host(features), self.max_bytes)
     return features

@@ -40,6 +40,15 @@ def select_step(mgr: ocp.CheckpointManager, which: str) -> int:
   return step
 
 
+def require(directory: pathlib.Path, needed_by: str) -> None:
+  """An error unless `directory` holds a finished checkpoint step (orbax names them by the step and
+  renames them so only once written); looks without creating anything, unlike manager()."""
+  steps = [p for p in directory.iterdir() if p.is_dir() and p.name.isdigit()] if directory.is_dir() else []
+  if not steps:
+    raise errors.MissingFileError(f'{needed_by} needs a trained model, but there is no checkpoint in '
+                                  f'{directory}: train first (--mode=train)')
+
+
 def restore(mgr: ocp.CheckpointManager, step: int, abstract_state):
   """Restores (state, meta) at `step` into the structure and shardings of `abstract_state`."""
   target = jax.tree.map(ocp.utils.to_shape_dtype_struct, abstract_state)

@@ -57,24 +57,26 @@ def run(config, workdir: pathlib.Path, mode: str):
 
   if _DISTRIBUTED.value:
     jax.distributed.initialize()
-  from adtr_jax import evaluate, train
+  from adtr_jax import evaluate, train, validate
+  from adtr_jax.data import datasets, mixing
   logging.info('JAX devices: %s (process %d of %d)', jax.devices(), jax.process_index(),
                jax.process_count())
+  if mode == 'predict' and not _PREDICT_DIR.value:
+    raise app.UsageError('--mode=predict needs --predict_dir=<folder of images>')
+  if mode == 'show_anomalies' and not mixing.uses_anomalies(config):
+    raise app.UsageError('no anomalies configured: set --config.anomalies.synthetic, num_labelled or '
+                         'external_dir')
+  # Before anything is written or prepared: a bad value costs a second, not a dataset's preparation.
+  validate.check(config, mode, workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   if jax.process_index() == 0:
     (workdir / 'config.json').write_text(config.to_json_best_effort(indent=2) + '\n')
   if mode == 'predict':
-    if not _PREDICT_DIR.value:
-      raise app.UsageError('--mode=predict needs --predict_dir=<folder of images>')
     evaluate.predict(config, workdir, _PREDICT_DIR.value)
     return
   if mode == 'show_anomalies':
-    from adtr_jax.data import datasets, mixing
     for category in datasets.categories(config):
       train_source = datasets.load_category(config, category).train
-      if not isinstance(train_source, mixing.MixedSource):
-        raise app.UsageError('no anomalies configured: set --config.anomalies.synthetic, '
-                             'num_labelled or external_dir')
       paths = mixing.save_examples(train_source, workdir / category / 'anomalies',
                                    config.dataset.image_size)
       print(f'{len(paths)} training anomalies with masks in {workdir / category / "anomalies"}')

@@ -48,16 +48,22 @@ def extracted(archive: pathlib.Path, cache: pathlib.Path) -> pathlib.Path:
   return out
 
 
-def data_dir(root: str | os.PathLike, cache: pathlib.Path) -> pathlib.Path:
-  """The folder holding train/ and test/: `root` itself, or where its archive was extracted. An
-  archive holding a single top folder (e.g. cifar10/train, cifar10/test) is looked into."""
+def check_root(root: str | os.PathLike) -> pathlib.Path:
+  """`root` as a path, if it is a folder or an archive (an error naming it if not); nothing is read."""
   root = pathlib.Path(root).expanduser()
   if not root.exists():
     raise errors.DataError(f'dataset root {root} does not exist (a folder with train/<class>/ and '
                            f'test/<class>/, or a {"/".join(ARCHIVE_SUFFIXES)} archive of one)')
+  if root.is_file() and not root.name.endswith(ARCHIVE_SUFFIXES):
+    raise errors.DataError(f'dataset root {root} is a file but not a {"/".join(ARCHIVE_SUFFIXES)} archive')
+  return root
+
+
+def data_dir(root: str | os.PathLike, cache: pathlib.Path) -> pathlib.Path:
+  """The folder holding train/ and test/: `root` itself, or where its archive was extracted. An
+  archive holding a single top folder (e.g. cifar10/train, cifar10/test) is looked into."""
+  root = check_root(root)
   if root.is_file():
-    if not root.name.endswith(ARCHIVE_SUFFIXES):
-      raise errors.DataError(f'dataset root {root} is a file but not a {"/".join(ARCHIVE_SUFFIXES)} archive')
     root = extracted(root, cache)
     entries = [p for p in root.iterdir() if not p.name.startswith('.')]
     if len(entries) == 1 and entries[0].is_dir() and not (root / 'train').is_dir():

@@ -89,35 +89,49 @@ def cache_dir(config: ml_collections.ConfigDict) -> pathlib.Path:
   return pathlib.Path(path).expanduser()
 
 
-def _elpv_folder(config: ml_collections.ConfigDict, category: str) -> tuple[pathlib.Path, str]:
-  cell_type = config.dataset.elpv_cell_type
-  if category != f'elpv_{cell_type}':
-    raise errors.ConfigError(f'--config.dataset.category={category!r} does not match '
-                             f'--config.dataset.elpv_cell_type={cell_type!r}: that category is '
-                             f'"elpv_{cell_type}"')
-  return elpv.export_elpv(cache_dir(config) / 'elpv', cell_type)
+def check_source(config: ml_collections.ConfigDict, category: str) -> None:
+  """What can be checked of `category`'s data without reading it: the source is known, its root is
+  given and exists (for MVTec, the category folder too), an ELPV category matches its cell type."""
+  source, root = config.dataset.source, config.dataset.root
+  if source not in SOURCES:
+    raise errors.ConfigError(f'--config.dataset.source={source!r} is not one of {", ".join(SOURCES)}')
+  if source == 'elpv':
+    cell_type = config.dataset.elpv_cell_type
+    if category != f'elpv_{cell_type}':
+      raise errors.ConfigError(f'--config.dataset.category={category!r} does not match '
+                               f'--config.dataset.elpv_cell_type={cell_type!r}: that category is '
+                               f'"elpv_{cell_type}"')
+  elif not root:
+    raise errors.ConfigError(
+        'config.dataset.root is empty: pass --config.dataset.root=' +
+        (f'/path to the folder that holds {category}/train, {category}/test and {category}/ground_truth'
+         if source == 'mvtec' else ' a folder with train/<class>/ and test/<class>/, or an archive of one'))
+  elif source == 'mvtec':
+    mvtec.check_category(pathlib.Path(root).expanduser(), category)
+  else:
+    classes.check_root(root)
+
+
+def check_unified(config: ml_collections.ConfigDict) -> None:
+  if mixing.uses_anomalies(config):
+    raise errors.ConfigError('dataset.unified=True trains on normal images only: unset anomalies.* '
+                             "(num_labelled, synthetic, external_dir) and keep loss.type='mse'")
 
 
 def _prepare(config: ml_collections.ConfigDict, category: str) -> tuple[pathlib.Path, str, bool, dict]:
   """(folder root, category folder name, whether masks are required, {split: resized-image source}),
   exporting and preparing whatever the cache does not hold yet."""
+  check_source(config, category)
   source = config.dataset.source
   if source == 'mvtec':
-    if not config.dataset.root:
-      raise errors.ConfigError('config.dataset.root is empty: pass --config.dataset.root=/path to the folder '
-                               f'that holds {category}/train, {category}/test and {category}/ground_truth')
     root = pathlib.Path(config.dataset.root).expanduser()
     require_masks = config.dataset.require_masks
   elif source == 'elpv':
-    (root, category), require_masks = _elpv_folder(config, category), False
-  elif source == 'classes':
-    if not config.dataset.root:
-      raise errors.ConfigError('config.dataset.root is empty: pass --config.dataset.root= a folder with '
-                               'train/<class>/ and test/<class>/, or an archive of one')
-    root, category = classes.export_class(config.dataset.root, category, cache_dir(config) / 'classes')
+    root, category = elpv.export_elpv(cache_dir(config) / 'elpv', config.dataset.elpv_cell_type)
     require_masks = False
   else:
-    raise errors.ConfigError(f'--config.dataset.source={source!r} is not one of {", ".join(SOURCES)}')
+    root, category = classes.export_class(config.dataset.root, category, cache_dir(config) / 'classes')
+    require_masks = False
   splits = builder.prepare(root, category, cache_dir(config) / 'tfds', require_masks)
   return root, category, require_masks, {
       name: image_cache.cached(split, config.dataset.image_size, config.dataset.num_workers)
@@ -152,9 +166,7 @@ def load_unified(config: ml_collections.ConfigDict) -> CategoryData:
   """The training data of the unified setting: the normal training images (and calibration hold-outs)
   of every configured category together, in one model. Test splits stay per category (`test` is None:
   each category is evaluated on its own)."""
-  if mixing.uses_anomalies(config):
-    raise errors.ConfigError('dataset.unified=True trains on normal images only: unset anomalies.* '
-                             "(num_labelled, synthetic, external_dir) and keep loss.type='mse'")
+  check_unified(config)
   parts = [load_category(config, c) for c in categories(config)]
   calibs = [p.calib for p in parts if p.calib is not None]
   return CategoryData(train=Concat(p.train for p in parts), test=None,

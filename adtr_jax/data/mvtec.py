@@ -31,6 +31,12 @@ def images_in(folder: pathlib.Path) -> list[pathlib.Path]:
   return [p for p in _entries(folder) if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS]
 
 
+def check_category(root: pathlib.Path, category: str) -> None:
+  """An error naming the root or the category folder when either is missing; nothing is read."""
+  if not (root / category).is_dir():
+    raise _missing_category(root, category)
+
+
 def _missing_category(root: pathlib.Path, category: str) -> errors.DataError:
   if not root.is_dir():
     return errors.DataError(f'dataset root {root} does not exist (category {category!r})')

@@ -13,7 +13,8 @@ LAYERS = ('layer1', 'layer2', 'layer3', 'layer4', 'layer5')
 LAYER_STRIDES = {name: 2 ** (k + 1) for k, name in enumerate(LAYERS)}
 
 
-def _check(layers, out_stride) -> None:
+def check_layers(layers, out_stride) -> None:
+  """backbone.layers and backbone.out_stride, naming the field."""
   if not layers or any(name not in LAYERS for name in layers) or len(set(layers)) != len(layers):
     raise errors.ConfigError(f'backbone.layers={tuple(layers)!r} must be distinct names from {LAYERS}')
   if out_stride not in LAYER_STRIDES.values() or isinstance(out_stride, bool):
@@ -40,7 +41,7 @@ class Backbone(nnx.Module):
   def __init__(self, arch: str, layers, out_stride: int, fmt: str, *, rngs: nnx.Rngs):
     """fmt: the weights' checkpoint format, which fixes padding/BN-epsilon/input-normalisation details."""
     layers = tuple(layers)
-    _check(layers, out_stride)
+    check_layers(layers, out_stride)
     fam = weights.family(arch)
     self.cnn = fam.build(arch, fmt, rngs=rngs)
     self.layers = layers
@@ -70,7 +71,7 @@ def build_backbone(cfg: ml_collections.ConfigDict, *, rngs: nnx.Rngs) -> tuple[B
   del rngs
   # Checked first so bad layers/out_stride fail before any weight file is read (load_params checks
   # the arch before reading).
-  _check(tuple(cfg.layers), cfg.out_stride)
+  check_layers(tuple(cfg.layers), cfg.out_stride)
   params, info = weights.load_params(cfg.arch, cfg.get('weights', ''), cfg.get('weights_format', 'auto'))
   backbone = nnx.eval_shape(
       lambda: Backbone(cfg.arch, cfg.layers, cfg.out_stride, info['format'], rngs=nnx.Rngs(0)))

@@ -23,6 +23,11 @@ ATTENTION_IMPLEMENTATIONS = ('xla', 'cudnn', 'auto')
 POS_INITS = ('normal', 'fourier')
 
 
+def check_heads(hidden_dim: int, num_heads: int) -> None:
+  if hidden_dim % num_heads:
+    raise errors.ConfigError(f'model.hidden_dim={hidden_dim} must be divisible by model.num_heads={num_heads}')
+
+
 def fourier_positions(key: jax.Array, grid: tuple[int, int], dim: int, scale: float = 1.0) -> jax.Array:
   """[H*W, dim] float32 random Fourier features of the 2-D token position (u_i in token units):
   sqrt(2) cos(w_k . u_i + b_k), w_k ~ N(0, I), b_k ~ U[0, 2 pi). Each dim has unit variance (the scale
@@ -152,8 +157,7 @@ class Reconstructor(nnx.Module):
                embed_init_std: float = 1.0, dtype=jnp.float32, attention: str = 'xla',
                tie_qk_init: bool = False, neighbour_mask: int = 0, feature_jitter: float = 0.0,
                pos_init: str = 'normal', rngs: nnx.Rngs):
-    if hidden_dim % num_heads:
-      raise errors.ConfigError(f'model.hidden_dim={hidden_dim} must be divisible by model.num_heads={num_heads}')
+    check_heads(hidden_dim, num_heads)
     self.grid = tuple(grid)
     num_tokens = grid[0] * grid[1]
     init = nnx.initializers.normal(embed_init_std)

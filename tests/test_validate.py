@@ -1,0 +1,74 @@
+"""A bad config, or a mode without the checkpoint it reads, fails in about a second, before any data is
+prepared: one line naming the field or folder, exit status 2, nothing written under the cache or the
+workdir."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+from adtr_jax import validate
+from tests.conftest import REPO, tiny_config
+
+# (command-line overrides, what the one line must say)
+BAD = [
+    (['--config.model.hidden_dim=-3'], 'model.hidden_dim=-3 must be in [1, inf)'),
+    (['--config.model.num_heads=5'], 'model.hidden_dim=32 must be divisible by model.num_heads=5'),
+    (["--config.backbone.layers=('layer1','layer9')"], 'backbone.layers='),
+    (['--config.backbone.arch=efficientnet_b9'], "unknown backbone.arch='efficientnet_b9'"),
+    (['--config.dataset.image_size=60'], 'dataset.image_size=60 must be a multiple of backbone.out_stride=8'),
+    (['--config.dataset.category=nope'], 'category folder'),
+    (['--config.train.batch_size=6'], 'train.batch_size=6 must be divisible by the number of devices'),
+    (['--config.train.learning_rate=0'], 'train.learning_rate=0.0 must be in (0, inf)'),
+    (['--config.train.schedule=linear'], "train.schedule='linear' must be one of"),
+    (['--config.calibration.target_fpr=1.5'], 'calibration.target_fpr=1.5 must be in (0, 1)'),
+    (['--config.loss.type=pixel'], "loss.type='pixel' needs anomalies"),
+    (['--config.anomalies.synthetic=confetti'], "loss.type='mse' would train to reconstruct them"),
+    (['--mode=eval'], '--mode=eval needs a trained model, but there is no checkpoint in'),
+    (['--config.init_from=/no/such/run'], "init_from='/no/such/run' needs a trained model"),
+]
+
+
+def _run(args, devices=4):
+  env = dict(os.environ, JAX_PLATFORMS='cpu',
+             XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}')
+  proc = subprocess.run([sys.executable, '-m', 'adtr_jax.main', *args], cwd=REPO, env=env,
+                        capture_output=True, text=True, timeout=300)
+  return proc.returncode, proc.stdout + proc.stderr
+
+
+def _assert_refused_before_work(args, expected, tmp_path):
+  cache, workdir = tmp_path / 'cache', tmp_path / 'w'
+  rc, out = _run([*args, f'--workdir={workdir}'])
+  last = out.strip().splitlines()[-1]
+  assert rc == 2 and 'Traceback' not in out, out[-2000:]
+  assert last.startswith('adtr_jax: error: ') and expected in last, last
+  assert not cache.exists() and not workdir.exists()   # nothing prepared, nothing written
+
+
+@pytest.mark.parametrize('overrides,expected', BAD, ids=[b[1][:40] for b in BAD])
+def test_bad_config_is_refused_before_any_work(toy_root, tmp_path, overrides, expected):
+  config = f'--config=tests/tiny_config.py:{toy_root}|{tmp_path / "cache"}'
+  _assert_refused_before_work([config, *overrides], expected, tmp_path)
+
+
+@pytest.mark.parametrize('line,expected', [
+    ('config.train.num_epoch = 3', 'unknown config field train.num_epoch'),
+    # ConfigDict keeps a field's type, except that None replaces anything.
+    ('config.train.schedule = None', 'train.schedule=None must be of type str'),
+])
+def test_config_file_typos_are_refused(toy_root, tmp_path, line, expected):
+  """A config file may add fields (ConfigDicts are open there): a misspelt one is an error, not ignored."""
+  path = tmp_path / 'my_config.py'
+  path.write_text('from tests import tiny_config\n\n\ndef get_config():\n'
+                  f'  config = tiny_config.make({str(toy_root)!r}, {str(tmp_path / "cache")!r})\n'
+                  f'  {line}\n  return config\n')
+  _assert_refused_before_work([f'--config={path}'], expected, tmp_path)
+
+
+def test_good_configs_pass(toy_root, tmp_path):
+  """The control: the base config of the cases above, and the shipped dataset configs, pass."""
+  validate.check(tiny_config(toy_root, tmp_path / 'cache'))
+  from configs import cifar10, elpv, magnetic_tile
+  for module in (elpv, magnetic_tile, cifar10):
+    validate.check(module.get_config())

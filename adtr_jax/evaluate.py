@@ -11,7 +11,7 @@ import numpy as np
 from absl import logging
 from sklearn import metrics as skm
 
-from adtr_jax import checkpoint, errors, metrics, sharding, visualize
+from adtr_jax import checkpoint, errors, metrics, sharding, summaries, visualize
 from adtr_jax.data import datasets
 from adtr_jax.data.folder import FolderSource
 from adtr_jax.inference import score_split
@@ -40,8 +40,9 @@ def restore_model(config, workdir: pathlib.Path, mesh):
   return graphdef, state.params, frozen, meta
 
 
-def save_heatmaps(config, source, result: dict, out_dir: pathlib.Path, has_masks: bool) -> list[str]:
-  """Overlays for the highest- and lowest-scoring anomalous and the highest-scoring normal images."""
+def save_heatmaps(config, source, result: dict, out_dir: pathlib.Path, has_masks: bool) -> dict:
+  """Overlays for the highest- and lowest-scoring anomalous and the highest-scoring normal images,
+  as PNGs in out_dir. Returns {'<kind>_<rank>': (path, panel uint8 [H, W, 3])}."""
   n = config.eval.num_heatmaps
   scores, labels = result['scores'], result['labels']
   order = np.argsort(-scores, kind='stable')
@@ -51,7 +52,7 @@ def save_heatmaps(config, source, result: dict, out_dir: pathlib.Path, has_masks
            'low_anomalous': anomalous[::-1][:max(n // 4, 1)],
            'top_normal': normal[:max(n // 4, 1)]}
   vmin, vmax = np.percentile(result['maps'], [1.0, 99.9])
-  written = []
+  written = {}
   for kind, rows in picks.items():
     for rank, i in enumerate(rows):
       example = datasets.load_example(source, int(result['index'][i]), config.dataset.image_size)
@@ -60,7 +61,7 @@ def save_heatmaps(config, source, result: dict, out_dir: pathlib.Path, has_masks
       path = out_dir / f'{kind}_{rank:02d}_score{scores[i]:.3f}_{pathlib.Path(example["path"]).stem}.png'
       if jax.process_index() == 0:
         visualize.save_png(panel, path)
-      written.append(str(path))
+      written[f'{kind}_{rank:02d}'] = (str(path), panel)
   return written
 
 
@@ -73,7 +74,8 @@ def _thin(x: np.ndarray, y: np.ndarray, n: int = 4000):
 
 
 def save_curves(result: dict, out_dir: pathlib.Path, has_masks: bool, fpr_limit: float = 0.3) -> list:
-  """Image ROC and (with masks) pixel PRO up to fpr_limit, as PNGs in out_dir. Returns their paths."""
+  """Image ROC and (with masks) pixel PRO up to fpr_limit, as PNGs in out_dir.
+  Returns {'image_roc' | 'pixel_pro': (path, plot uint8 [H, W, 3])}."""
   fpr, tpr, _ = skm.roc_curve(result['labels'], result['scores'])
   auroc = skm.auc(fpr, tpr)
   plots = {'image_roc.png': visualize.line_plot(fpr, tpr, f'image ROC (AUROC {100 * auroc:.1f})',
@@ -84,14 +86,13 @@ def save_curves(result: dict, out_dir: pathlib.Path, has_masks: bool, fpr_limit:
     plots['pixel_pro.png'] = visualize.line_plot(
         *_thin(fpr, pro), f'pixel PRO (AUPRO@{fpr_limit} {100 * aupro:.1f})', 'false positive rate',
         'PRO', xmax=fpr_limit)
-  paths = []
-  for name, image in plots.items():
-    if jax.process_index() == 0:
+  if jax.process_index() == 0:
+    for name, image in plots.items():
       visualize.save_png(image, out_dir / name)
-    paths.append(str(out_dir / name))
-  return paths
+  return {name.removesuffix('.png'): (str(out_dir / name), image) for name, image in plots.items()}
 
 
+TENSORBOARD_HEATMAPS = 4
 UNIFIED = 'unified'  # the model folder of the unified setting (dataset.unified)
 
 
@@ -120,9 +121,13 @@ def category_report(config, data: datasets.CategoryData, result: dict, workdir: 
                                aupro_ties=config.eval.aupro_ties)
   heatmaps = save_heatmaps(config, data.test, result, workdir / 'heatmaps', data.has_masks)
   curves = save_curves(result, workdir, data.has_masks)
+  # TensorBoard: the metrics, the curves and the first few heatmap panels (the top anomalous ones).
+  shown = {**{f'heatmaps/{k}': v for k, v in list(heatmaps.items())[:TENSORBOARD_HEATMAPS]}, **curves}
+  summaries.write_eval(workdir, step, values, {name: image for name, (_, image) in shown.items()})
   values.update(num_test_images=int(len(result['labels'])),
                 num_anomalous=int(result['labels'].sum()), checkpoint_step=step,
-                heatmap_dir=str(workdir / 'heatmaps'), num_heatmaps=len(heatmaps), curves=curves,
+                heatmap_dir=str(workdir / 'heatmaps'), num_heatmaps=len(heatmaps),
+                curves=[path for path, _ in curves.values()],
                 labelled_anomalies_removed_from_test=list(data.labelled_files),
                 labelled_use=config.anomalies.labelled_use)
   return values

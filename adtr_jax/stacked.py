@@ -40,7 +40,8 @@ import numpy as np
 from absl import logging
 from tqdm.auto import tqdm
 
-from adtr_jax import checkpoint, errors, evaluate, feature_cache, inference, loop, sharding, train, train_state
+from adtr_jax import (checkpoint, errors, evaluate, feature_cache, inference, loop, sharding, summaries,
+                      train, train_state)
 from adtr_jax.data import datasets
 from adtr_jax.models.adtr import build_model
 
@@ -188,7 +189,7 @@ def _run(g: _Group, group_dir: pathlib.Path, chunk, state, frozen, cache, keys, 
   """Chunks of lockstep steps up to the longest budget, logging each model in its own workdir."""
   cfg = g.cfg.train
   step = int(np.max(jax.device_get(state.step)))
-  logs = [train.JsonlLog(m.workdir / 'train_log.jsonl') for m in g.members]
+  logs = [summaries.ModelLog(m.workdir, min(step, last)) for m, last in zip(g.members, g.last_steps)]
   clock = train.SaveClock(cfg.checkpoint_every_steps, cfg.checkpoint_every_minutes, g.total, step)
   bar = tqdm(total=g.total, initial=step, desc=f'train {len(g.members)} stacked', unit='step',
              disable=jax.process_index() != 0)
@@ -203,7 +204,7 @@ def _run(g: _Group, group_dir: pathlib.Path, chunk, state, frozen, cache, keys, 
     for i, log in enumerate(logs):
       if active[:, i].any():
         loss_i = float(np.mean(metrics['loss'][active[:, i], i]))
-        log.write(step=min(step + n, g.last_steps[i]), epoch=min(step + n, g.last_steps[i]) /
+        log.write(min(step + n, g.last_steps[i]), epoch=min(step + n, g.last_steps[i]) /
                   g.steps_per_epoch[i], loss=loss_i,
                   grad_norm=float(np.mean(metrics['grad_norm'][active[:, i], i])),
                   images_per_s=float(active[:, i].sum()) * cfg.batch_size / seconds, stacked=True)
@@ -216,9 +217,13 @@ def _run(g: _Group, group_dir: pathlib.Path, chunk, state, frozen, cache, keys, 
     bar.set_postfix(loss=f'{since_save[-1]:.4f}', img_s=f'{active.sum() * cfg.batch_size / seconds:.1f}')
     if clock.due(step):
       checkpoint.save(mgr, step, state, meta, float(np.mean(since_save)))
+      for log in logs:
+        log.flush()
       clock.saved(step)
       since_save = []
   bar.close()
+  for log in logs:
+    log.close()
   return state
 
 

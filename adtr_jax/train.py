@@ -17,7 +17,8 @@ from absl import logging
 from flax import nnx
 from tqdm.auto import tqdm
 
-from adtr_jax import checkpoint, errors, evaluate, feature_cache, inference, loop, losses, sharding
+from adtr_jax import (checkpoint, errors, evaluate, feature_cache, inference, loop, losses, sharding,
+                      summaries)
 from adtr_jax.data import datasets, mixing
 from adtr_jax.models.adtr import build_model
 from adtr_jax.train_state import TrainState, init_state, make_optimizer, total_steps
@@ -105,18 +106,6 @@ def _check_same_backbone(meta: dict, info: dict, where) -> None:
                                f'config gives {info.get(key)!r}; use another --workdir or the original weights')
 
 
-class JsonlLog:
-  """Appends one JSON object per line (only on process 0)."""
-
-  def __init__(self, path: pathlib.Path):
-    self.path = path
-
-  def write(self, **record) -> None:
-    if jax.process_index() == 0:
-      with self.path.open('a') as f:
-        f.write(json.dumps(record) + '\n')
-
-
 def calibrate(config, calib, graphdef, params, frozen, mesh) -> dict:
   """The decision threshold: the (1 - target_fpr) quantile of held-out normal images' scores."""
   scores = inference.score_split(config, calib, graphdef, params, frozen, mesh, 'calibrate')['scores']
@@ -193,7 +182,7 @@ def _loop(config, workdir, data, mesh, model_state, chunk, cache, mgr, meta, sch
   cfg = config.train
   step = int(state.step)
   key = sharding.put_replicated(jax.random.key(config.seed), mesh)
-  log = JsonlLog(workdir / 'train_log.jsonl')
+  log = summaries.ModelLog(workdir, step)
   clock = SaveClock(cfg.checkpoint_every_steps, cfg.checkpoint_every_minutes, last_step, step)
   since_save, loss_now = [], float('nan')
   bar = tqdm(total=last_step, initial=step, desc=f'train {category}', unit='step',
@@ -210,7 +199,7 @@ def _loop(config, workdir, data, mesh, model_state, chunk, cache, mgr, meta, sch
     loss_now = float(np.mean(metrics['loss']))
     bar.update(n)
     bar.set_postfix(loss=f'{loss_now:.4f}', img_s=f'{rate:.1f}')
-    log.write(step=step, epoch=step / steps_per_epoch, loss=loss_now,
+    log.write(step, epoch=step / steps_per_epoch, loss=loss_now,
               grad_norm=float(np.mean(metrics['grad_norm'])), lr=float(schedule(step - 1)),
               images_per_s=rate)
     if not all(map(math.isfinite, metrics['loss'].tolist())):
@@ -221,9 +210,11 @@ def _loop(config, workdir, data, mesh, model_state, chunk, cache, mgr, meta, sch
         meta = dict(meta, calibration=calibrate(config, data.calib, graphdef, state.params, frozen,
                                                 mesh))
       checkpoint.save(mgr, step, state, meta, float(np.mean(since_save)))
+      log.flush()
       clock.saved(step)
       since_save = []
   bar.close()
+  log.close()
   return loss_now
 
 

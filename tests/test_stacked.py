@@ -10,6 +10,7 @@ import pytest
 
 from adtr_jax import errors, evaluate, inference, sharding, stacked, train
 from tests.conftest import make_toy_mvtec, tiny_config
+from tests.test_summaries import read_events
 from tests.test_train import _cli, _kill_after_first_checkpoint
 
 # (category, seed, learning rate, model init): two categories of different sizes (18 and 26 training
@@ -88,6 +89,10 @@ def test_stacked_models_train_as_they_would_alone(root, alone, tmp_path, layout)
     assert step == a_step and len(losses) == len(a_losses) == step
     np.testing.assert_allclose(losses, a_losses, rtol=1e-6)
     assert _max_diff(params, a_params) <= 1e-4, m.workdir
+    # Each member is its own TensorBoard run, with its own steps and losses.
+    scalars, _ = read_events(m.workdir)
+    assert [s for s, _ in scalars['train/loss']] == list(range(1, step + 1))
+    np.testing.assert_allclose([v for _, v in scalars['train/loss']], losses, rtol=1e-6)
   step, params, _ = _result(members[0].config, members[0].workdir)
   assert _max_diff(params, alone[1][1]) > 1e-3     # control: model 0 vs model 1 (another seed)
 

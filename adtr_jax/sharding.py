@@ -51,9 +51,25 @@ def check_batch_size(global_batch: int, mesh: Mesh, field: str) -> None:
                              f'and processes ({jax.process_count()})')
 
 
+def put(tree, sharding: NamedSharding):
+  """Places a pytree that is identical on every process (numpy, or arrays on this process's devices,
+  PRNG keys included) with `sharding`.
+
+  Leaves go through host memory: on a multi-process run jax.device_put refuses an array committed to
+  one local device for a sharding that spans other processes' devices.
+  """
+  def one(x):
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+      return jax.device_put(x, sharding)   # already global: a reshard
+    if isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+      return jax.random.wrap_key_data(one(jax.random.key_data(x)), impl=jax.random.key_impl(x))
+    return jax.device_put(np.asarray(x), sharding)
+  return jax.tree.map(one, tree)
+
+
 def put_replicated(tree, mesh: Mesh):
-  """Places a host pytree (identical on every process) replicated over the mesh."""
-  return jax.device_put(tree, replicated(mesh))
+  """Places a pytree identical on every process replicated over the mesh (see put)."""
+  return put(tree, replicated(mesh))
 
 
 def put_batch(local_batch: dict, mesh: Mesh) -> dict:

@@ -162,7 +162,7 @@ def prepare(members: list[Member], mesh, fresh: bool):
                  for m, spe, last in zip(members, g.steps_per_epoch, g.last_steps)])
   keys = jnp.stack([jax.random.key(m.config.seed) for m in members])
   mod = sharding.model_sharded(mesh)
-  state, keys, hyper = jax.device_put((stack(states), keys, hyper), mod)
+  state, keys, hyper = sharding.put((stack(states), keys, hyper), mod)
   frozen = sharding.put_replicated(frozen, mesh)
   cache, size = feature_cache.place_stacked([features[c] for c in g.categories], mesh)
   return g, graphdef, state, frozen, (cache, size), keys, hyper, info

@@ -1,0 +1,294 @@
+"""Real multi-process runs: 2 JAX processes x 2 fake CPU devices on this machine (joined through
+jax.distributed on 127.0.0.1, gloo collectives), compared with 1 process x 4 fake CPU devices on the
+same global batch. Each process is the command a user runs, `python -m adtr_jax.main ...
+--coordinator_address=127.0.0.1:<port> --num_processes=2 --process_id=<i>`;
+tests/multiprocess_audit/sitecustomize.py records which files each process wrote and which rows it
+decoded.
+
+Tolerances: both layouts run the same XLA program on a 4-device ('model', 'data') mesh, but the
+cross-device sums go through gloo (between processes) instead of in-process collectives, so they may
+round differently: losses agree to 1e-5 relative, parameters to 1e-5 absolute after the whole run
+(tests/test_train.py holds 8-way vs 1 device to the same), score maps and image scores to 1e-5, the
+metrics (rank statistics of the scores) to 1e-6. Controls show what a real difference looks like:
+another seed moves the parameters by > 1e-3.
+"""
+from __future__ import annotations
+
+import contextlib
+import csv
+import json
+import os
+import pathlib
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+from PIL import Image
+
+from adtr_jax import evaluate, sharding
+from adtr_jax.models.adtr import build_model
+from tests.conftest import REPO, make_toy_mvtec, tiny_config
+
+AUDIT = REPO / 'tests' / 'multiprocess_audit'
+RUN_TIMEOUT_S = 400       # one CLI run on 2 busy cores, compilation included
+DISTRIBUTED_TIMEOUT_S = 15   # --distributed_timeout_s: start-up wait and lost-peer detection
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    return s.getsockname()[1]
+
+
+class Processes:
+  """The processes of one run, each in its own process group (killed with it), output in files."""
+
+  def __init__(self, tmp: pathlib.Path, tag: str):
+    self.tmp, self.tag, self.procs, self.logs = tmp, tag, [], []
+
+  def start(self, args: list[str], devices: int, process: int, audit_root: pathlib.Path):
+    env = dict(os.environ, JAX_PLATFORMS='cpu', PYTHONUNBUFFERED='1',
+               XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}',
+               PYTHONPATH=os.pathsep.join([str(AUDIT), str(REPO)]),
+               ADTR_TEST_AUDIT=str(self.audit_file(process)), ADTR_TEST_AUDIT_ROOT=str(audit_root))
+    log = self.tmp / f'{self.tag}.{process}.log'
+    self.logs.append(log)
+    with log.open('w') as out:
+      self.procs.append(subprocess.Popen([sys.executable, '-m', 'adtr_jax.main', *args], cwd=REPO, env=env,
+                                         stdout=out, stderr=subprocess.STDOUT, start_new_session=True))
+
+  def audit_file(self, process: int) -> pathlib.Path:
+    return self.tmp / f'{self.tag}.{process}.audit.json'
+
+  def audit(self, process: int) -> dict:
+    return json.loads(self.audit_file(process).read_text())
+
+  def output(self, process: int) -> str:
+    return self.logs[process].read_text()
+
+  def kill(self, process: int | None = None) -> None:
+    for i, p in enumerate(self.procs):
+      if process in (None, i) and p.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+          os.killpg(p.pid, signal.SIGKILL)
+        p.wait()
+
+  def wait(self, timeout: float = RUN_TIMEOUT_S) -> list[int]:
+    """Exit codes of all; the group is killed and the test fails when one runs past `timeout`."""
+    deadline = time.monotonic() + timeout
+    try:
+      return [p.wait(max(deadline - time.monotonic(), 0.1)) for p in self.procs]
+    except subprocess.TimeoutExpired:
+      self.kill()
+      pytest.fail(f'{self.tag} ran past {timeout} s:\n' + '\n'.join(
+          self.output(i)[-3000:] for i in range(len(self.procs))))
+
+  def check(self, timeout: float = RUN_TIMEOUT_S) -> None:
+    codes = self.wait(timeout)
+    assert codes == [0] * len(codes), '\n'.join(f'process {i} exit {c}:\n{self.output(i)[-4000:]}'
+                                                 for i, c in enumerate(codes))
+
+
+def launch(tmp: pathlib.Path, tag: str, layout: str, args: list[str], audit_root: pathlib.Path,
+           per_process=lambda i: []) -> Processes:
+  """Starts the CLI with `args` as `layout` ('1x4' or '2x2': processes x fake CPU devices each)."""
+  n, devices = LAYOUTS[layout]
+  procs = Processes(tmp, tag)
+  port = _free_port()
+  for i in range(n):
+    dist = ([f'--coordinator_address=127.0.0.1:{port}', f'--num_processes={n}', f'--process_id={i}',
+             f'--distributed_timeout_s={DISTRIBUTED_TIMEOUT_S}'] if n > 1 else [])
+    procs.start([*args, *dist, *per_process(i)], devices, i, audit_root)
+  return procs
+
+
+@contextlib.contextmanager
+def running(*started: Processes):
+  """Kills whatever is still running when the block ends (a failed assertion included)."""
+  try:
+    yield started
+  finally:
+    for p in started:
+      p.kill()
+
+
+LAYOUTS = {'1x4': (1, 4), '2x2': (2, 2)}   # processes x fake CPU devices per process
+
+
+def _config_args(root, cache, workdir, *extra) -> list[str]:
+  return [f'--config=tests/tiny_config.py:{root}|{cache}', f'--workdir={workdir}', *extra]
+
+
+# Normal-only training from the device feature cache: 16 training images (2 held out to calibrate),
+# 2 steps of 8 per epoch, 30 steps; checkpoints every 4 (for the kill-and-resume test).
+NORMAL = ['--config.train.num_epochs=15', '--config.train.checkpoint_every_steps=4']
+NORMAL_STEPS = 30
+
+
+@pytest.fixture(scope='module')
+def normal_runs(toy_root, tmp_path_factory):
+  """(a): train_and_eval, then predict on the anomalous test images, as 1x4 and as 2x2, each with its
+  own fresh cache and workdir (so the 2x2 run prepares the shared files itself).
+  -> {layout: (train Processes, predict Processes, run dir)}."""
+  runs = {layout: tmp_path_factory.mktemp(f'normal_{layout}') for layout in LAYOUTS}
+  args = {layout: _config_args(toy_root, tmp / 'run' / 'cache', tmp / 'run' / 'work', *NORMAL)
+          for layout, tmp in runs.items()}
+  trained = [launch(tmp, layout, layout, args[layout], tmp / 'run') for layout, tmp in runs.items()]
+  with running(*trained):
+    for procs in trained:
+      procs.check()
+  predicted = [launch(tmp, f'{layout}_predict', layout,
+                      [*args[layout], '--mode=predict', f'--predict_dir={toy_root / "toy/test/square"}'],
+                      tmp / 'run') for layout, tmp in runs.items()]
+  with running(*predicted):
+    for procs in predicted:
+      procs.check()
+  return {layout: (t, p, runs[layout] / 'run') for (layout, t, p) in zip(runs, trained, predicted)}
+
+
+def _params_and_losses(workdir: pathlib.Path, root, cache):
+  """(final step, parameter leaves by name, {step: last logged loss})."""
+  config = tiny_config(root, cache)
+  _, params, _, meta = evaluate.restore_model(config, workdir, sharding.make_mesh(jax.devices()[:1]))
+  losses = {}
+  for line in (workdir / 'train_log.jsonl').read_text().splitlines():
+    record = json.loads(line)
+    losses[record['step']] = record['loss']   # a resumed run logs its replayed steps again
+  leaves = {jax.tree_util.keystr(k): np.asarray(v)
+            for k, v in jax.tree_util.tree_flatten_with_path(params)[0]}
+  return meta['step'], leaves, losses
+
+
+def assert_same_training(got, want, steps: int):
+  """Same final step and loss curve (rtol 1e-5); parameters within 1e-5, but attention key biases
+  within 1e-4: their true gradient is zero (softmax ignores a shift shared by all keys), so Adam's
+  normalised steps follow the rounding noise of the sums (measured 1x4 vs 2x2: 3.5e-5 there, < 1e-6
+  everywhere else)."""
+  (step1, params1, losses1), (step2, params2, losses2) = got, want
+  assert step1 == step2 == steps and sorted(losses1) == sorted(losses2) == list(range(1, steps + 1))
+  np.testing.assert_allclose([losses1[s] for s in losses2], list(losses2.values()), rtol=1e-5)
+  assert params1.keys() == params2.keys()
+  for name, value in params1.items():
+    np.testing.assert_allclose(value, params2[name], atol=1e-4 if "['key']['bias']" in name else 1e-5,
+                               err_msg=name)
+
+
+def test_two_processes_train_and_evaluate_as_one(normal_runs, toy_root):
+  """(a) Final parameters, the loss curve and metrics.json of 2x2 equal 1x4's. Control: training moved
+  the parameters by far more than the tolerance."""
+  one, two = normal_runs['1x4'][2], normal_runs['2x2'][2]
+  want = _params_and_losses(one / 'work' / 'toy', toy_root, one / 'cache')
+  assert_same_training(_params_and_losses(two / 'work' / 'toy', toy_root, two / 'cache'), want, NORMAL_STEPS)
+  config = tiny_config(toy_root, one / 'cache')
+  model, _ = build_model(config)
+  initial = {jax.tree_util.keystr(k): np.asarray(v)
+             for k, v in jax.tree_util.tree_flatten_with_path(nnx.state(model, nnx.Param))[0]}
+  moved = max(float(np.max(np.abs(v - initial[k]))) for k, v in want[1].items() if k in initial)
+  assert moved > 1e-2
+  m1 = json.loads((one / 'work' / 'metrics.json').read_text())['categories']['toy']
+  m2 = json.loads((two / 'work' / 'metrics.json').read_text())['categories']['toy']
+  assert m1.keys() == m2.keys()
+  for key in evaluate.METRIC_KEYS:
+    assert m2[key] == pytest.approx(m1[key], abs=1e-6), key
+  for key in ('num_test_images', 'num_anomalous', 'checkpoint_step', 'num_heatmaps'):
+    assert m2[key] == m1[key]
+
+
+def _test_images(root: pathlib.Path) -> dict[str, np.ndarray]:
+  """'<defect folder>/<stem>' -> the test image uint8 [S, S, 3] as the heatmap panels show it."""
+  out = {}
+  for path in sorted((root / 'toy' / 'test').glob('*/*.png')):
+    image = np.asarray(Image.open(path).convert('RGB'))
+    out[f'{path.parent.name}/{path.stem}'] = image
+  return out
+
+
+def _panels(heatmap_dir: pathlib.Path, images: dict) -> dict:
+  """{image its first panel shows (found by content): (file name, overlay panel)}. Asserts that the
+  file name names that same image."""
+  out = {}
+  for path in sorted(heatmap_dir.glob('*.png')):
+    panel = np.asarray(Image.open(path))
+    size = panel.shape[0]
+    shown = [name for name, image in images.items() if np.array_equal(panel[:, :size], image)]
+    assert len(shown) == 1, (path.name, shown)
+    assert path.stem.endswith('_' + shown[0].split('/')[1]), (path.name, shown)
+    assert ('normal' in path.name) == shown[0].startswith('good/'), (path.name, shown)
+    out[shown[0]] = (path.name, panel[:, -size:].astype(int))
+  return out
+
+
+def test_heatmaps_and_predictions_pair_each_image_with_its_own_map(normal_runs, toy_root):
+  """Evaluation's heatmaps and predict's overlays show, beside each image, the same score map as the
+  1x4 run's panel of that image (images matched by content, not by position or rank; overlays within
+  1 of 255 per pixel, from rounding). predictions.csv: same files, decisions and scores (rtol 1e-5)."""
+  images = _test_images(toy_root)
+  for sub in ('work/toy/heatmaps', 'work/toy/predict/heatmaps'):
+    one = _panels(normal_runs['1x4'][2] / sub, images)
+    two = _panels(normal_runs['2x2'][2] / sub, images)
+    assert one.keys() == two.keys() and len(one) >= 4
+    for name in one:
+      assert np.abs(one[name][1] - two[name][1]).max() <= 1, name
+  rows = {layout: list(csv.DictReader((run[2] / 'work/toy/predict/predictions.csv').open()))
+          for layout, run in normal_runs.items()}
+  assert [r['path'] for r in rows['2x2']] == [r['path'] for r in rows['1x4']] and len(rows['1x4']) == 4
+  assert [r['decision'] for r in rows['2x2']] == [r['decision'] for r in rows['1x4']]
+  np.testing.assert_allclose([float(r['image_score']) for r in rows['2x2']],
+                             [float(r['image_score']) for r in rows['1x4']], rtol=1e-5)
+
+
+def _own_files(path: str, process: int) -> bool:
+  """Orbax's per-process parts of a checkpoint (array metadata, OCDBT shards) are named for the
+  process that writes them."""
+  return f'process_{process}' in path
+
+
+def test_only_process_zero_writes_shared_files(normal_runs):
+  """(e) Process 0 wrote the tfds data, the resized-image cache, config.json, metrics.json, heatmaps,
+  curves, predictions and checkpoints' shared metadata, each once; process 1 wrote nothing but
+  orbax's files named for it (and still read the shared files: its run ended like process 0's)."""
+  train, predict, run = normal_runs['2x2']
+  writes = {p: [path for procs in (train, predict) for _, path in procs.audit(p)['writes']] for p in (0, 1)}
+  assert all(_own_files(path, 1) for path in writes[1]), [w for w in writes[1] if not _own_files(w, 1)]
+  assert any('ocdbt' in w or 'array_metadatas' in w for w in writes[1])  # the audit does see process 1
+  mine = [os.path.relpath(w, run) for w in writes[0]]
+  for expected in ('work/config.json', 'work/metrics.json', 'work/metrics.md', 'work/toy/image_roc.png',
+                   'work/toy/predict/predictions.csv'):
+    assert mine.count(expected) == (2 if expected == 'work/config.json' else 1), expected  # 2 commands
+  assert sum('/heatmaps/' in w for w in mine) == 4 + 4            # evaluation's 4, predict's 4 images
+  assert any(w.startswith('cache/tfds/') and w.endswith('dataset_info.json') for w in mine)
+  assert sum(w.startswith('cache/tfds/') and w.endswith('images.npy') for w in mine) == 2  # train, test
+  assert any(w.startswith('work/toy/checkpoints/') and '_CHECKPOINT_METADATA' in w for w in mine)
+  # Every file the run left is one that a process wrote.
+  assert (run / 'work/toy/checkpoints' / str(NORMAL_STEPS) / 'state' / 'ocdbt.process_1').is_dir()
+
+
+def _batched_reads(procs: Processes, process: int, kind: tuple) -> list[tuple]:
+  return [tuple(r) for r in procs.audit(process)['reads'] if tuple(r[:2]) == kind]
+
+
+def assert_own_slices(two: Processes, one: Processes, kind: tuple):
+  """Each process decoded its own half of every batch's rows: the two processes' reads from sources
+  `kind` (type name, length) are disjoint (per epoch), together they are the 1x4 process's reads, and
+  each process read as many as the other."""
+  got = [_batched_reads(two, p, kind) for p in (0, 1)]
+  assert sorted(got[0] + got[1]) == sorted(_batched_reads(one, 0, kind)) and got[0]
+  assert len(got[0]) == len(got[1])
+  assert not {r for r in got[0]} & {r for r in got[1]}
+
+
+def test_each_process_decodes_its_own_slice_and_no_feature_memo(normal_runs):
+  """The feature cache's pass over the training images is split between the processes; the feature
+  memo stays off on the 2x2 run (empty at the end) and is used by the 1x4 run."""
+  (one, _, _), (two, _, _) = normal_runs['1x4'], normal_runs['2x2']
+  assert_own_slices(two, one, ('Subset', 16))      # the feature cache's pass over the training split
+  assert_own_slices(two, one, ('ArraySource', 8))  # evaluation's pass over the test split
+  assert one.audit(0)['memo_bytes'] > 0
+  assert two.audit(0)['memo_bytes'] == two.audit(1)['memo_bytes'] == 0

@@ -271,17 +271,18 @@ def test_only_process_zero_writes_shared_files(normal_runs):
 
 
 def _batched_reads(procs: Processes, process: int, kind: tuple) -> list[tuple]:
-  return [tuple(r) for r in procs.audit(process)['reads'] if tuple(r[:2]) == kind]
+  return [tuple(r) for r in procs.audit(process)['reads'] if tuple(r[1:3]) == kind]
 
 
-def assert_own_slices(two: Processes, one: Processes, kind: tuple):
-  """Each process decoded its own half of every batch's rows: the two processes' reads from sources
-  `kind` (type name, length) are disjoint (per epoch), together they are the 1x4 process's reads, and
-  each process read as many as the other."""
+def assert_own_slices(two: Processes, one: Processes, kind: tuple) -> list[int]:
+  """Each process decoded only its own slice of every batch: the two processes' reads from sources
+  `kind` (type name, length) are disjoint within each pass over the data (one call of
+  pipeline.batches) and together they are the 1x4 process's reads.
+  Returns each process's number of reads."""
   got = [_batched_reads(two, p, kind) for p in (0, 1)]
-  assert sorted(got[0] + got[1]) == sorted(_batched_reads(one, 0, kind)) and got[0]
-  assert len(got[0]) == len(got[1])
+  assert sorted(got[0] + got[1]) == sorted(_batched_reads(one, 0, kind)) and got[0] and got[1]
   assert not {r for r in got[0]} & {r for r in got[1]}
+  return [len(g) for g in got]
 
 
 def test_each_process_decodes_its_own_slice_and_no_feature_memo(normal_runs):
@@ -292,3 +293,102 @@ def test_each_process_decodes_its_own_slice_and_no_feature_memo(normal_runs):
   assert_own_slices(two, one, ('ArraySource', 8))  # evaluation's pass over the test split
   assert one.audit(0)['memo_bytes'] > 0
   assert two.audit(0)['memo_bytes'] == two.audit(1)['memo_bytes'] == 0
+
+
+# Anomaly-aware training from images (synthetic cut-paste anomalies change every epoch, so the backbone
+# runs on every batch): 16 normal rows + 5 anomalous slots, 2 steps of 8 per epoch, 4 steps.
+ANOMALIES = ['--config.anomalies.synthetic=cutpaste', '--config.loss.type=pixel', '--mode=train']
+ANOMALY_STEPS = 4
+
+
+@pytest.fixture(scope='module')
+def anomaly_runs(toy_root, tmp_path_factory):
+  """(b): training from images with synthetic anomalies, as 1x4 and as 2x2. -> {layout: (Processes, run dir)}."""
+  runs = {layout: tmp_path_factory.mktemp(f'anomalies_{layout}') / 'run' for layout in LAYOUTS}
+  procs = {layout: launch(run.parent, layout, layout,
+                          _config_args(toy_root, run / 'cache', run / 'work', *ANOMALIES), run)
+           for layout, run in runs.items()}
+  with running(*procs.values()):
+    for p in procs.values():
+      p.check()
+  return {layout: (procs[layout], runs[layout]) for layout in LAYOUTS}
+
+
+def test_anomaly_training_reads_own_slices_and_equals_one_process(anomaly_runs, toy_root):
+  """(b) Each process decoded only its half of every global batch of the mixed (normal + synthetic)
+  training set, and the result equals 1x4's (tolerances: assert_same_training)."""
+  (one, run1), (two, run2) = anomaly_runs['1x4'], anomaly_runs['2x2']
+  # The feature-statistics pass (21 rows in batches of 8: process 1's part of the last batch is one
+  # row and padding) and 4 training steps of 4 rows each.
+  assert assert_own_slices(two, one, ('MixedSource', 21)) == [12 + 16, 9 + 16]
+  assert_same_training(_params_and_losses(run2 / 'work' / 'toy', toy_root, run2 / 'cache'),
+                       _params_and_losses(run1 / 'work' / 'toy', toy_root, run1 / 'cache'), ANOMALY_STEPS)
+
+
+def _checkpoint_steps(ckpt_dir: pathlib.Path) -> list[int]:
+  return sorted(int(p.name) for p in ckpt_dir.glob('*') if p.name.isdigit())
+
+
+def _last_line(text: str) -> str:
+  lines = [line for line in text.splitlines() if line.strip()]
+  return lines[-1] if lines else ''
+
+
+def test_killed_two_process_run_resumes_to_the_same_end(normal_runs, toy_root, tmp_path):
+  """(d) Both processes killed after a checkpoint; process 1 restarted with another seed is refused by
+  both (exit 2, nothing trained); both restarted: they resume at the step they name and end equal to
+  the uninterrupted 2x2 run."""
+  cache = normal_runs['2x2'][2] / 'cache'
+  work = tmp_path / 'work'
+  args = _config_args(toy_root, cache, work, *NORMAL, '--mode=train')
+  ckpt = work / 'toy' / 'checkpoints'
+  first = launch(tmp_path, 'killed', '2x2', args, tmp_path)
+  with running(first):
+    deadline = time.monotonic() + RUN_TIMEOUT_S
+    while (not _checkpoint_steps(ckpt) and time.monotonic() < deadline
+           and all(p.poll() is None for p in first.procs)):
+      time.sleep(0.02)
+    first.kill()
+  steps = _checkpoint_steps(ckpt)
+  assert steps and steps[-1] < NORMAL_STEPS, (steps, first.output(0)[-3000:])
+  killed_at = steps[-1]
+
+  mismatched = launch(tmp_path, 'mismatched', '2x2', args, tmp_path,
+                      per_process=lambda i: ['--config.seed=1'] if i else [])
+  with running(mismatched):
+    assert mismatched.wait(RUN_TIMEOUT_S) == [2, 2]
+  for i in (0, 1):
+    assert _last_line(mismatched.output(i)).startswith(
+        'adtr_jax: error: processes [1] were started with another config, --workdir or --mode'), i
+  assert _checkpoint_steps(ckpt) == steps
+
+  resumed = launch(tmp_path, 'resumed', '2x2', args, tmp_path)
+  with running(resumed):
+    resumed.check()
+  for i in (0, 1):
+    assert f'adtr_jax: resumed toy from step {killed_at}' in resumed.output(i), i
+  uninterrupted = normal_runs['2x2'][2]
+  assert_same_training(_params_and_losses(work / 'toy', toy_root, cache),
+                       _params_and_losses(uninterrupted / 'work' / 'toy', toy_root, cache), NORMAL_STEPS)
+
+
+def test_a_killed_process_ends_the_other_with_an_error(normal_runs, toy_root, tmp_path):
+  """(d) Process 1 killed mid-training: process 0 does not hang; it ends with an error naming the lost
+  peer within --distributed_timeout_s (+ 60 s of slack for a busy machine)."""
+  cache = normal_runs['2x2'][2] / 'cache'
+  work = tmp_path / 'work'
+  args = _config_args(toy_root, cache, work, *NORMAL, '--config.train.num_epochs=100000', '--mode=train')
+  procs = launch(tmp_path, 'one_killed', '2x2', args, tmp_path)
+  with running(procs):
+    deadline = time.monotonic() + RUN_TIMEOUT_S
+    log = work / 'toy' / 'train_log.jsonl'
+    while not log.is_file() and time.monotonic() < deadline and procs.procs[0].poll() is None:
+      time.sleep(0.05)
+    assert log.is_file(), procs.output(0)[-3000:]
+    procs.kill(1)
+    t0 = time.monotonic()
+    code = procs.procs[0].wait(DISTRIBUTED_TIMEOUT_S + 60)
+    elapsed = time.monotonic() - t0
+  out = procs.output(0)
+  print(out[-5000:])
+  assert code != 0 and elapsed < DISTRIBUTED_TIMEOUT_S + 60

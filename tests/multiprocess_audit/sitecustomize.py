@@ -3,16 +3,16 @@
 With $ADTR_TEST_AUDIT=<file.json> set, records for the test (written to that file at exit):
 - 'writes': every file this process opened for writing, renamed, linked, copied or removed under
   $ADTR_TEST_AUDIT_ROOT (Python's audit events: open, os.rename, ...);
-- 'reads': every row the input pipeline's threads decoded for a batch, as [source type, source length,
-  epoch, row] (each call of adtr_jax.data.pipeline.load_resized in a decoding thread; single images
-  read for heatmaps are left out);
+- 'reads': every row the input pipeline decoded for a batch, as [pass, source type, source length,
+  epoch, row], where pass numbers the calls of adtr_jax.data.pipeline.batches in this process (every
+  process of a run makes the same calls); single images read for heatmaps are left out;
 - 'memo_bytes': what the backbone feature memo held at the end.
 The command line itself is the one a user runs (`python -m adtr_jax.main ...`).
 """
 import atexit
 import json
 import os
-import threading
+import itertools
 
 _OUT = os.environ.get('ADTR_TEST_AUDIT')
 
@@ -43,14 +43,31 @@ def _install(out: str) -> None:
   sys.addaudithook(hook)
 
   from adtr_jax.data import pipeline
-  load_resized = pipeline.load_resized
+
+  class Pass:
+    """A source as seen by one call of pipeline.batches, numbered in call order."""
+
+    def __init__(self, source, number: int):
+      self.source, self.number = source, number
+
+    def __len__(self):
+      return len(self.source)
+
+    def __getitem__(self, i):
+      return self.source[i]
+
+  batches, load_resized, calls = pipeline.batches, pipeline.load_resized, itertools.count()
+
+  def numbered(source, **kwargs):
+    return batches(Pass(source, next(calls)), **kwargs)
 
   def counted(source, index, image_size):
-    if threading.current_thread().name.startswith('adtr_data'):
-      reads.append([type(source).__name__, len(source), getattr(source, 'epoch', None), int(index)])
+    if isinstance(source, Pass):
+      reads.append([source.number, type(source.source).__name__, len(source),
+                    getattr(source.source, 'epoch', None), int(index)])
     return load_resized(source, index, image_size)
 
-  pipeline.load_resized = counted
+  pipeline.batches, pipeline.load_resized = numbered, counted
 
   def dump():
     memo = sys.modules.get('adtr_jax.feature_cache')

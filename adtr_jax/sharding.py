@@ -43,6 +43,20 @@ def model_sharded(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P('model'))
 
 
+def data_slice(mesh: Mesh) -> tuple[int, int]:
+  """(which slice, how many slices) of every global batch this process reads: a batch sharded on 'data'
+  is split between the groups of processes that hold different 'data' positions. Processes that hold
+  the same positions (a 'model' axis across processes: stacked models, one per process) read the same
+  rows, since make_array_from_process_local_data takes from each process the rows of its devices."""
+  positions: dict[int, set] = {}
+  for (_, j), device in np.ndenumerate(mesh.devices):
+    positions.setdefault(device.process_index, set()).add(j)
+  blocks = sorted({tuple(sorted(p)) for p in positions.values()})
+  if [j for b in blocks for j in b] != list(range(mesh.shape['data'])) or len({len(b) for b in blocks}) > 1:
+    raise ValueError(f'each process must hold an equal, contiguous block of the "data" axis: {blocks}')
+  return blocks.index(tuple(sorted(positions[jax.process_index()]))), len(blocks)
+
+
 def check_batch_size(global_batch: int, mesh: Mesh, field: str) -> None:
   """The global batch must split evenly over devices and processes; say which field to change if not."""
   n = data_size(mesh)

@@ -392,3 +392,33 @@ def test_a_killed_process_ends_the_other_with_an_error(normal_runs, toy_root, tm
   out = procs.output(0)
   print(out[-5000:])
   assert code != 0 and elapsed < DISTRIBUTED_TIMEOUT_S + 60
+
+
+def test_stacked_models_across_processes_train_as_they_would_alone(normal_runs, toy_root, tmp_path):
+  """(c) Two stacked members (categories toy and toy2) on a 2 x 2 ('model', 'data') mesh, one model per
+  process, each trained data-parallel on its process's 2 devices, equal the same models trained alone
+  (toy: the 1x4 run of (a); toy2: a 1x4 run here). Parameters within 1e-4 (vmapped matmuls and another
+  data-parallel width round differently: tests/test_stacked.py), losses within 1e-5 relative."""
+  root = tmp_path / 'data'
+  shutil.copytree(toy_root / 'toy', root / 'toy')
+  make_toy_mvtec(tmp_path / 'toy2', n_train=26, seed=1)
+  shutil.copytree(tmp_path / 'toy2' / 'toy', root / 'toy2')
+  cache = tmp_path / 'cache'
+  stacked = launch(tmp_path, 'stacked', '2x2', _config_args(
+      root, cache, tmp_path / 'stacked', *NORMAL, '--config.dataset.category=toy,toy2',
+      '--config.train.stacked=True', '--config.train.model_axis=2', '--mode=train'), tmp_path)
+  alone = launch(tmp_path, 'alone', '1x4', _config_args(
+      root, tmp_path / 'cache_alone', tmp_path / 'alone', *NORMAL, '--config.dataset.category=toy2',
+      '--mode=train'), tmp_path)
+  with running(stacked, alone):
+    stacked.check()
+    alone.check()
+  one = normal_runs['1x4'][2]
+  pairs = {'toy': _params_and_losses(one / 'work' / 'toy', toy_root, one / 'cache'),
+           'toy2': _params_and_losses(tmp_path / 'alone' / 'toy2', root, cache)}
+  for category, want in pairs.items():
+    step, params, losses = _params_and_losses(tmp_path / 'stacked' / category, root, cache)
+    assert step == want[0] == NORMAL_STEPS and sorted(losses) == sorted(want[2])
+    np.testing.assert_allclose([losses[s] for s in want[2]], list(want[2].values()), rtol=1e-5)
+    for name, value in params.items():
+      np.testing.assert_allclose(value, want[1][name], atol=1e-4, err_msg=f'{category} {name}')

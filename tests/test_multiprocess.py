@@ -389,9 +389,8 @@ def test_a_killed_process_ends_the_other_with_an_error(normal_runs, toy_root, tm
     t0 = time.monotonic()
     code = procs.procs[0].wait(DISTRIBUTED_TIMEOUT_S + 60)
     elapsed = time.monotonic() - t0
-  out = procs.output(0)
-  print(out[-5000:])
-  assert code != 0 and elapsed < DISTRIBUTED_TIMEOUT_S + 60
+  assert code != 0 and elapsed < DISTRIBUTED_TIMEOUT_S + 60, elapsed
+  assert 'another task died' in procs.output(0), procs.output(0)[-3000:]   # JAX's own message
 
 
 def test_stacked_models_across_processes_train_as_they_would_alone(normal_runs, toy_root, tmp_path):
@@ -422,3 +421,28 @@ def test_stacked_models_across_processes_train_as_they_would_alone(normal_runs, 
     np.testing.assert_allclose([losses[s] for s in want[2]], list(want[2].values()), rtol=1e-5)
     for name, value in params.items():
       np.testing.assert_allclose(value, want[1][name], atol=1e-4, err_msg=f'{category} {name}')
+
+
+@pytest.mark.parametrize('flags,message', [
+    (['--coordinator_address=127.0.0.1:9', '--num_processes=2', '--process_id=2'],
+     '--process_id=2 must be in [0, --num_processes=2)'),
+    (['--num_processes=2'], '--coordinator_address, --num_processes and --process_id go together'),
+    (['--coordinator_address=localhost', '--num_processes=2', '--process_id=1'],
+     "--coordinator_address='localhost' must be host:port"),
+    (['--coordinator_address=127.0.0.1:{port}', '--num_processes=2', '--process_id=1',
+      '--distributed_timeout_s=2'],
+     'the coordinator --coordinator_address=127.0.0.1:{port} did not answer within 2 s'),
+])
+def test_bad_distributed_flags_are_one_line_errors(toy_root, tmp_path, flags, message):
+  """Exit status 2 and one line naming the flag; a coordinator that never answers (nothing listens on
+  the port) is reported after --distributed_timeout_s, not by an abort of the interpreter."""
+  port = _free_port()
+  flags = [f.format(port=port) for f in flags]
+  env = dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS='--xla_force_host_platform_device_count=1')
+  t0 = time.monotonic()
+  proc = subprocess.run([sys.executable, '-m', 'adtr_jax.main',
+                         *_config_args(toy_root, tmp_path / 'cache', tmp_path / 'work'), *flags],
+                        cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 2 and 'Traceback' not in proc.stderr, proc.stderr[-2000:]
+  assert _last_line(proc.stderr).startswith('adtr_jax: error: ' + message.format(port=port))
+  assert time.monotonic() - t0 < 60

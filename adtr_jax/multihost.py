@@ -40,8 +40,10 @@ def _wait_for_coordinator(address: str, timeout_s: float) -> None:
 def initialize(coordinator_address: str | None, num_processes: int | None, process_id: int | None,
                timeout_s: float) -> None:
   """jax.distributed.initialize(): auto-detected (TPU pods, SLURM, Open MPI) when no value is given,
-  else from all three. timeout_s bounds both the wait for the coordinator at start-up and how long a
-  process that stopped answering (heartbeats) goes unnoticed before the others end with an error."""
+  else from all three. timeout_s bounds the wait for the coordinator at start-up, how long a process
+  that stopped answering (heartbeats) goes unnoticed before the others end with an error, and how long
+  a process that failed waits at exit for the others (JAX's shutdown barrier; its default, 300 s,
+  would keep the others waiting in their next collective that long)."""
   explicit = (coordinator_address, num_processes, process_id)
   if any(v is not None for v in explicit):
     if any(v is None for v in explicit):
@@ -58,7 +60,8 @@ def initialize(coordinator_address: str | None, num_processes: int | None, proce
   try:
     jax.distributed.initialize(coordinator_address, num_processes, process_id,
                                initialization_timeout=int(timeout_s),
-                               heartbeat_timeout_seconds=int(timeout_s))
+                               heartbeat_timeout_seconds=int(timeout_s),
+                               shutdown_timeout_seconds=int(timeout_s))
   except ValueError as e:  # nothing to auto-detect, or values jax refuses
     raise errors.ConfigError(f'jax.distributed.initialize: {e}') from e
 

@@ -5,6 +5,8 @@ r"""Throughput of the jitted train step (from images and from cached features) a
   python -m adtr_jax.benchmark --metrics   # the metric suite on an MVTec-sized synthetic test set
   python -m adtr_jax.benchmark --config=configs/mvtec.py --models=16   # 16 stacked models (stacked.py)
   python -m adtr_jax.benchmark --config=configs/mvtec.py --batch_size=16 --scan_steps=6500  # 500 epochs
+  XLA_FLAGS=--xla_force_host_platform_device_count=2 JAX_PLATFORMS=cpu \
+      python -m adtr_jax.benchmark --num_processes=2   # 2 processes x 2 CPU devices (docs/multihost.md)
 
 Prints one JSON line: train_images_per_s (backbone + reconstructor, from uint8 images),
 train_cached_images_per_s (from features cached on the device: one jitted scan of `--scan_steps`
@@ -39,6 +41,13 @@ _METRICS = flags.DEFINE_bool('metrics', False, 'Time the metrics (150 images of 
 _BREAKDOWN = flags.DEFINE_bool('breakdown', False, 'Time the parts of a train step separately.')
 _SCAN = flags.DEFINE_integer('scan_steps', 0, 'Steps of the one timed on-device scan of the cached path (0: '
                              '--steps); e.g. 6500 times a 200-image category\'s 500 epochs at batch 16.')
+_NUM_PROCESSES = flags.DEFINE_integer(
+    'num_processes', 1, 'Time the one-model step over N JAX processes. Without --process_id: starts N '
+    'processes of this benchmark on this machine, joined on 127.0.0.1 (each sees the devices its '
+    'environment gives it) and prints process 0\'s line; with --process_id and --coordinator_address: '
+    'this is one of them (other launchers).')
+_PROCESS_ID = flags.DEFINE_integer('process_id', None, 'With --num_processes: this process, in [0, N).')
+_COORDINATOR = flags.DEFINE_string('coordinator_address', None, 'With --num_processes: host:port of process 0.')
 _MODELS = flags.DEFINE_integer('models', 1, 'Stacked models trained in one step (train.model_axis of '
                                'the config sets the mesh).')
 
@@ -62,6 +71,18 @@ def peak_flops(device) -> float | None:
   return next((v for k, v in PEAK_BF16_FLOPS.items() if kind.startswith(k)), None)
 
 
+def _local_images(batch_size: int, size: int, mesh):
+  """This process's rows (sharding.data_slice) of the random uint8 batch [batch_size, size, size, 3],
+  the same global batch on every process."""
+  import numpy as np
+
+  from adtr_jax import sharding
+  images = np.random.default_rng(0).integers(0, 256, (batch_size, size, size, 3), dtype=np.uint8)
+  part, parts = sharding.data_slice(mesh)
+  rows = batch_size // parts
+  return images[part * rows:(part + 1) * rows]
+
+
 def _setup(config, batch_size: int):
   import jax
   import numpy as np
@@ -74,11 +95,8 @@ def _setup(config, batch_size: int):
   tx, _ = train.make_optimizer(config.train, 1, 1000)
   graphdef, state, frozen = train.init_state(model, tx)
   state, frozen = sharding.put_replicated((state, frozen), mesh)
-  size = config.dataset.image_size
-  rng = np.random.default_rng(0)
-  batch = sharding.put_batch({
-      'image': rng.integers(0, 256, (batch_size, size, size, 3), dtype=np.uint8),
-      'valid': np.ones((batch_size,), bool)}, mesh)
+  images = _local_images(batch_size, config.dataset.image_size, mesh)
+  batch = sharding.put_batch({'image': images, 'valid': np.ones((len(images),), bool)}, mesh)
   key = sharding.put_replicated(jax.random.key(0), mesh)
   return mesh, info, graphdef, tx, state, frozen, batch, key
 
@@ -89,7 +107,7 @@ def run(config, batch_size: int, steps: int, scan_steps: int = 0) -> dict:
   import jax
   from flax import nnx
 
-  from adtr_jax import feature_cache, inference, loop, train
+  from adtr_jax import feature_cache, inference, loop, sharding, train
   mesh, info, graphdef, tx, state, frozen, batch, key = _setup(config, batch_size)
   step_fn = functools.partial(train.train_step, graphdef=graphdef, tx=tx)
   step = train.jit_step(step_fn, mesh)
@@ -97,7 +115,7 @@ def run(config, batch_size: int, steps: int, scan_steps: int = 0) -> dict:
   # A first scoring pass: the backbone on every batch (no feature memo), then the reconstructor; and
   # a repeated one, whose features come from the memo (filled here by one call).
   embed = feature_cache.Embedder(graphdef, state.params, frozen, mesh, max_mb=0)
-  local_images = jax.device_get(batch['image'])
+  local_images = _local_images(batch_size, config.dataset.image_size, mesh)
   memo_embed = feature_cache.Embedder(graphdef, state.params, frozen, mesh, max_mb=1024)
   memo_embed(local_images)
   holder = {'state': state}
@@ -119,7 +137,7 @@ def run(config, batch_size: int, steps: int, scan_steps: int = 0) -> dict:
   # Cached features: a cache of 4 batches on the device, `scan` steps in one jitted call.
   features = jax.jit(lambda f, x: nnx.merge(graphdef, holder['state'].params, f).embed(x))(
       frozen, batch['image'])
-  cache = feature_cache.place(jax.device_get(features).repeat(4, axis=0), mesh, 'device')
+  cache = feature_cache.place(sharding.to_host(features).repeat(4, axis=0), mesh, 'device')
   chunk = loop.device_cache_chunk(step_fn, mesh, num_rows=4 * batch_size, steps_per_epoch=4,
                                   batch_size=batch_size)
 
@@ -148,7 +166,7 @@ def run(config, batch_size: int, steps: int, scan_steps: int = 0) -> dict:
           'batch_size': batch_size, 'image_size': config.dataset.image_size, 'backbone': info['arch'],
           'layers': list(config.backbone.layers), 'dtype': config.model.dtype,
           'trainable_params': int(n_params), 'devices': [str(d) for d in jax.devices()],
-          'jax': jax.__version__}
+          'processes': jax.process_count(), 'jax': jax.__version__}
 
 
 def stacked_run(config, batch_size: int, steps: int, models: int) -> dict:
@@ -270,10 +288,38 @@ def breakdown(config, batch_size: int, steps: int) -> dict:
   return parts
 
 
+def _spawn(num_processes: int) -> int:
+  """Runs this command as `num_processes` local processes joined on 127.0.0.1; returns the worst exit
+  status. Process 0's output is this one's; the others' is discarded (they time the same step)."""
+  import socket
+  import subprocess
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    port = s.getsockname()[1]
+  procs = [subprocess.Popen([sys.executable, '-m', 'adtr_jax.benchmark', *sys.argv[1:], f'--process_id={i}',
+                             f'--coordinator_address=127.0.0.1:{port}'],
+                            stdout=None if i == 0 else subprocess.DEVNULL)
+           for i in range(num_processes)]
+  return max((p.wait() for p in procs), key=abs)
+
+
+def _print(result: dict) -> None:
+  import jax
+  if jax.process_index() == 0:   # every process has the same figures (the step is one SPMD program)
+    print(json.dumps(result))
+
+
 def main(argv):
   del argv
   if _SCAN.value and (_METRICS.value or _BREAKDOWN.value or _MODELS.value > 1):
     raise app.UsageError('--scan_steps times the one-model run: not with --metrics, --breakdown or --models')
+  if _NUM_PROCESSES.value > 1:
+    if _METRICS.value or _BREAKDOWN.value or _MODELS.value > 1:
+      raise app.UsageError('--num_processes times the one-model run: not with --metrics, --breakdown or --models')
+    if _PROCESS_ID.value is None:
+      sys.exit(_spawn(_NUM_PROCESSES.value))
+    from adtr_jax import multihost
+    multihost.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value, timeout_s=300)
   if _METRICS.value:
     from adtr_jax import metrics
     print(json.dumps(metrics.time_metrics(n=150, size=256)))
@@ -282,13 +328,13 @@ def main(argv):
   config.dataset.image_size = _SIZE.value
   config.scoring.avgpool_size = min(config.scoring.avgpool_size, _SIZE.value)
   if _MODELS.value > 1:
-    print(json.dumps(stacked_run(config, _BATCH.value, _STEPS.value, _MODELS.value)))
+    _print(stacked_run(config, _BATCH.value, _STEPS.value, _MODELS.value))
     return
   if _BREAKDOWN.value:
     out = breakdown(config, _BATCH.value, _STEPS.value)
   else:
     out = run(config, _BATCH.value, _STEPS.value, _SCAN.value)
-  print(json.dumps(dict(out, models=1)))
+  _print(dict(out, models=1))
 
 
 if __name__ == '__main__':

@@ -45,9 +45,10 @@ def compute(source, graphdef: nnx.GraphDef, params, frozen, mesh, *, image_size:
   sharding.check_batch_size(batch_size, mesh, 'eval.batch_size')
   out = []
   n_batches = pipeline.num_batches(len(source), batch_size, drop_remainder=False)
+  part, parts = sharding.data_slice(mesh)   # this process's slice of each batch
   for batch in tqdm(pipeline.batches(
       source, batch_size=batch_size, image_size=image_size, shuffle=False, seed=0, epoch=0,
-      drop_remainder=False, process_index=jax.process_index(), process_count=jax.process_count(),
+      drop_remainder=False, process_index=part, process_count=parts,
       num_workers=num_workers), total=n_batches, desc='feature cache', unit='batch', leave=False,
       disable=jax.process_index() != 0):
     valid = sharding.put_batch({'valid': batch['valid']}, mesh)['valid']

@@ -61,9 +61,10 @@ def score_split(config, source, graphdef, params, frozen, mesh, desc: str, stack
   sharding.check_batch_size(bs, mesh, 'eval.batch_size')
   out = {'maps': [], 'scores': [], 'labels': [], 'masks': [], 'index': []}
   n_batches = pipeline.num_batches(len(source), bs, drop_remainder=False)
+  part, parts = sharding.data_slice(mesh)   # this process's slice of each batch
   for batch in tqdm(pipeline.batches(
       source, batch_size=bs, image_size=config.dataset.image_size, shuffle=False, seed=0, epoch=0,
-      drop_remainder=False, process_index=jax.process_index(), process_count=jax.process_count(),
+      drop_remainder=False, process_index=part, process_count=parts,
       num_workers=config.dataset.num_workers), total=n_batches, desc=desc, unit='batch',
       disable=jax.process_index() != 0):
     batch['index'] = batch['index'].astype(np.int32)  # JAX's default integer width

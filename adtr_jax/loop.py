@@ -120,8 +120,11 @@ class ImageFeeder:
   one epoch iterator, any other step (a resume) starts a new one that skips to it.
   """
 
-  def __init__(self, source, *, batch_size: int, image_size: int, seed: int, keys, num_workers: int):
+  def __init__(self, source, *, batch_size: int, image_size: int, seed: int, keys, num_workers: int,
+               data_slice: tuple[int, int] | None = None):
     self.source, self.batch_size, self.image_size = source, batch_size, image_size
+    # Which slice of each global batch this process reads (sharding.data_slice); default: its own.
+    self.data_slice = data_slice or (jax.process_index(), jax.process_count())
     self.seed, self.keys, self.num_workers = seed, tuple(keys), num_workers
     self.steps_per_epoch = len(source) // batch_size
     self._next_step, self._it = None, None
@@ -135,7 +138,7 @@ class ImageFeeder:
       self._it = pipeline.batches(
           source, batch_size=self.batch_size, image_size=self.image_size, shuffle=True, seed=self.seed,
           epoch=epoch, drop_remainder=True, skip_batches=position, order=order,
-          process_index=jax.process_index(), process_count=jax.process_count(),
+          process_index=self.data_slice[0], process_count=self.data_slice[1],
           num_workers=self.num_workers)
     self._next_step = step + 1
     batch = next(self._it)

@@ -30,7 +30,16 @@ _MODE = flags.DEFINE_enum('mode', 'train_and_eval', ['train', 'eval', 'train_and
 _PREDICT_DIR = flags.DEFINE_string('predict_dir', None,
                                    '--mode=predict: a folder of images to score with the trained model.')
 _DISTRIBUTED = flags.DEFINE_bool('distributed', False,
-                                  'Call jax.distributed.initialize() first (multi-host TPU/GPU runs).')
+                                  'Call jax.distributed.initialize() first, which detects the processes '
+                                  'of a TPU pod slice, a SLURM job or Open MPI (docs/multihost.md).')
+_COORDINATOR = flags.DEFINE_string('coordinator_address', None,
+                                   'Multi-process runs from any other launcher: host:port of process 0 '
+                                   '(with --num_processes and --process_id).')
+_NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Multi-process runs: how many processes.')
+_PROCESS_ID = flags.DEFINE_integer('process_id', None, 'Multi-process runs: this one, in [0, num_processes).')
+_DISTRIBUTED_TIMEOUT = flags.DEFINE_float(
+    'distributed_timeout_s', 300, 'Multi-process runs: seconds to wait for the coordinator at start-up, '
+    'and after which a process that stopped answering ends the others with an error.')
 _TRACEBACK = flags.DEFINE_bool('traceback', False,
                                 'Show the full traceback of configuration and data errors instead of '
                                 'their one-line message.')
@@ -55,8 +64,7 @@ def run(config, workdir: pathlib.Path, mode: str):
   # Imported here so that --help answers without starting JAX.
   import jax
 
-  if _DISTRIBUTED.value:
-    jax.distributed.initialize()
+  _init_distributed(config, workdir, mode)
   from adtr_jax import evaluate, train, validate
   from adtr_jax.data import datasets, mixing
   logging.info('JAX devices: %s (process %d of %d)', jax.devices(), jax.process_index(),
@@ -87,6 +95,18 @@ def run(config, workdir: pathlib.Path, mode: str):
     report = train.train_and_evaluate(config, workdir, evaluate_after=mode == 'train_and_eval')
   if 'eval' in report or mode == 'eval':
     print(f'metrics: {workdir / "metrics.json"}; heatmaps: {workdir}/<category>/heatmaps/')
+
+
+def _init_distributed(config, workdir: pathlib.Path, mode: str) -> None:
+  """Joins the other processes of a multi-process run (--distributed or the explicit flags), then checks
+  that all were started with the same config, workdir and mode."""
+  explicit = (_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+  if not _DISTRIBUTED.value and all(v is None for v in explicit):
+    return
+  from adtr_jax import multihost
+  multihost.initialize(*explicit, timeout_s=_DISTRIBUTED_TIMEOUT.value)
+  multihost.check_same_run(config.to_json_best_effort(), str(workdir.absolute()), mode,
+                           _PREDICT_DIR.value)
 
 
 def cli():

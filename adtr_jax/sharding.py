@@ -43,6 +43,20 @@ def model_sharded(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P('model'))
 
 
+def data_slice(mesh: Mesh) -> tuple[int, int]:
+  """(which slice, how many slices) of every global batch this process reads: a batch sharded on 'data'
+  is split between the groups of processes that hold different 'data' positions. Processes that hold
+  the same positions (a 'model' axis across processes: stacked models, one per process) read the same
+  rows, since make_array_from_process_local_data takes from each process the rows of its devices."""
+  positions: dict[int, set] = {}
+  for (_, j), device in np.ndenumerate(mesh.devices):
+    positions.setdefault(device.process_index, set()).add(j)
+  blocks = sorted({tuple(sorted(p)) for p in positions.values()})
+  if [j for b in blocks for j in b] != list(range(mesh.shape['data'])) or len({len(b) for b in blocks}) > 1:
+    raise ValueError(f'each process must hold an equal, contiguous block of the "data" axis: {blocks}')
+  return blocks.index(tuple(sorted(positions[jax.process_index()]))), len(blocks)
+
+
 def check_batch_size(global_batch: int, mesh: Mesh, field: str) -> None:
   """The global batch must split evenly over devices and processes; say which field to change if not."""
   n = data_size(mesh)
@@ -51,9 +65,25 @@ def check_batch_size(global_batch: int, mesh: Mesh, field: str) -> None:
                              f'and processes ({jax.process_count()})')
 
 
+def put(tree, sharding: NamedSharding):
+  """Places a pytree that is identical on every process (numpy, or arrays on this process's devices,
+  PRNG keys included) with `sharding`.
+
+  Leaves go through host memory: on a multi-process run jax.device_put refuses an array committed to
+  one local device for a sharding that spans other processes' devices.
+  """
+  def one(x):
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+      return jax.device_put(x, sharding)   # already global: a reshard
+    if isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+      return jax.random.wrap_key_data(one(jax.random.key_data(x)), impl=jax.random.key_impl(x))
+    return jax.device_put(np.asarray(x), sharding)
+  return jax.tree.map(one, tree)
+
+
 def put_replicated(tree, mesh: Mesh):
-  """Places a host pytree (identical on every process) replicated over the mesh."""
-  return jax.device_put(tree, replicated(mesh))
+  """Places a pytree identical on every process replicated over the mesh (see put)."""
+  return put(tree, replicated(mesh))
 
 
 def put_batch(local_batch: dict, mesh: Mesh) -> dict:

@@ -163,7 +163,7 @@ def prepare(members: list[Member], mesh, fresh: bool):
                  for m, spe, last in zip(members, g.steps_per_epoch, g.last_steps)])
   keys = jnp.stack([jax.random.key(m.config.seed) for m in members])
   mod = sharding.model_sharded(mesh)
-  state, keys, hyper = jax.device_put((stack(states), keys, hyper), mod)
+  state, keys, hyper = sharding.put((stack(states), keys, hyper), mod)
   frozen = sharding.put_replicated(frozen, mesh)
   cache, size = feature_cache.place_stacked([features[c] for c in g.categories], mesh)
   return g, graphdef, state, frozen, (cache, size), keys, hyper, info
@@ -188,7 +188,7 @@ def _restore(mgr, step: int, state, meta: dict):
 def _run(g: _Group, group_dir: pathlib.Path, chunk, state, frozen, cache, keys, hyper, mgr, meta):
   """Chunks of lockstep steps up to the longest budget, logging each model in its own workdir."""
   cfg = g.cfg.train
-  step = int(np.max(jax.device_get(state.step)))
+  step = int(np.max(sharding.to_host(state.step)))   # model-sharded: spans every process
   logs = [summaries.ModelLog(m.workdir, min(step, last)) for m, last in zip(g.members, g.last_steps)]
   clock = train.SaveClock(cfg.checkpoint_every_steps, cfg.checkpoint_every_minutes, g.total, step)
   bar = tqdm(total=g.total, initial=step, desc=f'train {len(g.members)} stacked', unit='step',
@@ -198,7 +198,7 @@ def _run(g: _Group, group_dir: pathlib.Path, chunk, state, frozen, cache, keys, 
     n = min(cfg.log_every_steps - step % cfg.log_every_steps, g.total - step)
     t0 = time.perf_counter()
     state, metrics = chunk(state, frozen, cache, keys, hyper, n)
-    metrics = jax.device_get(metrics)                # [n, M]; waits for the chunk
+    metrics = jax.tree.map(sharding.to_host, metrics)   # [n, M], sharded on 'model'; waits for the chunk
     seconds = time.perf_counter() - t0
     active = metrics['active']
     for i, log in enumerate(logs):

@@ -170,7 +170,7 @@ def _feeder(config, data, mesh, features, step_fn, steps_per_epoch):
   # Synthetic anomalies change the input every epoch: the backbone must run on each batch.
   feeder = loop.ImageFeeder(data.train, batch_size=cfg.batch_size, image_size=config.dataset.image_size,
                             seed=config.seed, keys=input_keys(config.loss),
-                            num_workers=config.dataset.num_workers)
+                            num_workers=config.dataset.num_workers, data_slice=sharding.data_slice(mesh))
   return loop.image_chunk(jit_step(step_fn, mesh), mesh, feeder), None
 
 

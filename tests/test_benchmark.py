@@ -46,3 +46,35 @@ def test_stacked_benchmark_sums_over_the_models(tmp_path):
   assert out['stacked_vs_one_model'] == round(
       out['train_cached_images_per_s'] / out['one_model_train_cached_images_per_s'], 2)
   assert 'train_images_per_s' not in out and out['one_model_train_images_per_s'] > 0
+
+
+def test_two_processes_time_one_step_together(tmp_path):
+  """--num_processes=2 starts 2 local processes (2 fake CPU devices each) that time the step on one
+  4-device mesh; process 0 prints the one JSON line."""
+  import json
+  import os
+  import signal
+  import subprocess
+  import sys
+
+  from tests.conftest import REPO
+  env = dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS='--xla_force_host_platform_device_count=2')
+  # Its own process group: a failure or timeout kills the benchmark and both processes it started.
+  proc = subprocess.Popen([sys.executable, '-m', 'adtr_jax.benchmark', '--num_processes=2',
+                           f'--config=tests/tiny_config.py:{tmp_path}|{tmp_path / "cache"}',
+                           '--image_size=64', '--batch_size=8', '--steps=1'],
+                          cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          start_new_session=True)
+  try:
+    stdout, stderr = proc.communicate(timeout=600)
+  finally:
+    try:   # the group: anything still running after communicate() (a timeout, a stray child)
+      os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+      pass
+  assert proc.returncode == 0, stderr[-3000:]
+  lines = [line for line in stdout.splitlines() if line.startswith('{')]
+  assert len(lines) == 1, stdout
+  out = json.loads(lines[0])
+  assert out['processes'] == 2 and len(out['devices']) == 4
+  assert out['train_images_per_s'] > 0 and out['train_cached_images_per_s'] > 0

@@ -23,28 +23,47 @@ _FIELD_LISTS = ('sweep', 'set')
 
 
 def commands(text: str) -> list[str]:
-  """The adtr_jax commands of a Markdown text: in ```bash blocks (backslash continuations joined, one
-  command per `&&`, `;` or `|` part) and in inline code spans."""
+  """The adtr_jax commands of a Markdown text: in ```bash blocks (one per `&&`, `;`, `|` or line,
+  continuations and quoted newlines joined; also inside a quoted --command="..." of a launcher) and in
+  inline code spans."""
   found = []
   for block in _FENCE.findall(text):
-    for line in block.replace('\\\n', ' ').splitlines():
-      found += _split(line)
+    line = ''
+    for piece in block.replace('\\\n', ' ').splitlines():
+      line += piece
+      try:
+        found += _split(line)
+      except ValueError:     # a quote open across lines (gcloud --command="...")
+        line += ' '
+        continue
+      line = ''
   found += [span.strip() for span in _INLINE.findall(text)]
   return [c for c in found if _PROGRAM.match(c) and '...' not in c]
 
 
 def _split(line: str) -> list[str]:
-  """A shell line -> its commands (split at unquoted &&, ;, |; comments dropped)."""
+  """A shell line -> its commands (split at unquoted &&, ;, |; comments dropped), and the commands
+  inside a quoted argument that holds one."""
   lexer = shlex.shlex(line, posix=True, punctuation_chars=';&|')
   lexer.whitespace_split, lexer.commenters = True, '#'
   parts, tokens = [], []
   for token in list(lexer) + [';']:
     if token.strip(';&|'):
       tokens.append(token)
+      if ' ' in token and re.search(r'python3? (-m adtr_jax|experiments/)', token):
+        parts += _split(token[token.index('python'):])
     elif tokens:
-      parts.append(shlex.join(tokens))
+      parts.append(shlex.join(_from_program(tokens)))
       tokens = []
   return parts
+
+
+def _from_program(tokens: list[str]) -> list[str]:
+  """The command from its program on: `XLA_FLAGS=... python -m ...` and `srun ... python -m ...` too."""
+  for i, token in enumerate(tokens):
+    if _PROGRAM.match(shlex.join(tokens[i:i + 3])):
+      return tokens[i:]
+  return tokens
 
 
 def program(command: str) -> list[str]:

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from adtr_jax import feature_cache, inference, loop, sharding, train, train_state
+from adtr_jax import defaults, feature_cache, inference, loop, sharding, train, train_state
 from adtr_jax.data import datasets, pipeline
 from adtr_jax.models.adtr import build_model
 from tests.conftest import tiny_config
@@ -183,3 +183,23 @@ def test_bfloat16_compute_stays_close_to_float32(setup):
   np.testing.assert_allclose(out['bfloat16'][0], out['float32'][0], rtol=0.02)
   np.testing.assert_allclose(out['bfloat16'][1], out['float32'][1], rtol=0.02)
   assert out['bfloat16'][0] != out['float32'][0]   # it really computed in bfloat16
+
+
+def test_default_bfloat16_cache_trains_like_images(setup):
+  """The default cache stores features in bfloat16 (train.feature_cache_dtype): each feature is rounded
+  to 8 significant bits (relative error <= 2^-9). The losses of the same 5 steps stay within 1e-3
+  relative of training from images (measured: 7.5e-5)."""
+  config, data, features = setup
+  mesh = sharding.make_mesh()
+  bf16 = jnp.asarray(features).astype(jnp.bfloat16)
+  assert defaults.get_config().train.feature_cache_dtype == 'bfloat16'   # what a user gets
+  _, state, frozen, step_fn, key = _fresh(config, mesh)
+  chunk = loop.device_cache_chunk(step_fn, mesh, num_rows=len(data.train), steps_per_epoch=2,
+                                  batch_size=8)
+  cached = _run(chunk, state, frozen, feature_cache.place(np.asarray(bf16), mesh, 'device'), key, 5, 5)
+  _, state, frozen, step_fn, key = _fresh(config, mesh)
+  feeder = loop.ImageFeeder(data.train, batch_size=8, image_size=64, seed=config.seed,
+                            keys=('image', 'valid'), num_workers=1)
+  images = _run(loop.image_chunk(train.jit_step(step_fn, mesh), mesh, feeder), state, frozen, None, key,
+                5, 5)
+  np.testing.assert_allclose(cached[0], images[0], rtol=1e-3)

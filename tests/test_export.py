@@ -30,7 +30,7 @@ PER_FOLDER = {'good': 20, 'blowhole': 4, 'break': 4, 'crack': 4, 'fray': 4, 'une
 
 @pytest.fixture(scope='module')
 def exported(tmp_path_factory):
-  """A tiny ADTR (64 px, tests/tiny_config.py) trained one epoch on Magnetic Tile, exported; and a folder
+  """A tiny ADTR (64 px, tests/tiny_config.py, plus layer4) trained one epoch on Magnetic Tile, exported; and a folder
   of 40 of its test images (sizes vary; greyscale JPEGs) with their labels."""
   shared_data = shared_data_dir()
   if not (shared_data / CATEGORY).is_dir():
@@ -38,6 +38,8 @@ def exported(tmp_path_factory):
   work = tmp_path_factory.mktemp('mt')
   config = tiny_config(shared_data, work / 'cache', num_epochs=1)
   config.dataset.category = CATEGORY
+  # layer4 (stride 16) is upsampled to the stride-8 grid: the export must convert that resize too.
+  config.backbone.layers = ('layer1', 'layer2', 'layer3', 'layer4')
   train.train_and_evaluate(config, work, evaluate_after=False)
   out = export.export(config, work)
   folder, labels = work / 'parts', {}
@@ -233,3 +235,13 @@ def test_deploy_imports_no_jax():
   run = subprocess.run([sys.executable, '-c', 'import sys, adtr_jax.deploy, adtr_jax.deploy.__main__; '
                         'print("jax" in sys.modules)'], cwd=REPO, capture_output=True, text=True)
   assert run.stdout.strip() == 'False', run.stderr
+
+
+def test_benchmark_times_jax_and_onnxruntime(exported):
+  from adtr_jax import benchmark
+  _, _, out, _, _ = exported
+  result = benchmark.deploy_run(str(out), batch_size=2, steps=1, latency_calls=5)
+  for runtime in ('jax', 'onnxruntime'):
+    assert result[f'{runtime}_images_per_s'] > 0
+    assert 0 < result[f'{runtime}_latency_ms_p50'] <= result[f'{runtime}_latency_ms_p99']
+  assert result['image_size'] == 64 and result['onnx_mib'] > 0

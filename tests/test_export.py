@@ -177,7 +177,9 @@ def test_deploy_converts_resizes_and_skips_unreadable_files(exported, tmp_path, 
   image.resize((image.width * 3, image.height * 2)).save(parts / 'd_larger.png')
   (parts / 'e_broken.png').write_bytes(b'\x89PNG\r\n\x1a\n not really a png')
   assert deploy_cli.main([f'--export={out}', f'--images={parts}', f'--out={tmp_path / "o"}']) == 0
-  err = capsys.readouterr().err.strip().splitlines()
+  captured = capsys.readouterr()
+  assert ' of 4 images anomalous ' in captured.out and '), 1 unreadable; ' in captured.out
+  err = captured.err.strip().splitlines()
   assert len(err) == 1 and err[0].startswith('adtr_jax.deploy: skipped ') and 'e_broken.png' in err[0]
   rows = {pathlib.Path(r['path']).name: r for r in _csv(tmp_path / 'o' / 'predictions.csv')}
   assert rows['e_broken.png']['decision'] == 'unreadable' and rows['e_broken.png']['image_score'] == ''

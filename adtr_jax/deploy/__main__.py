@@ -73,10 +73,12 @@ def main(argv=None) -> int:
     return 2
   with csv_path.open(newline='') as f:
     decisions = [row['decision'] for row in csv.DictReader(f)]
-  n_bad = decisions.count('anomalous')
+  n_bad, n_unreadable = decisions.count('anomalous'), decisions.count(predictions.UNREADABLE)
   source = 'given' if args.threshold is not None else (
       f'calibrated for {scorer.meta["target_fpr"]:.0%} false positives')
-  print(f'{n_bad} of {len(decisions)} images anomalous (threshold {scorer.threshold:.4g}, {source}); {csv_path}')
+  skipped = f', {n_unreadable} unreadable' if n_unreadable else ''
+  print(f'{n_bad} of {len(decisions) - n_unreadable} images anomalous (threshold {scorer.threshold:.4g}, '
+        f'{source}){skipped}; {csv_path}')
   return 0
 
 

@@ -181,6 +181,7 @@ def test_deploy_converts_resizes_and_skips_unreadable_files(exported, tmp_path, 
   assert ' of 4 images anomalous ' in captured.out and '), 1 unreadable; ' in captured.out
   err = captured.err.strip().splitlines()
   assert len(err) == 1 and err[0].startswith('adtr_jax.deploy: skipped ') and 'e_broken.png' in err[0]
+  assert 'not an image file' in err[0] and 'BytesIO' not in err[0]
   rows = {pathlib.Path(r['path']).name: r for r in _csv(tmp_path / 'o' / 'predictions.csv')}
   assert rows['e_broken.png']['decision'] == 'unreadable' and rows['e_broken.png']['image_score'] == ''
   assert rows['a_grey.png']['image_score'] == rows['b_rgb.png']['image_score'] == rows['c_rgba.png']['image_score']

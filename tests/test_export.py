@@ -143,6 +143,7 @@ def test_threshold_changes_without_exporting_again(exported, tmp_path, capsys):
                           f'--out={tmp_path / "given"}', '--normalised']) == 0
   rows = _csv(tmp_path / 'given' / 'predictions.csv')
   assert [r['decision'] == 'anomalous' for r in rows] == list(scores > middle)
+  assert deploy.Scorer(out, threshold=middle).decisions(scores) == [r['decision'] for r in rows]
   np.testing.assert_allclose([float(r['normalised_score']) for r in rows], scores / middle, rtol=1e-6)
   assert f'{int(np.sum(scores > middle))} of 40 images anomalous (threshold {middle:.4g}, given)' in (
       capsys.readouterr().out)

@@ -18,7 +18,7 @@ import pathlib
 
 import numpy as np
 
-from adtr_jax import errors
+from adtr_jax import errors, predictions
 from adtr_jax.data import mvtec, pipeline
 
 # model.json's 'format' and 'format_version': a scorer refuses a folder written for another format.
@@ -108,4 +108,4 @@ class Scorer:
 
   def decisions(self, scores: np.ndarray) -> list[str]:
     """'anomalous' where score > threshold (as --mode=predict decides), else 'normal'."""
-    return ['anomalous' if s > self.threshold else 'normal' for s in scores]
+    return [predictions.decide(s, self.threshold) for s in scores]

@@ -180,6 +180,9 @@ def export(config, workdir: pathlib.Path) -> pathlib.Path:
       config, workdir, sharding.make_mesh(), 'export')
   out = cat_dir / 'export'
   out.mkdir(parents=True, exist_ok=True)
+  # model.json is written last: until then the folder is no export (a scorer refuses it), so a failed
+  # re-export cannot leave an old model.json beside a new graph.
+  (out / deploy.META_FILE).unlink(missing_ok=True)
   fn, onnx_fn = (scorer(config, graphdef, params, frozen, for_onnx) for for_onnx in (False, True))
   size = config.dataset.image_size
   what = (f'the model (backbone.arch={meta["backbone"].get("arch")!r}, '

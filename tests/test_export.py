@@ -215,11 +215,14 @@ def test_deploy_names_a_missing_or_foreign_export_folder(exported, tmp_path, cap
   assert '--images=' in _one_error_line(capsys, [f'--export={out}', f'--images={tmp_path / "none"}'])
 
 
-def test_export_names_the_model_it_cannot_convert(exported, monkeypatch):
+def test_export_names_the_model_it_cannot_convert(exported, monkeypatch, tmp_path):
   """jax2onnx failing on an op (as it would on a backbone with an op it lacks) ends in a ConfigError
-  naming the backbone and the op, not a traceback from inside the converter."""
+  naming the backbone and the op, not a traceback from inside the converter; the folder is left
+  without model.json, so no scorer uses a half-written export."""
   import jax2onnx
-  config, work, _, _, _ = exported
+  config, work, out, _, _ = exported
+  shutil.copytree(work / CATEGORY / 'checkpoints', tmp_path / CATEGORY / 'checkpoints')
+  shutil.copytree(out, tmp_path / CATEGORY / 'export')       # an earlier, complete export
 
   def unsupported(*args, **kwargs):
     raise NotImplementedError("No plugin registered for primitive 'cumlogsumexp'")
@@ -227,7 +230,8 @@ def test_export_names_the_model_it_cannot_convert(exported, monkeypatch):
   monkeypatch.setattr(jax2onnx, 'to_onnx', unsupported)
   monkeypatch.setattr(export, 'to_jax_export', lambda *args: None)   # not the part under test
   with pytest.raises(errors.ConfigError, match=r"backbone.arch='efficientnet_lite0'.*cumlogsumexp"):
-    export.export(config, work)
+    export.export(config, tmp_path)
+  assert not (tmp_path / CATEGORY / 'export' / 'model.json').exists()
 
 
 def test_export_without_a_checkpoint_says_so(tmp_path, toy_root):

@@ -7,6 +7,7 @@ r"""Throughput of the jitted train step (from images and from cached features) a
   python -m adtr_jax.benchmark --config=configs/mvtec.py --batch_size=16 --scan_steps=6500  # 500 epochs
   XLA_FLAGS=--xla_force_host_platform_device_count=2 JAX_PLATFORMS=cpu \
       python -m adtr_jax.benchmark --num_processes=2   # 2 processes x 2 CPU devices (docs/multihost.md)
+  python -m adtr_jax.benchmark --export=<workdir>/<category>/export   # JAX vs onnxruntime (docs/deploy.md)
 
 Prints one JSON line: train_images_per_s (backbone + reconstructor, from uint8 images),
 train_cached_images_per_s (from features cached on the device: one jitted scan of `--scan_steps`
@@ -16,6 +17,11 @@ feature_cache.Embedder), train_flops_per_image
 (XLA's cost analysis of the step), mfu (accelerators only: achieved FLOP/s of the cached step over the
 chip's dense bfloat16 peak), the devices and the model size.
 Runs on every device JAX sees (the batch is sharded over them).
+
+--export=<folder of --mode=export> times scoring with the exported model instead, on the CPU: the
+jax.export artifact (JAX, XLA) against model.onnx (onnxruntime, as adtr_jax.deploy runs it). Prints
+<runtime>_images_per_s at --batch_size and <runtime>_latency_ms_p50 / _p99 of one image (batch 1,
+--latency_calls calls): what a part waits on an inspection line.
 
 --models=M (> 1) trains M stacked models from the cache in one jitted step instead (adtr_jax/stacked.py):
 train_cached_images_per_s and infer_images_per_s are then summed over the M models, and
@@ -48,6 +54,9 @@ _NUM_PROCESSES = flags.DEFINE_integer(
     'this is one of them (other launchers).')
 _PROCESS_ID = flags.DEFINE_integer('process_id', None, 'With --num_processes: this process, in [0, N).')
 _COORDINATOR = flags.DEFINE_string('coordinator_address', None, 'With --num_processes: host:port of process 0.')
+_EXPORT = flags.DEFINE_string('export', None, 'An export folder (--mode=export): time JAX against '
+                               'onnxruntime scoring with it instead.')
+_LATENCY_CALLS = flags.DEFINE_integer('latency_calls', 100, '--export: batch-1 calls timed for the latency.')
 _MODELS = flags.DEFINE_integer('models', 1, 'Stacked models trained in one step (train.model_axis of '
                                'the config sets the mesh).')
 
@@ -309,8 +318,43 @@ def _print(result: dict) -> None:
     print(json.dumps(result))
 
 
+def deploy_run(export_dir: str, batch_size: int, steps: int, latency_calls: int) -> dict:
+  """Scoring with an exported model, JAX (the jax.export artifact, jitted) against onnxruntime: images/s
+  at batch_size and the batch-1 latency percentiles (ms). Both score the same random uint8 images."""
+  import pathlib
+
+  import jax
+  import numpy as np
+
+  from adtr_jax import deploy
+  folder = pathlib.Path(export_dir)
+  size = int(deploy.read_meta(folder)['input']['size'])
+  exported = jax.export.deserialize(bytearray((folder / deploy.JAX_EXPORT_FILE).read_bytes()))
+  call = jax.jit(exported.call)
+  runtimes = {'jax': lambda x: jax.block_until_ready(call(x)), 'onnxruntime': deploy.Scorer(folder)}
+  images = np.random.default_rng(0).integers(0, 256, (batch_size, size, size, 3), dtype=np.uint8)
+  out = {'batch_size': batch_size, 'image_size': size, 'latency_calls': latency_calls}
+  for name, fn in runtimes.items():
+    out[f'{name}_images_per_s'] = round(batch_size / _time(lambda: fn(images), steps), 2)
+    one = images[:1]
+    for _ in range(3):  # warm-up (a new shape: compilation / allocation)
+      fn(one)
+    times = []
+    for _ in range(latency_calls):
+      t0 = time.perf_counter()
+      fn(one)
+      times.append(time.perf_counter() - t0)
+    out[f'{name}_latency_ms_p50'], out[f'{name}_latency_ms_p99'] = (
+        round(float(v) * 1e3, 2) for v in np.percentile(times, [50, 99]))
+  out['onnx_mib'] = round((folder / deploy.ONNX_FILE).stat().st_size / 2**20, 2)
+  return out
+
+
 def main(argv):
   del argv
+  if _EXPORT.value:
+    print(json.dumps(deploy_run(_EXPORT.value, _BATCH.value, _STEPS.value, _LATENCY_CALLS.value)))
+    return
   if _SCAN.value and (_METRICS.value or _BREAKDOWN.value or _MODELS.value > 1):
     raise app.UsageError('--scan_steps times the one-model run: not with --metrics, --breakdown or --models')
   if _NUM_PROCESSES.value > 1:

@@ -1,7 +1,6 @@
 """Evaluation: score maps for a category's test split, metrics.json, heatmap overlays."""
 from __future__ import annotations
 
-import csv
 import json
 import pathlib
 
@@ -11,7 +10,7 @@ import numpy as np
 from absl import logging
 from sklearn import metrics as skm
 
-from adtr_jax import checkpoint, errors, metrics, sharding, summaries, visualize
+from adtr_jax import checkpoint, errors, metrics, predictions, sharding, summaries, visualize
 from adtr_jax.data import datasets
 from adtr_jax.data.folder import FolderSource
 from adtr_jax.inference import score_split
@@ -176,41 +175,36 @@ def write_report(per_category: dict, workdir: pathlib.Path) -> dict:
   return report
 
 
+def restore_for_scoring(config, workdir: pathlib.Path, mesh, mode: str):
+  """The one trained model that --mode=predict / export use: (category, model folder, graphdef, params,
+  frozen, meta). The checkpoint must hold a calibrated threshold (meta['calibration'])."""
+  names = datasets.categories(config)
+  if len(names) != 1 and not config.dataset.unified:
+    raise errors.ConfigError(f'--mode={mode} needs one --config.dataset.category, got {names}')
+  cat_dir = model_dir(config, pathlib.Path(workdir), names[0])
+  graphdef, params, frozen, meta = restore_model(config, cat_dir, mesh)
+  if 'calibration' not in meta:
+    raise errors.ConfigError(f'the checkpoint in {cat_dir} has no calibrated threshold: it was trained with '
+                             'calibration.holdout_fraction=0 or did not finish; train with a held-out fraction')
+  return names[0], cat_dir, graphdef, params, frozen, meta
+
+
 def predict(config: ml_collections.ConfigDict, workdir: pathlib.Path, folder) -> pathlib.Path:
   """Scores every image of `folder` with the model trained in workdir/<category> (or workdir/unified).
 
   Writes <category>/predict/predictions.csv (path, image_score, decision) and heatmap overlays; the
   decision compares the score with the threshold calibrated at the end of training. Returns the CSV.
   """
-  names = datasets.categories(config)
-  if len(names) != 1 and not config.dataset.unified:
-    raise errors.ConfigError(f'--mode=predict needs one --config.dataset.category, got {names}')
-  cat_dir = model_dir(config, pathlib.Path(workdir), names[0])
   mesh = sharding.make_mesh()
   source = FolderSource(folder)
-  graphdef, params, frozen, meta = restore_model(config, cat_dir, mesh)
-  if 'calibration' not in meta:
-    raise errors.ConfigError(f'the checkpoint in {cat_dir} has no calibrated threshold: it was trained with '
-                             'calibration.holdout_fraction=0 or did not finish; train with a held-out fraction')
+  name, cat_dir, graphdef, params, frozen, meta = restore_for_scoring(config, workdir, mesh, 'predict')
   threshold = meta['calibration']['threshold']
-  result = score_split(config, source, graphdef, params, frozen, mesh, f'predict {names[0]}')
-  out_dir = cat_dir / 'predict'
-  vmin, vmax = np.percentile(result['maps'], [1.0, 99.9])
-  rows = []
-  for i, path in enumerate(source.paths):
-    decision = 'anomalous' if result['scores'][i] > threshold else 'normal'
-    rows.append({'path': str(path), 'image_score': float(result['scores'][i]), 'decision': decision})
-    if jax.process_index() == 0:
-      image = datasets.load_example(source, i, config.dataset.image_size)['image']
-      panel = visualize.overlay_panel(image, None, result['maps'][i], vmin, vmax)
-      visualize.save_png(panel, out_dir / 'heatmaps' / f'{decision}_{path.stem}.png')
-  csv_path = out_dir / 'predictions.csv'
+  result = score_split(config, source, graphdef, params, frozen, mesh, f'predict {name}')
+  csv_path = cat_dir / 'predict' / 'predictions.csv'
   if jax.process_index() == 0:
-    with csv_path.open('w', newline='') as f:
-      writer = csv.DictWriter(f, fieldnames=['path', 'image_score', 'decision'])
-      writer.writeheader()
-      writer.writerows(rows)
-  n_bad = sum(r['decision'] == 'anomalous' for r in rows)
-  print(f'{n_bad} of {len(rows)} images anomalous (threshold {threshold:.4g}, calibrated for '
+    predictions.write(csv_path.parent, source.paths, result['scores'], result['maps'], threshold,
+                      lambda i: datasets.load_example(source, i, config.dataset.image_size)['image'])
+  n_bad = int(np.sum(result['scores'] > threshold))
+  print(f'{n_bad} of {len(source)} images anomalous (threshold {threshold:.4g}, calibrated for '
         f'{meta["calibration"]["target_fpr"]:.0%} false positives); {csv_path}')
   return csv_path

@@ -6,6 +6,7 @@ r"""ADTR command line.
       --config.train.num_epochs=20 --mode=train_and_eval
   python -m adtr_jax.main --config=configs/elpv.py --workdir=workdirs/elpv --mode=predict \
       --predict_dir=/path/to/new/images
+  python -m adtr_jax.main --config=configs/elpv.py --workdir=workdirs/elpv --mode=export   # docs/deploy.md
 
 Any config field can be overridden with --config.<field>=<value>. Re-running a killed `train` command
 with the same --workdir resumes from its latest checkpoint. Bad input (config values, data, weight files)
@@ -23,9 +24,11 @@ _CONFIG = config_flags.DEFINE_config_file(
     'mvtec, mvtec_paper, default); override fields with --config.a.b=value.',
     lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints, logs, metrics and heatmaps.')
-_MODE = flags.DEFINE_enum('mode', 'train_and_eval', ['train', 'eval', 'train_and_eval', 'predict', 'show_anomalies'],
+_MODE = flags.DEFINE_enum('mode', 'train_and_eval', ['train', 'eval', 'train_and_eval', 'predict', 'export',
+                                    'show_anomalies'],
                           'train: train (resuming if possible); eval: evaluate the saved model; '
-                          'train_and_eval: both; predict: score the images of --predict_dir; show_anomalies: '
+                          'train_and_eval: both; predict: score the images of --predict_dir; export: write '
+                          '<category>/export/ (ONNX, jax.export, model.json; docs/deploy.md); show_anomalies: '
                           'write a few training anomalies with their masks as PNGs.')
 _PREDICT_DIR = flags.DEFINE_string('predict_dir', None,
                                    '--mode=predict: a folder of images to score with the trained model.')
@@ -81,6 +84,10 @@ def run(config, workdir: pathlib.Path, mode: str):
     (workdir / 'config.json').write_text(config.to_json_best_effort(indent=2) + '\n')
   if mode == 'predict':
     evaluate.predict(config, workdir, _PREDICT_DIR.value)
+    return
+  if mode == 'export':
+    from adtr_jax import export
+    export.export(config, workdir)
     return
   if mode == 'show_anomalies':
     for category in datasets.categories(config):

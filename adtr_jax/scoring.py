@@ -35,8 +35,9 @@ def blur_matrix(size: int, sigma: float) -> np.ndarray:
 
 def upsample_matrix(n: int, size: int, gaussian_sigma: float = 0.0) -> jax.Array:
   """[size, n]: bilinear upsampling of a length-n axis to `size` (jax.image.resize's, applied to the
-  identity), then the optional edge-padded blur, composed into one matrix."""
-  m = jax.image.resize(jnp.eye(n, dtype=jnp.float32), (size, n), method='bilinear')
+  identity), then the optional edge-padded blur, composed into one matrix. antialias only widens the
+  kernel when downsampling, so it is off: the same numbers, and an op jax2onnx converts (export.py)."""
+  m = jax.image.resize(jnp.eye(n, dtype=jnp.float32), (size, n), method='bilinear', antialias=False)
   if gaussian_sigma > 0:
     m = jnp.matmul(blur_matrix(size, gaussian_sigma), m, precision=jax.lax.Precision.HIGHEST)
   return m

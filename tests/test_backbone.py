@@ -267,3 +267,5 @@ def test_depthwise_conv_matches_grouped_convolution(kernel, stride, size):
   ref = jax.lax.conv_general_dilated(x, conv.kernel[...], (stride, stride), 'SAME',
                                      dimension_numbers=('NHWC', 'HWIO', 'NHWC'), feature_group_count=6)
   np.testing.assert_allclose(conv(x), ref, atol=1e-5)
+  conv.grouped = True            # the form model.onnx computes it in (export.grouped_depthwise)
+  np.testing.assert_allclose(conv(x), ref, atol=1e-5)

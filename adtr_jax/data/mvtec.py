@@ -119,6 +119,9 @@ def _open(data: bytes, path) -> Image.Image:
     image = Image.open(io.BytesIO(data))
     image.load()
     return image
+  except Image.UnidentifiedImageError as e:  # its own message names a BytesIO object, not the file
+    raise errors.DataError(f'cannot decode image {path}: not an image file (corrupt, or a format PIL '
+                           'cannot read)') from e
   except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
     raise errors.DataError(f'cannot decode image {path}: {e}') from e
 

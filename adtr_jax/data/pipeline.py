@@ -32,7 +32,7 @@ def epoch_order(n: int, shuffle: bool, seed: int, epoch: int) -> np.ndarray:
   return np.random.default_rng([seed, epoch]).permutation(n).astype(np.int64)
 
 
-def _resize_image(image: np.ndarray, size: int) -> np.ndarray:
+def resize_image(image: np.ndarray, size: int) -> np.ndarray:
   """uint8 [H, W] or [H, W, 3] -> uint8 [size, size, 3] (PIL bilinear). The device normalises to
   [0, 1] (models.adtr.to_unit_range): uint8 is a quarter of float32's bytes to send."""
   if image.ndim == 2:
@@ -59,7 +59,7 @@ def load_resized(source, index: int, image_size: int) -> dict:
   example = source[int(index)]
   path = example.get('path', f'row {index} of {type(source).__name__}')
   try:
-    return {'image': _resize_image(np.asarray(example['image']), image_size),
+    return {'image': resize_image(np.asarray(example['image']), image_size),
             'mask': _resize_mask(example.get('mask'), image_size),
             'label': int(example['label']), 'path': path}
   except errors.DataError:

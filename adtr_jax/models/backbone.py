@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
-from adtr_jax import errors
+from adtr_jax import errors, scoring
 from adtr_jax.models import weights
 
 LAYERS = ('layer1', 'layer2', 'layer3', 'layer4', 'layer5')
@@ -24,13 +24,16 @@ def check_layers(layers, out_stride) -> None:
 def _to_grid(x: jax.Array, stride: int, out_stride: int, size: tuple[int, int]) -> jax.Array:
   """x [B, h, w, C] at `stride` -> [B, *size, C] at `out_stride`.
 
-  Coarser layers are upsampled bilinearly. Finer ones are average-pooled over each output cell's
-  exact footprint (factor x factor): an alias-free area resize, cheaper and simpler than an
-  antialiased bilinear kernel, and on the same half-pixel-centred grid as the upsampling.
+  Coarser layers are upsampled bilinearly (jax.image.resize's numbers, written as two small matmuls
+  with scoring.upsample_matrix: jax2onnx converts a resize only with a constant batch size, and an
+  export's is dynamic). Finer ones are average-pooled over each output cell's exact footprint
+  (factor x factor): an alias-free area resize, cheaper and simpler than an antialiased bilinear
+  kernel, and on the same half-pixel-centred grid as the upsampling.
   """
   b, h, w, c = x.shape
   if stride > out_stride:
-    return jax.image.resize(x, (b, *size, c), method='bilinear', antialias=False)
+    rows, cols = scoring.upsample_matrix(h, size[0]), scoring.upsample_matrix(w, size[1])
+    return jnp.einsum('yi,bijc,xj->byxc', rows, x, cols, precision=jax.lax.Precision.HIGHEST)
   f = out_stride // stride
   return x.reshape(b, h // f, f, w // f, f, c).mean(axis=(2, 4))
 

@@ -156,6 +156,9 @@ class DepthwiseConv(nnx.Module):
   Written as k*k shifted multiply-adds rather than a grouped convolution: XLA fuses them into one
   elementwise loop, which on CPU is ~10x faster than its grouped-conv path (measured: 16x64x64x144,
   k=3: 32 ms vs 348 ms) and is memory-bound, like a depthwise kernel, on accelerators.
+  `grouped = True` computes it as one grouped convolution instead (the same numbers up to rounding):
+  ONNX runtimes have a depthwise kernel for that, where k*k slices cost them half of a forward pass
+  (export.py sets it for model.onnx).
   """
 
   def __init__(self, channels: int, kernel: int, stride: int, padding: str = 'same', *,
@@ -165,12 +168,16 @@ class DepthwiseConv(nnx.Module):
     self.kernel = nnx.Param(init(rngs.params(), (kernel, kernel, 1, channels)))  # HWIO like nnx.Conv
     self.stride = stride
     self.padding = padding
+    self.grouped = False
 
   def __call__(self, x: jax.Array) -> jax.Array:
     k, s = self.kernel.shape[0], self.stride
     (_, h, w, _), w_ = x.shape, self.kernel[...]
     ph, pw = _pads(h, k, s, self.padding), _pads(w, k, s, self.padding)
     xp = jnp.pad(x, ((0, 0), ph, pw, (0, 0)))
+    if self.grouped:
+      return jax.lax.conv_general_dilated(xp, w_, (s, s), 'VALID', dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
+                                          feature_group_count=x.shape[-1])
     ho, wo = (xp.shape[1] - k) // s + 1, (xp.shape[2] - k) // s + 1
     out = None
     for i in range(k):

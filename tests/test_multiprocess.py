@@ -334,7 +334,9 @@ def _checkpoint_steps(ckpt_dir: pathlib.Path) -> list[int]:
 
 
 def _last_line(text: str) -> str:
-  lines = [line for line in text.splitlines() if line.strip()]
+  """The last line the program printed; gloo's C++ logging ('[Gloo] ...') can come after it, from the
+  collectives' own thread as the process shuts down."""
+  lines = [line for line in text.splitlines() if line.strip() and not line.startswith('[Gloo]')]
   return lines[-1] if lines else ''
 
 

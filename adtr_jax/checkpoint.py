@@ -11,7 +11,8 @@ from adtr_jax import errors
 
 
 def manager(directory: str | pathlib.Path, max_to_keep: int = 3) -> ocp.CheckpointManager:
-  """Keeps the latest `max_to_keep` steps plus the one with the lowest epoch-mean training loss."""
+  """Keeps the latest `max_to_keep` steps plus the 'best' one: the lowest mean training loss over the
+  steps since the checkpoint before it (what `save` records)."""
   policy = pp.AnyPreservationPolicy([
       pp.LatestN(n=max_to_keep),
       # BestN keeps the highest values; negate so the lowest loss wins.
@@ -24,7 +25,8 @@ def manager(directory: str | pathlib.Path, max_to_keep: int = 3) -> ocp.Checkpoi
 
 
 def save(mgr: ocp.CheckpointManager, step: int, state, meta: dict, train_loss: float) -> None:
-  """Saves the state pytree and a JSON dict (backbone, weight hash, config, calibration...)."""
+  """Saves the state pytree and a JSON dict (backbone, weight hash, config, calibration...);
+  train_loss: the mean training loss of the steps since the previous checkpoint."""
   mgr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                          meta=ocp.args.JsonSave(meta)),
            metrics={'train_loss': float(train_loss)})
@@ -60,3 +62,14 @@ def restore(mgr: ocp.CheckpointManager, step: int, abstract_state):
 def read_meta(mgr: ocp.CheckpointManager, step: int) -> dict:
   """Only the JSON metadata of a step (cheap: no arrays are read)."""
   return mgr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+
+
+def check_backbone(meta: dict, info: dict, where) -> None:
+  """The one backbone-identity check: a checkpoint's recorded arch and weights hash must be the
+  config's (the frozen backbone is not saved, only named)."""
+  old = meta.get('backbone', {})
+  for key in ('arch', 'weights_sha256'):
+    if old.get(key) != info.get(key):
+      raise errors.ConfigError(f'the checkpoint in {where} was trained with backbone {key}={old.get(key)!r} '
+                               f'but the config gives {info.get(key)!r}; use another --workdir or the '
+                               'original weights')

@@ -184,3 +184,10 @@ def get_config() -> ml_collections.ConfigDict:
   # through a tie, PRO stays at its value above it). Equal on continuous maps; see adtr_jax/metrics.py.
   config.eval.aupro_ties = 'merged'
   return config
+
+
+# Fields that may differ between members stepped together (numbers and initial values, not shapes).
+PER_MEMBER = frozenset(('seed', 'dataset.category', 'train.learning_rate', 'train.weight_decay',
+                        'train.grad_clip_norm', 'train.warmup_fraction', 'train.final_lr_fraction',
+                        'train.num_epochs', 'train.min_steps', 'train.lr_decay_factor',
+                        'model.embed_init_std', 'model.tie_qk_init', 'model.pos_init'))

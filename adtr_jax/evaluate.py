@@ -15,7 +15,7 @@ from adtr_jax.data import datasets
 from adtr_jax.data.folder import FolderSource
 from adtr_jax.inference import score_split
 from adtr_jax.models.adtr import build_model
-from adtr_jax.train_state import init_state, make_optimizer
+from adtr_jax.train_state import init_state
 
 
 def restore_model(config, workdir: pathlib.Path, mesh):
@@ -24,19 +24,26 @@ def restore_model(config, workdir: pathlib.Path, mesh):
   Returns (graphdef, params, frozen, meta).
   """
   model, info = build_model(config)
-  tx, _ = make_optimizer(config.train, 1, 1)  # only gives the state's structure for restoring
-  graphdef, state, frozen = init_state(model, tx)
+  graphdef, state, frozen = init_state(model, config.train)
   state, frozen = sharding.put_replicated((state, frozen), mesh)
   mgr = checkpoint.manager(workdir / 'checkpoints', config.train.max_checkpoints)
   step = checkpoint.select_step(mgr, config.eval.checkpoint)
   state, meta = checkpoint.restore(mgr, step, state)
-  if meta['backbone'].get('weights_sha256') != info.get('weights_sha256'):
-    raise errors.ConfigError(f'{workdir} was trained with backbone weights {meta["backbone"]} '
-                             f'but the config loads {info}')
+  checkpoint.check_backbone(meta, info, mgr.directory)
   mgr.close()
   logging.info('restored %s step %d', workdir, step)
   meta['step'] = step
   return graphdef, state.params, frozen, meta
+
+
+def calibrate(config, calib, graphdef, params, frozen, mesh) -> dict:
+  """The decision threshold: the (1 - calibration.target_fpr) quantile of the scores of normal
+  training images held out from training (`calib`)."""
+  scores = score_split(config, calib, graphdef, params, frozen, mesh, 'calibrate')['scores']
+  target = config.calibration.target_fpr
+  threshold = float(np.quantile(scores, 1.0 - target, method='higher'))
+  return {'threshold': threshold, 'target_fpr': target, 'num_images': int(len(scores)),
+          'heldout_fpr': float(np.mean(scores > threshold))}
 
 
 def save_heatmaps(config, source, result: dict, out_dir: pathlib.Path, has_masks: bool) -> dict:

@@ -2,8 +2,8 @@
 
 The backbone is frozen and normal-only training has no randomness in input space, so every epoch would
 recompute the same features. `compute` runs the backbone once over a split in inference batches;
-`place` puts the result in host memory or in device memory sharded over the mesh's `data` axis
-(each device, and so each process of a multi-host run, holds only its block of rows). `Embedder`
+`place` puts the result in device memory sharded over the mesh's `data` axis (each device, and so
+each process of a multi-host run, holds only its block of rows). `Embedder`
 gives the features of a batch, to `compute` and to evaluation, from `MEMO` when the same images were
 embedded before in this process.
 """
@@ -60,25 +60,10 @@ def compute(source, graphdef: nnx.GraphDef, params, frozen, mesh, *, image_size:
   return features
 
 
-def place(features: np.ndarray, mesh, where: str):
-  """'device': a global array [N', h, w, C] sharded on 'data' (N' = N padded to the device count;
-  padding rows are zeros and never sampled). 'host': the numpy array itself."""
-  if where == 'host':
-    return features
-  if where != 'device':
-    raise ValueError(f'feature_cache.place: where={where!r} must be "device" or "host"')
-  n_dev = sharding.data_size(mesh)
-  pad = -len(features) % n_dev
-  if pad:
-    features = np.concatenate([features, np.zeros((pad, *features.shape[1:]), features.dtype)])
-  # Each process hands over only the rows of its own devices (callback per addressable shard).
-  spec = NamedSharding(mesh, P('data'))
-  return jax.make_array_from_callback(features.shape, spec, lambda index: features[index])
-
-
-def place_stacked(features: list[np.ndarray], mesh) -> tuple[jax.Array, int]:
-  """Several training sets' features (one per category) -> ([K, N', h, w, C] on (None, 'data'), N'):
-  each padded with zero rows (never sampled) to N', the largest N rounded up to the 'data' devices."""
+def place(features: list[np.ndarray], mesh) -> tuple[jax.Array, int]:
+  """Training sets' features (one per category) -> ([K, N', h, w, C] on (None, 'data'), N'): each
+  padded with zero rows (never sampled) to N', the largest N rounded up to the 'data' devices. Each
+  process hands over only the rows of its own devices (a callback per addressable shard)."""
   n_dev = sharding.data_size(mesh)
   size = max(len(f) for f in features)
   size += -size % n_dev

@@ -1,129 +1,124 @@
-"""Training: a pure, jitted step over a device mesh, fed from cached features or images (see loop.py)."""
+"""The training driver: every run trains M >= 1 members through one loop, one checkpoint path and one
+calibration.
+
+A member is one model a run trains: a config with one category (or the unified union) and its workdir.
+Members whose configs differ only in per-member fields (defaults.PER_MEMBER: seed, category, the
+optimiser's numbers, init-only model numbers) share every array shape and the frozen backbone, so the
+driver may lay them side by side on the mesh's 'model' axis and step them together (train.stacked, or
+`train_runs(stack=True)`); a single model is a group of one. Members fed from images (anomalies, or
+train.feature_cache='off') train one at a time, and the log says why.
+
+Each member keeps its own ordinary checkpoints in <workdir>/checkpoints (what evaluation, prediction,
+export and init_from read): a killed group resumes every member from the step they all saved.
+
+Public: `train_and_evaluate(config, workdir)` (the CLI) and `train_runs(runs)` (experiments, sweeps).
+"""
 from __future__ import annotations
 
+import dataclasses
+import functools
 import json
 import math
 import pathlib
 import time
-import functools
-from typing import Callable
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
-import optax
 from absl import logging
-from flax import nnx
 from tqdm.auto import tqdm
 
-from adtr_jax import (checkpoint, errors, evaluate, feature_cache, inference, loop, losses, sharding,
-                      summaries)
+from adtr_jax import checkpoint, defaults, errors, evaluate, feature_cache, loop, sharding, step, summaries
+from adtr_jax import train_state
 from adtr_jax.data import datasets, mixing
 from adtr_jax.models.adtr import build_model
-from adtr_jax.train_state import TrainState, init_state, make_optimizer, total_steps
-
-def loss_fn(features: jax.Array, reconstruction: jax.Array, batch: dict) -> jax.Array:
-  """The normal-only objective L_norm over the batch's valid rows. features [B, h, w, C]."""
-  return losses.normal_loss(features, reconstruction, batch['valid'].astype(jnp.float32))
 
 
-def make_loss(cfg: ml_collections.ConfigDict) -> Callable:
-  """config.loss -> loss(features [B, h, w, C], reconstruction, batch) -> scalar.
-
-  'pixel' uses batch['mask'] [B, S, S] brought to the token grid by cfg.mask_downsample;
-  'image' uses batch['label'] [B]. Padding rows (valid False) have weight 0 in every case.
-  """
-  if cfg.type == 'mse':
-    return loss_fn
-  if cfg.type == 'pixel':
-    def pixel(f, f_hat, batch):
-      grid = losses.downsample_mask(batch['mask'], f.shape[1:3], cfg.mask_downsample)
-      return losses.pixel_loss(f, f_hat, grid, cfg.alpha, batch['valid'].astype(jnp.float32))
-    return pixel
-  if cfg.type == 'image':
-    def image(f, f_hat, batch):
-      return losses.image_loss(f, f_hat, batch['label'].astype(jnp.float32), cfg.alpha, cfg.topk,
-                               batch['valid'].astype(jnp.float32))
-    return image
-  raise errors.ConfigError(f"loss.type={cfg.type!r} must be 'mse', 'pixel' or 'image'")
+@dataclasses.dataclass
+class Member:
+  """One model of a run: its config (dataset.category = its category), workdir and category name."""
+  config: object
+  workdir: pathlib.Path
+  category: str
 
 
-def input_keys(loss_cfg: ml_collections.ConfigDict) -> tuple[str, ...]:
-  """The batch entries the step reads for this loss (the pixel mask only for 'pixel')."""
-  return {'mse': ('image', 'valid'), 'pixel': ('image', 'mask', 'valid'),
-          'image': ('image', 'label', 'valid')}[loss_cfg.type]
+def members_of(config, workdir: pathlib.Path) -> list[Member]:
+  """The models a config trains: one per category in workdir/<category>, or one unified model."""
+  if config.dataset.unified:
+    return [Member(config, workdir / evaluate.UNIFIED, evaluate.UNIFIED)]
+  out = []
+  for c in datasets.categories(config):
+    member = config.copy_and_resolve_references()
+    member.dataset.category = c
+    out.append(Member(member, workdir / c, c))
+  return out
 
 
-def loss_and_grads(params, frozen: nnx.State, batch: dict, dropout_key: jax.Array, *,
-                   graphdef: nnx.GraphDef, loss: Callable = loss_fn):
-  """(loss, grads) of one batch (pure). batch holds 'features' [B, h, w, C] (from the feature cache)
-  or 'image' [B, S, S, 3] uint8 (the frozen backbone runs first), plus 'valid' [B] and what `loss`
-  reads; sharded on 'data'."""
-  def objective(params):
-    model = nnx.merge(graphdef, params, frozen)
-    embedded = batch['features'] if 'features' in batch else model.embed(batch['image'])
-    f, f_hat = model.reconstruct(embedded, deterministic=False, rngs=nnx.Rngs(dropout=dropout_key))
-    return loss(f, f_hat, batch)
-  return jax.value_and_grad(objective)(params)
+def feed_kind(config) -> str:
+  """'device' or 'host' (a feature cache: normal-only training has a fixed input) or 'images'."""
+  feature_cache.check(config.train)
+  if mixing.uses_anomalies(config) or config.train.feature_cache == 'off':
+    return 'images'
+  return config.train.feature_cache
 
 
-def train_step(state: TrainState, frozen: nnx.State, batch: dict, key: jax.Array, *,
-               graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
-               loss: Callable = loss_fn) -> tuple[TrainState, dict]:
-  """One optimisation step (pure); dropout is a function of (key, step)."""
-  value, grads = loss_and_grads(state.params, frozen, batch, jax.random.fold_in(key, state.step),
-                                graphdef=graphdef, loss=loss)
-  updates, opt_state = tx.update(grads, state.opt_state, state.params)
-  params = optax.apply_updates(state.params, updates)
-  new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
-  return new_state, {'loss': value, 'grad_norm': optax.tree.norm(grads)}
+def group_key(config) -> str:
+  """What members must share to step together: the config without its per-member fields."""
+  d = json.loads(config.to_json_best_effort())
+  for field in defaults.PER_MEMBER:
+    *parents, leaf = field.split('.')
+    node = d
+    for p in parents:
+      node = node[p]
+    node.pop(leaf, None)
+  return json.dumps(d, sort_keys=True)
 
 
-def jit_step(step_fn: Callable, mesh):
-  """step_fn(state, frozen, batch, key) jitted: state replicated, batch sharded on 'data', state donated."""
-  rep, dat = sharding.replicated(mesh), sharding.data_sharded(mesh)
-  return jax.jit(step_fn, in_shardings=(rep, rep, dat, rep), out_shardings=(rep, rep),
-                 donate_argnums=(0,))
+def plan(members: list[Member], stack: bool) -> list[list[Member]]:
+  """Members in groups that train together, in first-appearance order; image-fed members alone."""
+  out: dict[str, list[Member]] = {}
+  for i, m in enumerate(members):
+    kind = feed_kind(m.config)
+    if kind == 'images' and m.config.train.feature_cache != 'off':
+      print(f'adtr_jax: {m.workdir} trains from images, not from the {m.config.train.feature_cache} feature '
+            'cache: its anomalies (anomalies.*) change the input every epoch', flush=True)
+    if stack and kind == 'images' and len(members) > 1:
+      print(f'adtr_jax: {m.workdir} trains alone: a model fed from images is not stacked', flush=True)
+    key = group_key(m.config) if stack and kind != 'images' else str(i)
+    out.setdefault(key, []).append(m)
+  return list(out.values())
 
 
-def jit_train_step(mesh, graphdef, tx, loss: Callable = loss_fn):
-  """train_step for one model, jitted (see jit_step)."""
-  return jit_step(functools.partial(train_step, graphdef=graphdef, tx=tx, loss=loss), mesh)
+def stack(trees):
+  """Stacks equal-structured pytrees (numpy or local arrays) on a new leading (model) axis."""
+  return jax.tree.map(lambda *xs: np.stack([np.asarray(x) for x in xs]), *trees)
 
 
-def checkpoint_meta(config, category: str, backbone_info: dict, steps_per_epoch: int) -> dict:
-  """What a checkpoint must say about how it was made (the frozen backbone is recorded, not saved)."""
-  return {'category': category, 'backbone': backbone_info, 'steps_per_epoch': steps_per_epoch,
-          'config': json.loads(config.to_json_best_effort())}
+def take(tree, index, mesh):
+  """Models `index` (list of ints) of a stacked pytree, replicated on every device (a jitted gather:
+  it reshards across hosts too)."""
+  return jax.jit(lambda t, i: jax.tree.map(lambda x: x[i], t),
+                 out_shardings=sharding.replicated(mesh))(tree, jnp.asarray(index, jnp.int32))
 
 
-def _check_same_backbone(meta: dict, info: dict, where) -> None:
-  old = meta.get('backbone', {})
-  for key in ('arch', 'weights_sha256'):
-    if old.get(key) != info.get(key):
-      raise errors.ConfigError(f'checkpoint in {where} was trained with backbone {key}={old.get(key)!r} but the '
-                               f'config gives {info.get(key)!r}; use another --workdir or the original weights')
+def _local(tree):
+  """A replicated (possibly multi-host) pytree -> numpy, from this process's copy."""
+  return jax.tree.map(lambda x: np.asarray(x.addressable_data(0)) if isinstance(x, jax.Array) else x,
+                      tree)
 
 
-def calibrate(config, calib, graphdef, params, frozen, mesh) -> dict:
-  """The decision threshold: the (1 - target_fpr) quantile of held-out normal images' scores."""
-  scores = inference.score_split(config, calib, graphdef, params, frozen, mesh, 'calibrate')['scores']
-  target = config.calibration.target_fpr
-  threshold = float(np.quantile(scores, 1.0 - target, method='higher'))
-  return {'threshold': threshold, 'target_fpr': target, 'num_images': int(len(scores)),
-          'heldout_fpr': float(np.mean(scores > threshold))}
+def member_keys(configs) -> jax.Array:
+  """[M] PRNG keys: member i's data order and dropout come from its own seed."""
+  return jnp.stack([jax.random.key(c.seed) for c in configs])
 
 
-def _init_from(config, category: str, state: TrainState, info: dict) -> TrainState:
-  """Fresh optimizer and step, reconstructor weights from init_from/<category> (its latest step)."""
-  mgr = checkpoint.manager(pathlib.Path(config.init_from) / category / 'checkpoints')
-  step = checkpoint.select_step(mgr, 'latest')
-  _check_same_backbone(checkpoint.read_meta(mgr, step), info, mgr.directory)
-  restored, _ = checkpoint.restore(mgr, step, state)
-  mgr.close()
-  logging.info('initialised %s from %s step %d', category, mgr.directory, step)
-  return state.replace(params=restored.params)
+def epoch_steps(num_images: int, batch_size: int, category: str) -> int:
+  """Steps per epoch, floor(images / batch) (a last partial batch is dropped); an error naming the
+  category when it has fewer images than one batch."""
+  if num_images < batch_size:
+    raise errors.ConfigError(f'the train split of {category!r} has {num_images} images, fewer than '
+                             f'train.batch_size={batch_size}')
+  return num_images // batch_size
 
 
 class SaveClock:
@@ -143,165 +138,256 @@ class SaveClock:
     self.saved_step, self.saved_time = step, time.monotonic()
 
 
-def uses_feature_cache(config) -> bool:
-  """Cached features need a fixed input: normal-only training (anomalies change it every epoch)."""
-  feature_cache.check(config.train)
-  return config.train.feature_cache != 'off' and not mixing.uses_anomalies(config)
+@dataclasses.dataclass
+class _Model:
+  """A member while it trains: its data, budget, optimiser numbers, checkpoints and log."""
+  member: Member
+  data: datasets.CategoryData
+  steps_per_epoch: int
+  last_step: int
+  hyper: dict
+  mgr: object
+  latest: int | None
+  log: summaries.ModelLog | None = None
+  since_save: list = dataclasses.field(default_factory=list)
+
+  def meta(self, info: dict) -> dict:
+    """What its checkpoint says about how it was made (the frozen backbone is recorded, not saved)."""
+    return {'category': self.member.category, 'backbone': info, 'steps_per_epoch': self.steps_per_epoch,
+            'config': json.loads(self.member.config.to_json_best_effort())}
 
 
-def train_features(config, data, mesh, graphdef, state, frozen, dtype: str) -> np.ndarray:
-  """The frozen backbone's features of every training image, [N, h, w, C] numpy in `dtype`."""
-  return feature_cache.compute(
-      data.train, graphdef, state.params, frozen, mesh, image_size=config.dataset.image_size,
-      batch_size=config.eval.batch_size, dtype=dtype, num_workers=config.dataset.num_workers,
-      memo_mb=config.backbone.feature_memo_mb)
+class _Group:
+  """Members that step together: their data (loaded once per category), models and states."""
+
+  def __init__(self, members: list[Member]):
+    self.members, self.cfg = members, members[0].config
+    cfg = self.cfg.train
+    axis = cfg.model_axis if len(members) % cfg.model_axis == 0 else 1
+    self.mesh = sharding.make_mesh(model_axis=axis)
+    sharding.check_batch_size(cfg.batch_size, self.mesh, 'train.batch_size')
+    data = {}
+    self.models = []
+    for m in members:
+      m.workdir.mkdir(parents=True, exist_ok=True)
+      if m.category not in data:
+        data[m.category] = (datasets.load_unified(m.config) if m.category == evaluate.UNIFIED else
+                            datasets.load_category(m.config, m.category))
+      spe = epoch_steps(len(data[m.category].train), cfg.batch_size, m.category)
+      last = train_state.total_steps(m.config.train, spe)
+      mgr = checkpoint.manager(m.workdir / 'checkpoints', m.config.train.max_checkpoints)
+      self.models.append(_Model(m, data[m.category], spe, last,
+                                train_state.hyperparameters(m.config.train, spe, last), mgr,
+                                mgr.latest_step()))
+    self.categories = list(data)
+    self.total = max(x.last_step for x in self.models)
+    self.kind = feed_kind(self.cfg)
+
+  def resume_step(self) -> int | None:
+    """The group step every member saved (a member past its budget counts as saved); None: fresh."""
+    if all(x.latest is None for x in self.models):
+      return None
+    if any(x.latest is None for x in self.models):
+      raise errors.ConfigError(f'{[str(x.member.workdir) for x in self.models if x.latest is None]} '
+                               'have no checkpoint but the models trained with them do: train them in '
+                               'another --workdir, or delete the checkpoints of the others')
+    unfinished = [x.latest for x in self.models if x.latest < x.last_step]
+    return min(unfinished) if unfinished else self.total
 
 
-def _feeder(config, data, mesh, features, step_fn, steps_per_epoch):
-  """(chunk function, what it reads): the feature cache when there is one, else images."""
-  cfg = config.train
-  if features is not None:
-    make = loop.device_cache_chunk if cfg.feature_cache == 'device' else loop.host_cache_chunk
-    chunk = make(step_fn, mesh, num_rows=len(data.train), steps_per_epoch=steps_per_epoch,
-                 batch_size=cfg.batch_size)
-    logging.info('training from cached features %s (%s, %s)', features.shape, cfg.feature_cache,
-                 cfg.feature_cache_dtype)
-    return chunk, feature_cache.place(features, mesh, cfg.feature_cache)
-  # Synthetic anomalies change the input every epoch: the backbone must run on each batch.
-  feeder = loop.ImageFeeder(data.train, batch_size=cfg.batch_size, image_size=config.dataset.image_size,
-                            seed=config.seed, keys=input_keys(config.loss),
-                            num_workers=config.dataset.num_workers, data_slice=sharding.data_slice(mesh))
-  return loop.image_chunk(jit_step(step_fn, mesh), mesh, feeder), None
+def _features(g: _Group, graphdef, state, frozen, dtype: str) -> list[np.ndarray]:
+  """Each category's training features [N, h, w, C] (the frozen backbone once per image)."""
+  c = g.cfg
+  return [feature_cache.compute(
+      next(x.data for x in g.models if x.member.category == cat).train, graphdef, state.params, frozen,
+      g.mesh, image_size=c.dataset.image_size, batch_size=c.eval.batch_size, dtype=dtype,
+      num_workers=c.dataset.num_workers, memo_mb=c.backbone.feature_memo_mb) for cat in g.categories]
 
 
-def _loop(config, workdir, data, mesh, model_state, chunk, cache, mgr, meta, schedule,
-          steps_per_epoch: int, last_step: int, category: str) -> float:
-  """Runs chunks of steps from state.step to last_step; logs, checkpoints and (at the end) calibrates
-  between them. Returns the last chunk's mean loss."""
-  graphdef, state, frozen = model_state
-  cfg = config.train
-  step = int(state.step)
-  key = sharding.put_replicated(jax.random.key(config.seed), mesh)
-  log = summaries.ModelLog(workdir, step)
-  clock = SaveClock(cfg.checkpoint_every_steps, cfg.checkpoint_every_minutes, last_step, step)
-  since_save, loss_now = [], float('nan')
-  bar = tqdm(total=last_step, initial=step, desc=f'train {category}', unit='step',
+def _initial_states(g: _Group, start: int | None):
+  """(graphdef, [M] local states, frozen, backbone info, cached features or None)."""
+  built = [build_model(x.member.config) for x in g.models]
+  info = built[0][1]
+  graphdef, state0, frozen = train_state.init_state(built[0][0], g.cfg.train)
+  cached = g.kind != 'images' and start != g.total
+  features = _features(g, graphdef, state0, frozen, g.cfg.train.feature_cache_dtype) if cached else None
+  states = []
+  for x, (model, _) in zip(g.models, built):
+    if start is None and not x.member.config.init_from and model.feature_norm.kind != 'none':
+      # A fresh model: the feature statistics of its training images (a resumed or initialised one
+      # restores them with the weights).
+      fit = features or _features(g, graphdef, state0, frozen, 'float32')
+      model.feature_norm.fit(fit[g.categories.index(x.member.category)])
+    gd, state, _ = train_state.init_state(model, g.cfg.train)
+    if gd != graphdef:
+      raise errors.ConfigError(f'{x.member.workdir}: its model differs in structure from '
+                               f'{g.models[0].member.workdir}')
+    state, frozen_m = sharding.put_replicated((state, frozen), g.mesh)
+    states.append(_restore(g, x, state, start, info))
+  return graphdef, states, sharding.put_replicated(frozen, g.mesh), info, features
+
+
+def _restore(g: _Group, x: _Model, state, start: int | None, info: dict):
+  """A member's state at the group's start: its checkpoint, or init_from's weights, or as built."""
+  if start is not None:
+    at = min(start, x.last_step)
+    checkpoint.check_backbone(checkpoint.read_meta(x.mgr, at), info, x.mgr.directory)
+    return _local(checkpoint.restore(x.mgr, at, state)[0])
+  if x.member.config.init_from:
+    mgr = checkpoint.manager(pathlib.Path(x.member.config.init_from) / x.member.category / 'checkpoints')
+    at = checkpoint.select_step(mgr, 'latest')
+    checkpoint.check_backbone(checkpoint.read_meta(mgr, at), info, mgr.directory)
+    restored, _ = checkpoint.restore(mgr, at, state)
+    mgr.close()
+    logging.info('initialised %s from %s step %d', x.member.category, mgr.directory, at)
+    state = state.replace(params=restored.params)
+  return _local(state)
+
+
+def _feed(g: _Group, features):
+  cfg, c = g.cfg.train, g.cfg
+  if g.kind == 'device':
+    return loop.DeviceCache(features, g.mesh, cfg.batch_size)
+  if g.kind == 'host':
+    return loop.HostCache(features, g.mesh, cfg.batch_size,
+                          [(x.member.config.seed, g.categories.index(x.member.category),
+                            len(x.data.train), x.steps_per_epoch) for x in g.models])
+  return loop.Images(g.models[0].data.train, g.mesh, batch_size=cfg.batch_size,
+                     image_size=c.dataset.image_size, seed=c.seed, keys=step.input_keys(c.loss),
+                     num_workers=c.dataset.num_workers)
+
+
+def _save(g: _Group, graphdef, state, frozen, info: dict, group_step: int) -> None:
+  """Each member's state at min(group_step, its budget) as its own checkpoint (once per step); a
+  finished member's carries its calibrated threshold."""
+  for i, x in enumerate(g.models):
+    at = min(group_step, x.last_step)
+    if x.mgr.latest_step() == at:
+      continue
+    single = jax.tree.map(lambda a: a[0], take(state, [i], g.mesh))
+    meta = x.meta(info)
+    if at == x.last_step and x.data.calib is not None:
+      meta['calibration'] = evaluate.calibrate(x.member.config, x.data.calib, graphdef, single.params,
+                                               frozen, g.mesh)
+    loss = float(np.mean(x.since_save)) if x.since_save else float('nan')
+    checkpoint.save(x.mgr, at, single, meta, loss)
+    x.log.flush()
+    x.since_save = []
+
+
+def _log_chunk(g: _Group, group_step: int, n: int, metrics: dict, seconds: float) -> float:
+  """Writes each active member's chunk to its log; an error naming it if its loss is not finite.
+  Returns the mean loss of the chunk's active steps."""
+  cfg = g.cfg.train
+  active = metrics['active']
+  for i, x in enumerate(g.models):
+    if not active[:, i].any():
+      continue
+    losses = metrics['loss'][active[:, i], i]
+    at = min(group_step + n, x.last_step)
+    loss = float(np.mean(losses))
+    x.since_save.extend(losses.tolist())
+    x.log.write(at, epoch=at / x.steps_per_epoch, loss=loss,
+                grad_norm=float(np.mean(metrics['grad_norm'][active[:, i], i])),
+                lr=float(train_state.learning_rate(x.hyper, at - 1, cfg.schedule)),
+                images_per_s=float(active[:, i].sum()) * cfg.batch_size / seconds,
+                **({'stacked': True} if len(g.models) > 1 else {}))
+    if not all(map(math.isfinite, losses.tolist())):
+      raise FloatingPointError(f'{x.member.workdir}: training loss became {loss} at step {at}: lower '
+                               f'train.learning_rate ({x.member.config.train.learning_rate})')
+  return float(np.mean(metrics['loss'][active]))
+
+
+def _loop(g: _Group, runner, graphdef, state, frozen, keys, hyper, info: dict, start: int):
+  """Chunks of steps from `start` to the longest budget; logs, checkpoints and calibrates between them.
+  Chunks end on multiples of log_every_steps, so a resumed run logs at the same steps."""
+  cfg = g.cfg.train
+  for x in g.models:
+    x.log = summaries.ModelLog(x.member.workdir, min(start, x.last_step))
+  clock = SaveClock(cfg.checkpoint_every_steps, cfg.checkpoint_every_minutes, g.total, start)
+  name = g.models[0].member.category if len(g.models) == 1 else f'{len(g.models)} stacked'
+  bar = tqdm(total=g.total, initial=start, desc=f'train {name}', unit='step',
              disable=jax.process_index() != 0)
-  while step < last_step:
-    # Chunks end on multiples of log_every_steps: a resumed run logs at the same steps.
-    n = min(cfg.log_every_steps - step % cfg.log_every_steps, last_step - step)
+  group_step = start
+  while group_step < g.total:
+    n = min(cfg.log_every_steps - group_step % cfg.log_every_steps, g.total - group_step)
     t0 = time.perf_counter()
-    state, metrics = chunk(state, frozen, cache, key, step, n)
-    metrics = jax.device_get(metrics)  # waits for the chunk: the bar shows completed steps
-    rate = n * cfg.batch_size / (time.perf_counter() - t0)
-    step += n
-    since_save.extend(metrics['loss'].tolist())
-    loss_now = float(np.mean(metrics['loss']))
+    state, metrics = runner(state, frozen, keys, hyper, group_step, n)
+    metrics = jax.tree.map(sharding.to_host, metrics)   # [n, M]; waits for the chunk
+    seconds = time.perf_counter() - t0
+    loss = _log_chunk(g, group_step, n, metrics, seconds)
+    group_step += n
     bar.update(n)
-    bar.set_postfix(loss=f'{loss_now:.4f}', img_s=f'{rate:.1f}')
-    log.write(step, epoch=step / steps_per_epoch, loss=loss_now,
-              grad_norm=float(np.mean(metrics['grad_norm'])), lr=float(schedule(step - 1)),
-              images_per_s=rate)
-    if not all(map(math.isfinite, metrics['loss'].tolist())):
-      raise FloatingPointError(f'training loss became {loss_now} at step {step}: lower '
-                               f'train.learning_rate ({cfg.learning_rate})')
-    if clock.due(step):
-      if step == last_step and data.calib is not None:
-        meta = dict(meta, calibration=calibrate(config, data.calib, graphdef, state.params, frozen,
-                                                mesh))
-      checkpoint.save(mgr, step, state, meta, float(np.mean(since_save)))
-      log.flush()
-      clock.saved(step)
-      since_save = []
+    bar.set_postfix(loss=f'{loss:.4f}', img_s=f'{metrics["active"].sum() * cfg.batch_size / seconds:.1f}')
+    if clock.due(group_step):
+      _save(g, graphdef, state, frozen, info, group_step)
+      clock.saved(group_step)
   bar.close()
-  log.close()
-  return loss_now
+  for x in g.models:
+    x.log.close()
 
 
-def epoch_steps(num_images: int, batch_size: int, category: str) -> int:
-  """Steps per epoch, floor(images / batch) (a last partial batch is dropped); an error naming the
-  category when it has fewer images than one batch."""
-  if num_images < batch_size:
-    raise errors.ConfigError(f'the train split of {category!r} has {num_images} images, fewer than '
-                             f'train.batch_size={batch_size}')
-  return num_images // batch_size
+def train_group(members: list[Member]) -> list[dict]:
+  """Trains members that step together (see plan) to their budgets, resuming from their checkpoints.
+  Returns a summary per member."""
+  g = _Group(members)
+  start = g.resume_step()
+  graphdef, states, frozen, info, features = _initial_states(g, start)
+  if start is not None:
+    name = g.models[0].member.category if len(members) == 1 else f'{len(members)} stacked models'
+    logging.info('resumed %s from step %d', name, start)
+    print(f'adtr_jax: resumed {name} from step {start}', flush=True)
+  start = start or 0
+  if start < g.total:
+    mod = sharding.model_sharded(g.mesh)
+    hyper = stack([dict(x.hyper, num_rows=np.int32(len(x.data.train)), last_step=np.int32(x.last_step),
+                        steps_per_epoch=np.int32(x.steps_per_epoch),
+                        data=np.int32(g.categories.index(x.member.category))) for x in g.models])
+    keys = member_keys([x.member.config for x in g.models])
+    state, keys, hyper = sharding.put((stack(states), keys, hyper), mod)
+    step_fn = functools.partial(step.train_step, graphdef=graphdef, loss=step.make_loss(g.cfg.loss),
+                                schedule=g.cfg.train.schedule)
+    runner = loop.make_runner(step_fn, g.mesh, _feed(g, features), g.cfg.train.models_per_call)
+    logging.info('training %d model(s) %s from %s on mesh %s', len(members), g.categories, g.kind,
+                 dict(g.mesh.shape))
+    _loop(g, runner, graphdef, state, frozen, keys, hyper, info, start)
+  for x in g.models:
+    x.mgr.wait_until_finished()
+    x.mgr.close()
+  return [{'category': x.member.category, 'steps': x.last_step, 'stacked': len(members) > 1}
+          for x in g.models]
 
 
-def train(config: ml_collections.ConfigDict, category: str, workdir: pathlib.Path,
-          data: datasets.CategoryData | None = None, mesh=None) -> dict:
-  """Trains one model in `workdir` (resuming from its latest checkpoint) on `category`'s training data,
-  or on `data` when given (the unified setting's union), on `mesh` (default: every device on 'data').
-  Returns a summary."""
-  workdir.mkdir(parents=True, exist_ok=True)
-  mesh = mesh or sharding.make_mesh()
-  cfg = config.train
-  sharding.check_batch_size(cfg.batch_size, mesh, 'train.batch_size')
-  data = data if data is not None else datasets.load_category(config, category)
-  steps_per_epoch = epoch_steps(len(data.train), cfg.batch_size, category)
-  last_step = total_steps(cfg, steps_per_epoch)
-  model, info = build_model(config)
-  tx, schedule = make_optimizer(cfg, steps_per_epoch, last_step)
-  graphdef, state, frozen = init_state(model, tx)
-  mgr = checkpoint.manager(workdir / 'checkpoints', cfg.max_checkpoints)
-  latest = mgr.latest_step()
-  finished = latest is not None and latest >= last_step
-  features = (train_features(config, data, mesh, graphdef, state, frozen, cfg.feature_cache_dtype)
-              if uses_feature_cache(config) and not finished else None)
-  if latest is None and not config.init_from and model.feature_norm.kind != 'none':
-    # A fresh run: the feature statistics of its training images (a resumed or initialised run
-    # restores them with the weights).
-    model.feature_norm.fit(features if features is not None else
-                           train_features(config, data, mesh, graphdef, state, frozen, 'float32'))
-    graphdef, state, frozen = init_state(model, tx)
-  state, frozen = sharding.put_replicated((state, frozen), mesh)
-  meta = checkpoint_meta(config, category, info, steps_per_epoch)
-
-  if latest is not None:
-    _check_same_backbone(checkpoint.read_meta(mgr, latest), info, mgr.directory)
-    state, _ = checkpoint.restore(mgr, latest, state)
-    logging.info('resumed %s from step %d', category, latest)
-    print(f'adtr_jax: resumed {category} from step {latest}', flush=True)
-  elif config.init_from:
-    state = _init_from(config, category, state, info)
-  step_fn = functools.partial(train_step, graphdef=graphdef, tx=tx, loss=make_loss(config.loss))
-  chunk, cache = _feeder(config, data, mesh, features, step_fn, steps_per_epoch)
-  loss_now = _loop(config, workdir, data, mesh, (graphdef, state, frozen), chunk, cache, mgr, meta,
-                   schedule, steps_per_epoch, last_step, category)
-  mgr.wait_until_finished()
-  mgr.close()
-  return {'category': category, 'steps': last_step, 'last_loss': loss_now}
-
-
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | pathlib.Path,
-                       evaluate_after: bool = True) -> dict:
-  """Trains every configured category in workdir/<category> (or, with dataset.unified, one model on all
-  of them in workdir/unified), then (optionally) evaluates every category."""
+def train_and_evaluate(config, workdir: str | pathlib.Path, evaluate_after: bool = True) -> dict:
+  """Trains every configured category in workdir/<category> (or, with dataset.unified, one model on
+  all of them in workdir/unified), stacked when train.stacked, then (optionally) evaluates them."""
   workdir = pathlib.Path(workdir)
-  if config.train.stacked and not config.dataset.unified:
-    return _train_and_evaluate_stacked(config, workdir, evaluate_after)
-  if config.dataset.unified:
-    summaries = [train(config, evaluate.UNIFIED, workdir / evaluate.UNIFIED,
-                       datasets.load_unified(config))]
-  else:
-    summaries = [train(config, c, workdir / c) for c in datasets.categories(config)]
+  trained = [s for group in plan(members_of(config, workdir), config.train.stacked)
+             for s in train_group(group)]
   if not evaluate_after:
-    return {'train': summaries}
-  return {'train': summaries, 'eval': evaluate.evaluate(config, workdir)}
+    return {'train': trained}
+  return {'train': trained, 'eval': evaluate.evaluate(config, workdir)}
 
 
-def _train_and_evaluate_stacked(config, workdir: pathlib.Path, evaluate_after: bool) -> dict:
-  """train.stacked: every category's model in one stacked run (stacked.py), then the usual report."""
-  from adtr_jax import stacked   # stacked builds on this module
-  members = []
-  for c in datasets.categories(config):
-    member = config.copy_and_resolve_references()
-    member.dataset.category = c
-    members.append(stacked.Member(member, workdir / c))
-  trained = stacked.train_members(members, workdir / 'stacked')
-  summaries = [{'category': m.category, 'steps': s, 'stacked': True}
-               for m, s in zip(members, trained[0].last_steps)]
-  if not evaluate_after:
-    return {'train': summaries}
-  reports = stacked.evaluate_members(*trained)
-  per_category = {m.category: r['categories'][m.category] for m, r in zip(members, reports)}
-  return {'train': summaries, 'eval': evaluate.write_report(per_category, workdir)}
+def train_runs(runs: list, stack: bool = True, evaluate_after: bool = True) -> None:
+  """Trains and evaluates runs [(run_dir, config)] as train_and_evaluate would, each writing
+  run_dir/metrics.json with 'minutes' (of training); the experiments' one entry point.
+
+  stack: members of different runs that can step together (plan) do; 'minutes' is then the group's
+  wall time over its models.
+  """
+  members = [m for run_dir, config in runs for m in members_of(config, pathlib.Path(run_dir))]
+  minutes: dict[pathlib.Path, float] = {}
+  for group in plan(members, stack):
+    if len(group) > 1:
+      print(f'training {len(group)} stacked models: {[str(m.workdir) for m in group]}', flush=True)
+    t0 = time.time()
+    train_group(group)
+    for m in group:
+      minutes[m.workdir.parent] = minutes.get(m.workdir.parent, 0.0) + (time.time() - t0) / 60 / len(group)
+  for run_dir, config in runs if evaluate_after else ():
+    run_dir = pathlib.Path(run_dir)
+    report = evaluate.evaluate(config, run_dir)
+    if jax.process_index() == 0:
+      (run_dir / 'metrics.json').write_text(
+          json.dumps(dict(report, minutes=minutes.get(run_dir, 0.0)), indent=2) + '\n')

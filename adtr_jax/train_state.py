@@ -35,7 +35,7 @@ def total_steps(cfg: ml_collections.ConfigDict, steps_per_epoch: int) -> int:
 def hyperparameters(cfg: ml_collections.ConfigDict, steps_per_epoch: int, total: int) -> dict:
   """config.train -> the optimiser's numbers (float32 / int32 scalars).
 
-  They are plain numbers rather than Python constants of a closure so that stacked models (stacked.py)
+  They are plain numbers rather than Python constants of a closure so that stacked models (train.py)
   can each carry their own, stacked on a leading model axis and traced inside one jitted step.
   """
   if cfg.schedule not in SCHEDULES:
@@ -77,20 +77,11 @@ def optimizer(hyper: dict, schedule: str) -> optax.GradientTransformation:
                                  weight_decay=hyper['weight_decay'], mask=decays))
 
 
-def make_schedule(cfg: ml_collections.ConfigDict, steps_per_epoch: int, total: int):
-  """config.train -> learning rate per step (see learning_rate)."""
-  hyper = hyperparameters(cfg, steps_per_epoch, total)
-  return lambda step: learning_rate(hyper, step, cfg.schedule)
-
-
-def make_optimizer(cfg: ml_collections.ConfigDict, steps_per_epoch: int, total: int):
-  """Returns (optax transformation, learning-rate schedule) of config.train for a run of `total` steps."""
-  hyper = hyperparameters(cfg, steps_per_epoch, total)
-  return optimizer(hyper, cfg.schedule), lambda step: learning_rate(hyper, step, cfg.schedule)
-
-
-def init_state(model: nnx.Module, tx) -> tuple[nnx.GraphDef, TrainState, nnx.State]:
-  """Splits the model into (graphdef, trainable state, frozen state)."""
+def init_state(model: nnx.Module, cfg: ml_collections.ConfigDict) -> tuple[nnx.GraphDef, TrainState,
+                                                                          nnx.State]:
+  """Splits the model into (graphdef, trainable state, frozen state); the optimizer state is config.train's
+  AdamW's at step 0 (its structure and initial values do not depend on the optimiser's numbers)."""
+  tx = optimizer(hyperparameters(cfg, 1, 1), cfg.schedule)
   graphdef, params, frozen = nnx.split(model, TRAINABLE, ...)
   state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params))
   return graphdef, state, frozen

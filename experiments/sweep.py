@@ -87,7 +87,7 @@ def run_sweep(base, workdir, points: list[dict], common: dict, seeds: list, refe
   """Trains and evaluates every (point, seed) on `base` + `common` + point (+ the reference per seed),
   seed by seed, skipping runs whose metrics.json exists; writes workdir/sweep.md and sweep.json and
   returns the table (mean +- std over seeds, a row per run and category)."""
-  from adtr_jax import stacked
+  from adtr_jax import train
   from adtr_jax.baselines import nearest_neighbour
   workdir = pathlib.Path(workdir)
   names = ([(REFERENCE, {})] if reference else []) + [
@@ -109,7 +109,7 @@ def run_sweep(base, workdir, points: list[dict], common: dict, seeds: list, refe
         (run_dir(name, seed) / 'metrics.json').write_text(json.dumps(report, indent=2) + '\n')
       else:
         pending.append((run_dir(name, seed), config))
-  stacked.train_runs(pending, workdir / '_stacked', stack=stack)
+  train.train_runs(pending, stack=stack)
   rows = {}
   for name, _ in names:
     for seed in seeds:

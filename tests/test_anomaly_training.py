@@ -6,8 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from adtr_jax import checkpoint, evaluate, sharding, train
-from adtr_jax.models.adtr import build_model
+from adtr_jax import checkpoint, evaluate, sharding, step, train
 from adtr_jax.data import datasets, mixing
 from tests.conftest import tiny_config
 
@@ -86,17 +85,17 @@ def test_make_loss_uses_masks_or_labels():
   cfg = tiny_config('/x', '/y').loss
   for kind in ('pixel', 'image'):
     cfg.type = kind
-    value = train.make_loss(cfg)(f, f_hat, batch)
+    value = step.make_loss(cfg)(f, f_hat, batch)
     assert np.isfinite(float(value))
   cfg.type = 'pixel'
   # Only the normal image: exactly its mean phi (phi of |d| = 1 is sqrt(2) - 1).
   normal = {k: v[:1] for k, v in batch.items()}
-  np.testing.assert_allclose(train.make_loss(cfg)(f[:1], f_hat[:1], normal), np.sqrt(2) - 1, rtol=1e-5)
+  np.testing.assert_allclose(step.make_loss(cfg)(f[:1], f_hat[:1], normal), np.sqrt(2) - 1, rtol=1e-5)
 
 
 def test_init_from_a_normal_run_then_pixel_loss_with_synthetic_anomalies(toy_root, cache_dir, tmp_path):
   normal_dir = tmp_path / 'normal'
-  train.train(tiny_config(toy_root, cache_dir, num_epochs=2), 'toy', normal_dir / 'toy')
+  train.train_and_evaluate(tiny_config(toy_root, cache_dir, num_epochs=2), normal_dir, evaluate_after=False)
   config = tiny_config(toy_root, cache_dir, num_epochs=2)
   config.loss.type, config.anomalies.synthetic = 'pixel', 'confetti,cutpaste'
   config.anomalies.num_labelled = 1
@@ -109,14 +108,14 @@ def test_init_from_a_normal_run_then_pixel_loss_with_synthetic_anomalies(toy_roo
   assert toy['num_test_images'] == 7
   mgr = checkpoint.manager(tmp_path / 'aware' / 'toy' / 'checkpoints')
   assert mgr.latest_step() == report['train'][0]['steps']
-  # init_from takes the normal run's weights with a fresh optimizer state and step count.
-  model, info = build_model(config)
-  tx, _ = train.make_optimizer(config.train, 1, 1)
-  _, state, _ = train.init_state(model, tx)
-  started = train._init_from(config, 'toy', state, info)
+  assert [r['step'] for r in log] == list(range(1, mgr.latest_step() + 1))   # a fresh step count
+  # init_from takes the normal run's weights: at learning rate 0 they stay exactly as they were.
+  frozen_lr = config.copy_and_resolve_references()
+  frozen_lr.train.learning_rate = 0.0
+  train.train_and_evaluate(frozen_lr, tmp_path / 'lr0', evaluate_after=False)
+  _, started, _, _ = evaluate.restore_model(config, tmp_path / 'lr0' / 'toy', sharding.make_mesh())
   _, normal_params, _, _ = evaluate.restore_model(config, normal_dir / 'toy', sharding.make_mesh())
-  assert int(started.step) == 0
-  for a, b in zip(jax.tree.leaves(started.params), jax.tree.leaves(normal_params)):
+  for a, b in zip(jax.tree.leaves(started), jax.tree.leaves(normal_params)):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   paths = mixing.save_examples(datasets.load_category(config, 'toy').train, tmp_path / 'show', 64, n=3)
   assert len(paths) == 3

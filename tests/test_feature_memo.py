@@ -26,7 +26,7 @@ def setup(toy_root, tmp_path, monkeypatch):
   config = tiny_config(toy_root, tmp_path / 'cache')
   split = datasets.load_category(config, 'toy').train   # 16 images after the hold-out: 2 batches of 8
   model, _ = build_model(config)  # untrained: its scores still differ from image to image
-  graphdef, state, frozen = train_state.init_state(model, train_state.make_optimizer(config.train, 1, 1)[0])
+  graphdef, state, frozen = train_state.init_state(model, config.train)
   return config, split, graphdef, state.params, frozen, sharding.make_mesh()
 
 

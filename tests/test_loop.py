@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from adtr_jax import defaults, feature_cache, inference, loop, sharding, train, train_state
+from adtr_jax import defaults, feature_cache, inference, loop, sharding, step, train, train_state
 from adtr_jax.data import datasets, pipeline
 from adtr_jax.models.adtr import build_model
 from tests.conftest import tiny_config
@@ -19,37 +19,50 @@ def setup(toy_root, tmp_path_factory):
   config = tiny_config(toy_root, tmp_path_factory.mktemp('cache'))
   data = datasets.load_category(config, 'toy')
   model, _ = build_model(config)
-  tx, _ = train.make_optimizer(config.train, 2, 100)
-  graphdef, state, frozen = train.init_state(model, tx)
+  graphdef, state, frozen = train_state.init_state(model, config.train)
   features = feature_cache.compute(data.train, graphdef, state.params, frozen, sharding.make_mesh(),
                                    image_size=64, batch_size=8, dtype='float32', num_workers=1)
   return config, data, features
 
 
-def _fresh(config, mesh, steps_per_epoch=2, total=100):
+def _fresh(config, mesh, num_rows=18, steps_per_epoch=2, total=100):
+  """One model as the driver lays it out: (graphdef, state [1], frozen, step_fn, keys [1], hyper [1])."""
   model, _ = build_model(config)
-  tx, _ = train.make_optimizer(config.train, steps_per_epoch, total)
-  graphdef, state, frozen = train.init_state(model, tx)
-  state, frozen = sharding.put_replicated((state, frozen), mesh)
-  step_fn = functools.partial(train.train_step, graphdef=graphdef, tx=tx)
-  key = sharding.put_replicated(jax.random.key(config.seed), mesh)
-  return graphdef, state, frozen, step_fn, key
+  hyper = dict(train_state.hyperparameters(config.train, steps_per_epoch, total),
+               num_rows=np.int32(num_rows), steps_per_epoch=np.int32(steps_per_epoch),
+               last_step=np.int32(total), data=np.int32(0))
+  graphdef, state, frozen = train_state.init_state(model, config.train)
+  state, keys, hyper = sharding.put((train.stack([state]), train.member_keys([config]),
+                                     train.stack([hyper])), sharding.model_sharded(mesh))
+  step_fn = functools.partial(step.train_step, graphdef=graphdef, loss=step.make_loss(config.loss),
+                              schedule=config.train.schedule)
+  return graphdef, state, sharding.put_replicated(frozen, mesh), step_fn, keys, hyper
+
+
+def _feed(name, config, data, features, mesh):
+  if name == 'device':
+    return loop.DeviceCache([features], mesh, 8)
+  if name == 'host':
+    return loop.HostCache([features], mesh, 8, [(config.seed, 0, len(data.train), 2)])
+  return loop.Images(data.train, mesh, batch_size=8, image_size=64, seed=config.seed,
+                     keys=('image', 'valid'), num_workers=1)
 
 
 def test_cached_features_give_the_same_loss_and_gradients_as_images(setup):
   """The backbone is frozen: training from its stored (float32) output is the same computation."""
   config, data, _ = setup
   mesh = sharding.make_mesh(jax.devices()[:1])   # both paths on one device: the same arithmetic
-  graphdef, state, frozen, _, _ = _fresh(config, mesh)
+  model, _ = build_model(config)
+  graphdef, state, frozen = train_state.init_state(model, config.train)
   features = feature_cache.compute(data.train, graphdef, state.params, frozen, mesh, image_size=64,
                                    batch_size=8, dtype='float32', num_workers=1)
   rows = [3, 0, 7, 11, 5, 2, 9, 14]
   images = np.stack([pipeline.load_resized(data.train, r, 64)['image'] for r in rows])
   valid = np.ones(8, bool)
   key = jax.random.key(5)
-  kw = dict(graphdef=graphdef, loss=train.loss_fn)
-  loss_img, g_img = train.loss_and_grads(state.params, frozen, {'image': images, 'valid': valid}, key, **kw)
-  loss_f, g_f = train.loss_and_grads(state.params, frozen, {'features': features[rows], 'valid': valid},
+  kw = dict(graphdef=graphdef, loss=step.make_loss(config.loss))
+  loss_img, g_img = step.loss_and_grads(state.params, frozen, {'image': images, 'valid': valid}, key, **kw)
+  loss_f, g_f = step.loss_and_grads(state.params, frozen, {'features': features[rows], 'valid': valid},
                                      key, **kw)
   np.testing.assert_allclose(loss_f, loss_img, rtol=1e-6)
   leaves_img, leaves_f = jax.tree.leaves(g_img), jax.tree.leaves(g_f)
@@ -63,17 +76,20 @@ def test_cached_features_give_the_same_loss_and_gradients_as_images(setup):
     return np.linalg.norm(a - b) / np.linalg.norm(b)
 
   assert rel_err(g_f) <= 5e-4
-  _, g_wrong = train.loss_and_grads(state.params, frozen, {'features': features[[r + 1 for r in rows]],
+  _, g_wrong = step.loss_and_grads(state.params, frozen, {'features': features[[r + 1 for r in rows]],
                                                            'valid': valid}, key, **kw)
   assert rel_err(g_wrong) > 1e-2
 
 
-def _run(chunk, state, frozen, data, key, n_steps, per_call):
+def _run(feed, setup_, mesh, n_steps, per_call):
+  """(losses, params) of one model after n_steps, per_call steps per runner call."""
+  _, state, frozen, step_fn, keys, hyper = setup_
+  runner = loop.make_runner(step_fn, mesh, feed)
   losses = []
   for start in range(0, n_steps, per_call):
-    state, m = chunk(state, frozen, data, key, start, min(per_call, n_steps - start))
-    losses += np.asarray(m['loss']).tolist()
-  return np.asarray(losses), jax.tree.map(np.asarray, jax.device_get(state.params))
+    state, m = runner(state, frozen, keys, hyper, start, min(per_call, n_steps - start))
+    losses += np.asarray(m['loss'])[:, 0].tolist()
+  return np.asarray(losses), jax.tree.map(lambda x: np.asarray(x)[0], jax.device_get(state.params))
 
 
 def _assert_params_close(a, b, atol):
@@ -85,18 +101,9 @@ def test_device_cache_host_cache_and_images_train_identically(setup):
   """Same rows in the same order from every feed (5 steps crossing an epoch boundary, 2 per call)."""
   config, data, features = setup
   mesh = sharding.make_mesh()
-  kw = dict(num_rows=len(data.train), steps_per_epoch=2, batch_size=8)
   results = {}
   for name in ('device', 'host', 'images'):
-    _, state, frozen, step_fn, key = _fresh(config, mesh)
-    if name == 'images':
-      feeder = loop.ImageFeeder(data.train, batch_size=8, image_size=64, seed=config.seed,
-                                keys=('image', 'valid'), num_workers=1)
-      chunk, source = loop.image_chunk(train.jit_step(step_fn, mesh), mesh, feeder), None
-    else:
-      make = loop.device_cache_chunk if name == 'device' else loop.host_cache_chunk
-      chunk, source = make(step_fn, mesh, **kw), feature_cache.place(features, mesh, name)
-    results[name] = _run(chunk, state, frozen, source, key, 5, 2)
+    results[name] = _run(_feed(name, config, data, features, mesh), _fresh(config, mesh), mesh, 5, 2)
   np.testing.assert_array_equal(results['device'][0], results['host'][0])
   _assert_params_close(results['device'][1], results['host'][1], atol=0)
   np.testing.assert_allclose(results['images'][0], results['device'][0], rtol=1e-5)
@@ -114,20 +121,19 @@ def test_device_cache_on_8_devices_matches_1_device(setup):
   out = []
   for devices in (jax.devices(), jax.devices()[:1]):
     mesh = sharding.make_mesh(devices)
-    _, state, frozen, step_fn, key = _fresh(config, mesh)
-    chunk = loop.device_cache_chunk(step_fn, mesh, num_rows=len(data.train), steps_per_epoch=2,
-                                    batch_size=8)
-    out.append(_run(chunk, state, frozen, feature_cache.place(features, mesh, 'device'), key, 4, 4))
+    out.append(_run(_feed('device', config, data, features, mesh), _fresh(config, mesh), mesh, 4, 4))
   np.testing.assert_allclose(out[0][0], out[1][0], rtol=1e-5)
   _assert_params_close(out[0][1], out[1][1], atol=1e-4)
 
 
 def test_place_pads_the_device_cache_to_the_device_count(setup):
   _, data, features = setup
-  placed = feature_cache.place(features[:13], sharding.make_mesh(), 'device')
-  assert placed.shape == (16, *features.shape[1:]) and len(placed.addressable_shards) == 8
-  np.testing.assert_array_equal(np.asarray(placed)[:13], features[:13])
-  assert not np.asarray(placed)[13:].any()
+  placed, size = feature_cache.place([features[:13], features[:5]], sharding.make_mesh())
+  assert size == 16 and placed.shape == (2, 16, *features.shape[1:])
+  assert len(placed.addressable_shards) == 8
+  np.testing.assert_array_equal(np.asarray(placed)[0, :13], features[:13])
+  np.testing.assert_array_equal(np.asarray(placed)[1, :5], features[:5])
+  assert not np.asarray(placed)[0, 13:].any() and not np.asarray(placed)[1, 5:].any()
   with pytest.raises(ValueError, match='feature_cache'):
     feature_cache.check(tiny_config('/x', '/y', feature_cache='gpu').train)
 
@@ -148,7 +154,8 @@ def test_warmup_cosine_schedule_is_complete_for_any_budget():
     cfg = tiny_config('/x', '/y', schedule='warmup_cosine', learning_rate=1e-3, warmup_fraction=0.1,
                       final_lr_fraction=0.01, num_epochs=epochs).train
     total = train_state.total_steps(cfg, 10)
-    schedule = train_state.make_schedule(cfg, 10, total)
+    hyper = train_state.hyperparameters(cfg, 10, total)
+    schedule = lambda step: train_state.learning_rate(hyper, step, cfg.schedule)
     assert total == 10 * epochs
     warm = round(0.1 * total)
     assert float(schedule(0)) == 0.0
@@ -170,11 +177,13 @@ def test_bfloat16_compute_stays_close_to_float32(setup):
   out = {}
   for dtype in ('float32', 'bfloat16'):
     config.model.dtype = dtype
-    graphdef, state, frozen, _, _ = _fresh(config, sharding.make_mesh(jax.devices()[:1]))
+    model, _ = build_model(config)
+    graphdef, state, frozen = train_state.init_state(model, config.train)
     if dtype == 'float32':
       params = state.params
     batch = {'features': features[:8], 'valid': np.ones(8, bool)}
-    loss, _ = train.loss_and_grads(params, frozen, batch, jax.random.key(0), graphdef=graphdef)
+    loss, _ = step.loss_and_grads(params, frozen, batch, jax.random.key(0), graphdef=graphdef,
+                                  loss=step.make_loss(config.loss))
     maps, scores = inference.score_fn(params, frozen, jnp.asarray(
         np.stack([pipeline.load_resized(data.train, r, 64)['image'] for r in range(8)])),
         graphdef=graphdef, scoring_cfg=config.scoring, image_size=64)
@@ -193,13 +202,6 @@ def test_default_bfloat16_cache_trains_like_images(setup):
   mesh = sharding.make_mesh()
   bf16 = jnp.asarray(features).astype(jnp.bfloat16)
   assert defaults.get_config().train.feature_cache_dtype == 'bfloat16'   # what a user gets
-  _, state, frozen, step_fn, key = _fresh(config, mesh)
-  chunk = loop.device_cache_chunk(step_fn, mesh, num_rows=len(data.train), steps_per_epoch=2,
-                                  batch_size=8)
-  cached = _run(chunk, state, frozen, feature_cache.place(np.asarray(bf16), mesh, 'device'), key, 5, 5)
-  _, state, frozen, step_fn, key = _fresh(config, mesh)
-  feeder = loop.ImageFeeder(data.train, batch_size=8, image_size=64, seed=config.seed,
-                            keys=('image', 'valid'), num_workers=1)
-  images = _run(loop.image_chunk(train.jit_step(step_fn, mesh), mesh, feeder), state, frozen, None, key,
-                5, 5)
+  cached = _run(_feed('device', config, data, np.asarray(bf16), mesh), _fresh(config, mesh), mesh, 5, 5)
+  images = _run(_feed('images', config, data, None, mesh), _fresh(config, mesh), mesh, 5, 5)
   np.testing.assert_allclose(cached[0], images[0], rtol=1e-3)

@@ -28,7 +28,7 @@ def test_scores_are_paired_with_their_rows_by_index(toy_root, tmp_path, monkeypa
   mesh = sharding.make_mesh()
   test = datasets.load_category(config, 'toy').test
   model, _ = build_model(config)  # untrained: its scores still differ from image to image
-  graphdef, state, frozen = train_state.init_state(model, train_state.make_optimizer(config.train, 1, 1)[0])
+  graphdef, state, frozen = train_state.init_state(model, config.train)
   params = state.params
   ordered = inference.score_split(config, test, graphdef, params, frozen, mesh, 'ordered')
   scrambled_order = np.random.default_rng(0).permutation(len(test))

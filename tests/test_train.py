@@ -1,4 +1,5 @@
 """Training end to end on a toy category: sharding equivalence, learning, detection, kill-and-resume, CLI."""
+import functools
 import json
 import os
 import pathlib
@@ -10,11 +11,12 @@ import time
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from adtr_jax import checkpoint, evaluate, sharding, train
+from adtr_jax import checkpoint, evaluate, sharding, step, train, train_state
 from adtr_jax.models.adtr import build_model
 from tests.conftest import REPO, tiny_config
 from tests.test_summaries import read_events
@@ -29,14 +31,17 @@ def _one_step_twice(config, devices, batch):
   """Two train steps on a mesh over `devices`; returns (losses, params as numpy)."""
   mesh = sharding.make_mesh(devices)
   model, _ = build_model(config)
-  tx, _ = train.make_optimizer(config.train, 1, 2)
-  graphdef, state, frozen = train.init_state(model, tx)
-  state, frozen = sharding.put_replicated((state, frozen), mesh)
-  step = train.jit_train_step(mesh, graphdef, tx)
+  hyper = train_state.hyperparameters(config.train, 1, 2)
+  graphdef, state, frozen = train_state.init_state(model, config.train)
+  state, frozen, hyper = sharding.put_replicated((state, frozen, hyper), mesh)
+  rep, dat = sharding.replicated(mesh), sharding.data_sharded(mesh)
+  fn = jax.jit(functools.partial(step.train_step, graphdef=graphdef, loss=step.make_loss(config.loss),
+                                 schedule='step'),
+               in_shardings=(rep, rep, dat, rep, rep), out_shardings=(rep, rep))
   key = sharding.put_replicated(jax.random.key(3), mesh)
   losses = []
   for _ in range(2):
-    state, m = step(state, frozen, sharding.put_batch(batch, mesh), key)
+    state, m = fn(state, frozen, sharding.put_batch(batch, mesh), key, hyper)
     losses.append(float(m['loss']))
   return losses, jax.tree.map(np.asarray, jax.device_get(state.params))
 
@@ -63,8 +68,9 @@ def test_padding_rows_do_not_change_the_loss():
   f = jax.random.normal(jax.random.key(0), (4, 2, 2, 3))
   g = jnp.zeros_like(f)
   batch = {'valid': jnp.array([True, True, False, False])}
-  full = train.loss_fn(f[:2], g[:2], {'valid': jnp.array([True, True])})
-  np.testing.assert_allclose(train.loss_fn(f, g, batch), full, rtol=1e-6)
+  loss = step.make_loss(ml_collections.ConfigDict({'type': 'mse'}))
+  full = loss(f[:2], g[:2], {'valid': jnp.array([True, True])})
+  np.testing.assert_allclose(loss(f, g, batch), full, rtol=1e-6)
 
 
 @pytest.fixture(scope='module')
@@ -169,7 +175,7 @@ def test_resume_mid_epoch_is_exact(toy_root, cache_dir, tmp_path):
   same restart with the optimizer state reset, or with another data order, ends elsewhere."""
   config = tiny_config(toy_root, cache_dir, num_epochs=6, checkpoint_every_steps=3, max_checkpoints=10)
   straight = tmp_path / 'straight' / 'toy'
-  train.train(config, 'toy', straight)
+  train.train_and_evaluate(config, straight.parent, evaluate_after=False)
   assert _steps(straight / 'checkpoints') == [3, 6, 9, 12]
   end, p_straight = _params(config, straight)
   assert end == 12
@@ -181,7 +187,7 @@ def test_resume_mid_epoch_is_exact(toy_root, cache_dir, tmp_path):
       edit(workdir)
     cfg = config.copy_and_resolve_references()
     cfg.update(**changes)
-    train.train(cfg, 'toy', workdir)
+    train.train_and_evaluate(cfg, workdir.parent, evaluate_after=False)
     log = [json.loads(line) for line in (workdir / 'train_log.jsonl').read_text().splitlines()]
     assert [r['step'] for r in log] == list(range(4, 13))    # resumed at step 3, not from scratch
     return _params(config, workdir)[1]
@@ -191,8 +197,7 @@ def test_resume_mid_epoch_is_exact(toy_root, cache_dir, tmp_path):
   def reset_optimizer(workdir):
     mgr = checkpoint.manager(workdir / 'checkpoints')
     model, _ = build_model(config)
-    tx, _ = train.make_optimizer(config.train, 2, 12)
-    _, fresh, _ = train.init_state(model, tx)
+    _, fresh, _ = train_state.init_state(model, config.train)
     saved, meta = checkpoint.restore(mgr, 3, fresh)
     mgr.close()
     shutil.rmtree(workdir / 'checkpoints' / '3')
@@ -257,4 +262,4 @@ def test_eval_without_checkpoint_is_a_clear_error(toy_root, cache_dir, tmp_path)
 def test_batch_size_not_divisible_names_the_field(toy_root, cache_dir, tmp_path):
   config = tiny_config(toy_root, cache_dir, batch_size=6)
   with pytest.raises(ValueError, match='train.batch_size=6'):
-    train.train(config, 'toy', tmp_path)
+    train.train_and_evaluate(config, tmp_path, evaluate_after=False)

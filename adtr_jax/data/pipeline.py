@@ -115,8 +115,8 @@ def _collate(rows: list[dict], index: np.ndarray) -> dict:
           'index': index.astype(np.int64)}
 
 
-def batches(source, *, batch_size: int, image_size: int, shuffle: bool, seed: int, epoch: int,
-            drop_remainder: bool, skip_batches: int = 0, process_index: int = 0,
+def batches(source, *, batch_size: int, image_size: int, drop_remainder: bool, shuffle: bool = False,
+            seed: int = 0, epoch: int = 0, skip_batches: int = 0, process_index: int = 0,
             process_count: int = 1, num_workers: int = 2,
             order: np.ndarray | None = None) -> Iterator[dict]:
   """This process's part of each global batch of one epoch.

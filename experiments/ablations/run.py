@@ -67,7 +67,7 @@ def _row(name: str, config, reports: list[dict], minutes: float) -> str:
 
 def main(argv):
   del argv
-  from adtr_jax import stacked
+  from adtr_jax import train
   from adtr_jax.data import datasets
   base, workdir = _CONFIG.value, pathlib.Path(_WORKDIR.value)
   (category,) = datasets.categories(base)
@@ -79,7 +79,7 @@ def main(argv):
       config = configs[name].copy_and_resolve_references()
       config.seed = int(seed)
       pending.append((run_dir, config))
-  stacked.train_runs(pending, workdir / '_stacked')
+  train.train_runs(pending)
   rows = []
   for name, config in configs.items():
     reports = [json.loads((runs[name, s] / 'metrics.json').read_text()) for s in _SEEDS.value]

@@ -89,16 +89,17 @@ class HostCache:
   resident_sharding = None
 
   def __init__(self, features: list[np.ndarray], mesh, batch_size: int, models: list[tuple]):
-    self.features, self.batch_size, self.models = features, batch_size, models
+    self.features = features
     self.xs_sharding = NamedSharding(mesh, P(None, 'model', 'data'))
-    self._rows = jax.jit(jax.vmap(step_rows, in_axes=(None, 0)),
-                         static_argnames=('num_rows', 'steps_per_epoch', 'batch_size'))
+    # Per model: rows [num_steps, B] of the steps given (vmapped step_rows with its static sizes).
+    self._rows = [(jax.random.key(seed), data, jax.jit(jax.vmap(functools.partial(
+        step_rows, num_rows=num_rows, steps_per_epoch=steps_per_epoch, batch_size=batch_size),
+        in_axes=(None, 0)))) for seed, data, num_rows, steps_per_epoch in models]
 
   def host_inputs(self, start: int, num_steps: int):
     steps = jnp.asarray(start + np.arange(num_steps))
-    xs = np.stack([self.features[data][np.asarray(self._rows(
-        jax.random.key(seed), steps, num_rows=num_rows, steps_per_epoch=steps_per_epoch,
-        batch_size=self.batch_size))] for seed, data, num_rows, steps_per_epoch in self.models], axis=1)
+    xs = np.stack([self.features[data][np.asarray(rows(key, steps))] for key, data, rows in self._rows],
+                  axis=1)
     return jax.make_array_from_callback(xs.shape, self.xs_sharding, lambda index: xs[index])
 
   def batch(self, resident, x, key, hyper, step) -> dict:

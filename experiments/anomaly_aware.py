@@ -75,9 +75,9 @@ def stage_one(base, categories: list[str], workdir: pathlib.Path, seed: int, fla
   pre = base.copy_and_resolve_references()
   pre.train.num_epochs, pre.train.lr_decay_epochs = flags_['pretrain_epochs'], ()
   pre.calibration.holdout_fraction = 0.0
-  if not variants_done:
-    for category in categories:
-      train.train(pre, category, workdir / 'pretrain' / category)
+  pre.dataset.category = ','.join(categories)
+  if not variants_done:   # the categories' normal-only models, stacked where they can be
+    train.train_runs([(workdir / 'pretrain', pre)], evaluate_after=False)
   return workdir / 'pretrain'
 
 

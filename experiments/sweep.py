@@ -8,12 +8,11 @@ on the same features; writes <workdir>/sweep.md (mean +- std over seeds) and swe
 --sweep crosses every listed field (`field=v1,v2;field2=v1,v2`); --set applies to every run. Each run
 lives in <workdir>/<name>/seed<k>/ and is reused when its metrics.json exists (a killed sweep resumes).
 
---stack (default): runs that differ only in numbers (seeds, optimiser fields, category; see
-adtr_jax/stacked.py STACKABLE) train together as stacked models in one jitted step, one group per
-set of shapes, each group in <workdir>/_stacked/<id>/ (its checkpoint: a killed group resumes);
-min/run is then the group's wall time divided by its models. Runs that cannot be stacked (anomaly-
-aware training, several categories in one run, the unified setting) and --nostack train one after
-another. A config with several categories gets a row per category and a 'mean' row per run.
+--stack (default): models that differ only in numbers (seeds, optimiser fields, category; see
+adtr_jax/defaults.py PER_MEMBER) train together as stacked models in one jitted step, one group per
+set of shapes, each model checkpointed in its own run folder (a killed group resumes); min/run is
+then the group's wall time divided by its models. Models fed from images (anomaly-aware training)
+and --nostack train one after another. A config with several categories gets a row per category and a 'mean' row per run.
 """
 import itertools
 import json

@@ -9,8 +9,9 @@ The pins were recorded by `python -m tests.test_regression --record` at the comm
 Tolerance: float32 and a few dozen steps; a restructured program may fuse and reduce in another order
 (a vmap of one model, a scan instead of a loop of steps), which moves float32 results by ~1e-7
 relative per step. Losses and thresholds: 1e-5 relative (+1e-6 absolute); a leaf's sum and absolute
-sum: 1e-5 relative + 1e-5 absolute (attention key biases get no gradient but rounding noise, and sum
-to ~1e-5: measured 5e-6 apart); metrics: 1e-4 absolute (ranks of near-tied test scores). A behaviour
+sum: 1e-5 relative + 1e-5 absolute, except attention key biases, which are not compared: softmax
+ignores a per-query constant, so their gradient is rounding noise that Adam turns into steps (measured
+1e-5 apart on leaves whose absolute sum is 1.4e-4); metrics: 1e-4 absolute (ranks of near-tied test scores). A behaviour
 change (a row order, a key, a learning rate, one step more or less) moves a trained leaf's sum by
 ~1e-3 x its size or more (the control below).
 """
@@ -114,6 +115,8 @@ def compare(got: dict, pinned: dict, name: str) -> None:
     _close(have['threshold'], want['threshold'], 1e-5, 1e-6, f'{where} threshold')
     assert have['leaves'].keys() == want['leaves'].keys(), where
     for leaf, (s, a) in want['leaves'].items():
+      if leaf.endswith('/key/bias/value'):
+        continue   # no gradient (softmax ignores a per-query constant): rounding noise, ~1e-5
       _close(have['leaves'][leaf][0], s, 1e-5, 1e-5 + 1e-5 * a, f'{where} {leaf} sum')
       _close(have['leaves'][leaf][1], a, 1e-5, 1e-5, f'{where} {leaf} abs sum')
     assert have['metrics'].keys() == want['metrics'].keys(), where

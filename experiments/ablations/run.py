@@ -7,7 +7,7 @@ Variants (experiments/ablations/variants.py): the backbone, last layer vs multi-
 query, MLP/CNN instead of attention, pixels instead of features. B0/B4/ResNet variants need weights:
 --weights_dir holding <arch>.npz / .pth / .safetensors (e.g. resnet18.pth). --seeds trains each
 variant once per seed (<workdir>/<variant>/seed<k>/); the table gives mean ± std over them. Variants
-and seeds that differ only in numbers train together as stacked models (adtr_jax/stacked.py; most
+and seeds that differ only in numbers train together as stacked models (adtr_jax/train.py; most
 ablations change shapes, so they form their own groups). Resumable: a run with a metrics.json is not
 retrained. Writes <workdir>/ablations.md.
 """

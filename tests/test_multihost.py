@@ -3,8 +3,8 @@ import jax
 import numpy as np
 import pytest
 
-from adtr_jax import inference, multihost, sharding, train_state
-from adtr_jax.data import datasets, pipeline
+from adtr_jax import inference, multihost, sharding, split_pass, train_state
+from adtr_jax.data import datasets
 from adtr_jax.models.adtr import build_model
 from tests.conftest import tiny_config
 
@@ -32,10 +32,20 @@ def test_scores_are_paired_with_their_rows_by_index(toy_root, tmp_path, monkeypa
   params = state.params
   ordered = inference.score_split(config, test, graphdef, params, frozen, mesh, 'ordered')
   scrambled_order = np.random.default_rng(0).permutation(len(test))
-  batches = pipeline.batches
-  monkeypatch.setattr(pipeline, 'batches', lambda *a, **kw: batches(*a, **kw, order=scrambled_order))
+  monkeypatch.setattr(split_pass, 'pass_order', lambda n, batch_size, parts: scrambled_order)
   scrambled = inference.score_split(config, test, graphdef, params, frozen, mesh, 'scrambled')
   assert not np.array_equal(scrambled_order, np.arange(len(test)))
   for key in ('scores', 'labels', 'index'):
     np.testing.assert_array_equal(scrambled[key], ordered[key])
   np.testing.assert_allclose(scrambled['maps'], ordered['maps'], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize('n,batch_size,parts,want', [
+    (8, 8, 1, [0, 1, 2, 3, 4, 5, 6, 7]),
+    (8, 4, 2, [0, 2, 1, 3, 4, 6, 5, 7]),
+    (7, 4, 2, [0, 2, 1, 3, 4, 6, 5]),          # the last batch is padded after row 5
+    (8, 8, 4, [0, 4, 1, 5, 2, 6, 3, 7])])
+def test_a_pass_deals_each_batch_s_rows_to_the_slices_in_turn(n, batch_size, parts, want):
+  """Slice p of a batch (positions [p*b, (p+1)*b)) gets its rows p, p + parts, ...: on several
+  processes, a result's gathered position is not its row, so pairing must go by the index."""
+  assert split_pass.pass_order(n, batch_size, parts).tolist() == want

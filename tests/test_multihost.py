@@ -49,3 +49,34 @@ def test_a_pass_deals_each_batch_s_rows_to_the_slices_in_turn(n, batch_size, par
   """Slice p of a batch (positions [p*b, (p+1)*b)) gets its rows p, p + parts, ...: on several
   processes, a result's gathered position is not its row, so pairing must go by the index."""
   assert split_pass.pass_order(n, batch_size, parts).tolist() == want
+
+
+def _watchdog(monkeypatch, count: int):
+  """A watchdog of process 0 with --distributed_timeout_s=15 (a peer is lost after 5 s), its verdicts
+  recorded instead of ending the process; -> (watchdog, its start time, key prefix, verdicts)."""
+  verdicts = []
+  monkeypatch.setattr(multihost, '_lost', lambda message, watchdog: verdicts.append(message))
+  watchdog = multihost._Watchdog(client=None, me=0, count=count, timeout_s=15)
+  return watchdog, watchdog.beats[1][1], multihost._KEY, verdicts
+
+
+def test_the_watchdog_names_a_silent_peer_not_one_that_finished(monkeypatch):
+  watchdog, t, key, verdicts = _watchdog(monkeypatch, 3)
+  watchdog.check({f'{key}/beat/1': '1', f'{key}/beat/2': '1'}, t + 1)
+  watchdog.check({f'{key}/beat/1': '1', f'{key}/beat/2': '2', f'{key}/left/1': 'ok'}, t + 2)
+  assert watchdog.all_well_since(t + 1.5) and not watchdog.all_well_since(t + 2.5)
+  watchdog.check({f'{key}/beat/1': '1', f'{key}/beat/2': '2', f'{key}/left/1': 'ok'}, t + 6.9)
+  assert verdicts == []   # process 2 silent for 4.9 s, process 1 finished
+  watchdog.check({f'{key}/beat/1': '1', f'{key}/beat/2': '2', f'{key}/left/1': 'ok'}, t + 7.5)
+  assert verdicts == ['lost process 2 of 3: no heartbeat for 6 s (a process silent for '
+                      '--distributed_timeout_s/3 = 5 s was killed, crashed or hung; see its own output)']
+  assert multihost.lost_peer_bound_s(15) == 7
+
+
+def test_the_watchdog_names_a_peer_that_failed_if_this_process_still_runs(monkeypatch):
+  watchdog, t, key, verdicts = _watchdog(monkeypatch, 2)
+  watchdog.check({f'{key}/beat/1': '1', f'{key}/left/1': 'error'}, t + 1)
+  watchdog.check({f'{key}/beat/1': '1', f'{key}/left/1': 'error'}, t + 5.9)
+  assert verdicts == [] and not watchdog.all_well_since(t)
+  watchdog.check({f'{key}/beat/1': '1', f'{key}/left/1': 'error'}, t + 6.5)
+  assert verdicts == ['process 1 of 2 failed and left the run 6 s ago (see its own output)']

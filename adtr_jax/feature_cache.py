@@ -18,10 +18,8 @@ import ml_collections
 import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
-from tqdm.auto import tqdm
 
-from adtr_jax import errors, sharding
-from adtr_jax.data import pipeline
+from adtr_jax import errors, sharding, split_pass
 
 PLACES = ('device', 'host', 'off')
 DTYPES = {'bfloat16': jnp.bfloat16, 'float32': jnp.float32}
@@ -42,22 +40,14 @@ def compute(source, graphdef: nnx.GraphDef, params, frozen, mesh, *, image_size:
   Batches embedded before in this process come from MEMO (up to memo_mb, see Embedder)."""
   store = DTYPES[dtype]
   embed = Embedder(graphdef, params, frozen, mesh, memo_mb)
-  sharding.check_batch_size(batch_size, mesh, 'eval.batch_size')
-  out = []
-  n_batches = pipeline.num_batches(len(source), batch_size, drop_remainder=False)
-  part, parts = sharding.data_slice(mesh)   # this process's slice of each batch
-  for batch in tqdm(pipeline.batches(
-      source, batch_size=batch_size, image_size=image_size, shuffle=False, seed=0, epoch=0,
-      drop_remainder=False, process_index=part, process_count=parts,
-      num_workers=num_workers), total=n_batches, desc='feature cache', unit='batch', leave=False,
-      disable=jax.process_index() != 0):
-    valid = sharding.put_batch({'valid': batch['valid']}, mesh)['valid']
-    features = sharding.to_host(embed(batch['image']).astype(store))
-    out.append(features[sharding.to_host(valid)])
-  features = np.concatenate(out)
-  if len(features) != len(source):  # unshuffled and padded only at the end: each row exactly once
-    raise RuntimeError(f'feature cache holds {len(features)} rows for {len(source)} images')
-  return features
+  out = {'features': [], 'index': []}
+  for batch in split_pass.batches(source, mesh, batch_size=batch_size, image_size=image_size,
+                                  num_workers=num_workers, desc='feature cache', leave=False):
+    inputs = sharding.put_batch({'valid': batch['valid'], 'index': batch['index']}, mesh)
+    valid = sharding.to_host(inputs['valid'])
+    out['features'].append(sharding.to_host(embed(batch['image']).astype(store))[valid])
+    out['index'].append(sharding.to_host(inputs['index'])[valid])   # rows come dealt to processes
+  return split_pass.in_source_order(out, len(source), 'feature cache')['features']
 
 
 def place(features: list[np.ndarray], mesh) -> tuple[jax.Array, int]:

@@ -6,10 +6,8 @@ import numpy as np
 from absl import logging
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
-from tqdm.auto import tqdm
 
-from adtr_jax import feature_cache, scoring, sharding
-from adtr_jax.data import pipeline
+from adtr_jax import feature_cache, scoring, sharding, split_pass
 
 
 def score_features(params, frozen, embedded, *, graphdef, scoring_cfg, image_size: int):
@@ -57,17 +55,10 @@ def score_split(config, source, graphdef, params, frozen, mesh, desc: str, stack
   embed = feature_cache.Embedder(graphdef, one, frozen, mesh, config.backbone.feature_memo_mb)
   # Stacked outputs are [M, B, ...]: handled batch-first below, model axis restored at the end.
   batch_first = (lambda x: np.moveaxis(x, 0, 1)) if stacked else (lambda x: x)
-  bs = config.eval.batch_size
-  sharding.check_batch_size(bs, mesh, 'eval.batch_size')
   out = {'maps': [], 'scores': [], 'labels': [], 'masks': [], 'index': []}
-  n_batches = pipeline.num_batches(len(source), bs, drop_remainder=False)
-  part, parts = sharding.data_slice(mesh)   # this process's slice of each batch
-  for batch in tqdm(pipeline.batches(
-      source, batch_size=bs, image_size=config.dataset.image_size, shuffle=False, seed=0, epoch=0,
-      drop_remainder=False, process_index=part, process_count=parts,
-      num_workers=config.dataset.num_workers), total=n_batches, desc=desc, unit='batch',
-      disable=jax.process_index() != 0):
-    batch['index'] = batch['index'].astype(np.int32)  # JAX's default integer width
+  for batch in split_pass.batches(source, mesh, batch_size=config.eval.batch_size,
+                                  image_size=config.dataset.image_size,
+                                  num_workers=config.dataset.num_workers, desc=desc):
     inputs = sharding.put_batch({k: batch[k] for k in ('mask', 'label', 'valid', 'index')}, mesh)
     maps, scores = fn(params, frozen, embed(batch['image']))
     valid = sharding.to_host(inputs['valid'])
@@ -75,15 +66,10 @@ def score_split(config, source, graphdef, params, frozen, mesh, desc: str, stack
     out['scores'].append(batch_first(sharding.to_host(scores))[valid])
     out['labels'].append(sharding.to_host(inputs['label'])[valid])
     out['masks'].append(sharding.to_host(inputs['mask'])[valid] >= 0.5)
-    # Each row's source index travels with it (all-gathered like the maps), so a map is paired with
-    # its own image however the processes' slices are laid out.
+    # Each row's source index travels with it (all-gathered like the maps): the pass deals rows to
+    # the processes in turn, so gathered position is not source row.
     out['index'].append(sharding.to_host(inputs['index'])[valid])
-  result = {k: np.concatenate(v) for k, v in out.items()}
-  order = np.argsort(result['index'], kind='stable')
-  result = {k: v[order] for k, v in result.items()}  # entry i is source row i, by the gathered index
-  if not np.array_equal(result['index'], np.arange(len(source))):
-    raise RuntimeError(f'scored {len(result["index"])} rows, not each of the {len(source)} images of '
-                       'the split exactly once')
+  result = split_pass.in_source_order(out, len(source), desc)
   if stacked:
     result.update(maps=batch_first(result['maps']), scores=batch_first(result['scores']))
   if embed.hits:

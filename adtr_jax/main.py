@@ -60,6 +60,24 @@ def main(argv):
       raise
     print(f'adtr_jax: error: {e}', file=sys.stderr)
     sys.exit(2)
+  except Exception:
+    _lost_peer_first()
+    raise
+  _finished_distributed()
+
+
+def _lost_peer_first() -> None:
+  """A multi-process run's error that a lost peer caused (a collective failing) ends with the
+  watchdog's one line naming that peer (docs/multihost.md), not with a traceback."""
+  if 'adtr_jax.multihost' in sys.modules:
+    sys.modules['adtr_jax.multihost'].report_lost_peer()
+
+
+def _finished_distributed() -> None:
+  """Tells the other processes that this one finished (it may end before them: they must not take it
+  for lost)."""
+  if 'adtr_jax.multihost' in sys.modules:
+    sys.modules['adtr_jax.multihost'].leave(ok=True)
 
 
 def run(config, workdir: pathlib.Path, mode: str):

@@ -1,10 +1,13 @@
-"""Multi-process runs: joining the other processes, checking they all run the same thing, and shared
-files (one process writes them, the others wait and then read them)."""
+"""Multi-process runs: joining the other processes, checking they all run the same thing, noticing a
+lost one, and shared files (one process writes them, the others wait and then read them)."""
 from __future__ import annotations
 
+import atexit
 import hashlib
 import json
+import os
 import socket
+import threading
 import time
 from typing import Callable, TypeVar
 
@@ -41,9 +44,10 @@ def initialize(coordinator_address: str | None, num_processes: int | None, proce
                timeout_s: float) -> None:
   """jax.distributed.initialize(): auto-detected (TPU pods, SLURM, Open MPI) when no value is given,
   else from all three. timeout_s bounds the wait for the coordinator at start-up, how long a process
-  that stopped answering (heartbeats) goes unnoticed before the others end with an error, and how long
-  a process that failed waits at exit for the others (JAX's shutdown barrier; its default, 300 s,
-  would keep the others waiting in their next collective that long)."""
+  that stopped answering goes unnoticed before the others end with an error (lost_peer_bound_s: a
+  third of it, + 2 s at most), and how long a process that failed waits at exit for the others (JAX's
+  shutdown barrier; its default, 300 s, would keep the others waiting in their next collective that
+  long)."""
   explicit = (coordinator_address, num_processes, process_id)
   if any(v is not None for v in explicit):
     if any(v is None for v in explicit):
@@ -58,12 +62,143 @@ def initialize(coordinator_address: str | None, num_processes: int | None, proce
   if process_id:  # process 0 runs the coordinator itself
     _wait_for_coordinator(coordinator_address, timeout_s)
   try:
+    # JAX's own heartbeat check is the backstop: it aborts with its own message, so it gets twice the
+    # time the watchdog has to give ours.
     jax.distributed.initialize(coordinator_address, num_processes, process_id,
                                initialization_timeout=int(timeout_s),
-                               heartbeat_timeout_seconds=int(timeout_s),
+                               heartbeat_timeout_seconds=int(2 * timeout_s),
                                shutdown_timeout_seconds=int(timeout_s))
   except ValueError as e:  # nothing to auto-detect, or values jax refuses
     raise errors.ConfigError(f'jax.distributed.initialize: {e}') from e
+  if jax.process_count() > 1:
+    _start_watchdog(timeout_s)
+
+
+# --- A lost process --------------------------------------------------------------------------------
+# A process that is killed or hangs must not leave the others waiting, and they should say which one
+# was lost. JAX notices too, but only by aborting the interpreter with its own message (its callback
+# for this cannot be set from Python), and gloo's collectives fail at once with "Connection closed by
+# peer", naming no process. So every process beats in the coordinator's key-value store, and a
+# watchdog thread ends this process with one line when a peer's beat stops for LOST_AFTER of
+# --distributed_timeout_s (at most that fraction + one beat after the loss) and the peer did not leave
+# on purpose (main.py marks a finished or failed process).
+# Not covered: losing process 0 itself. It runs the coordination service, and the others' JAX
+# clients abort the interpreter the moment it goes (measured: 0.25 s), before any Python code runs.
+
+# Of --distributed_timeout_s. JAX's own check, given twice the timeout, fired 0.65 of its time after a
+# kill (measured), so about 1.3x the timeout: ours comes first.
+LOST_AFTER = 1 / 3
+_KEY = 'adtr_jax/watchdog'
+
+
+class _Watchdog(threading.Thread):
+  """Beats every `period_s`. Ends the process (exit 1, one line) when a peer has not beaten for
+  `lost_after_s` and did not leave, when a peer left with an error `lost_after_s` ago and this process
+  still runs, or when the coordinator stops answering."""
+
+  def __init__(self, client, me: int, count: int, timeout_s: float):
+    super().__init__(name='adtr_jax watchdog', daemon=True)
+    self.client, self.me, self.count, self.timeout_s = client, me, count, timeout_s
+    self.lost_after_s = timeout_s * LOST_AFTER
+    self.period_s = min(1.0, self.lost_after_s / 5)   # lost_peer_bound_s counts on both
+    self.stop = threading.Event()
+    # Local clocks only: peer -> (its last beat, when this process first saw that beat), and
+    # peer -> ('ok' or 'error', when this process first saw it leave).
+    self.beats = {p: (None, time.monotonic()) for p in range(count) if p != me}
+    self.left: dict[int, tuple[str, float]] = {}
+
+  def run(self):
+    beat = 0
+    while not self.stop.wait(self.period_s):
+      try:
+        beat += 1
+        self.client.key_value_set(f'{_KEY}/beat/{self.me}', str(beat), allow_overwrite=True)
+        values = dict(self.client.key_value_dir_get(f'{_KEY}/'))
+      except Exception as e:  # noqa: BLE001  the coordinator (process 0) is gone or unreachable
+        _lost(f'lost process 0 (the coordinator): it stopped answering ({type(e).__name__})', self)
+        return
+      self.check(values, time.monotonic())
+
+  def check(self, values: dict, now: float) -> None:
+    for p, (value, since) in self.beats.items():
+      if p not in self.left and f'{_KEY}/left/{p}' in values:
+        self.left[p] = (values[f'{_KEY}/left/{p}'], now)
+      if p in self.left:
+        how, at = self.left[p]
+        if how != 'ok' and now - at > self.lost_after_s:   # this process would wait for it forever
+          _lost(f'process {p} of {self.count} failed and left the run {now - at:.0f} s ago (see its '
+                'own output)', self)
+      elif values.get(f'{_KEY}/beat/{p}') != value:
+        self.beats[p] = (values.get(f'{_KEY}/beat/{p}'), now)
+      elif now - since > self.lost_after_s:
+        _lost(f'lost process {p} of {self.count}: no heartbeat for {now - since:.0f} s (a process '
+              f'silent for --distributed_timeout_s/3 = {self.lost_after_s:g} s was killed, crashed or '
+              'hung; see its own output)', self)
+
+  def all_well_since(self, t: float) -> bool:
+    """Every peer has beaten after monotonic time t, or finished."""
+    return all(self.left[p][0] == 'ok' if p in self.left else since > t
+               for p, (_, since) in self.beats.items())
+
+
+_WATCHDOG: _Watchdog | None = None
+
+
+def lost_peer_bound_s(timeout_s: float) -> float:
+  """Seconds from a peer's loss to the others' one-line error: its beat must stay the same for
+  LOST_AFTER of the timeout, seen by checks one beat apart, from a beat up to one beat old."""
+  lost_after = timeout_s * LOST_AFTER
+  return lost_after + 2 * min(1.0, lost_after / 5)
+
+
+def _lost(message: str, watchdog: _Watchdog) -> None:
+  """Ends this process at once, from any thread: its main thread may be blocked in a collective with
+  the lost peer, and exit handlers would wait at JAX's shutdown barrier for it."""
+  if watchdog.stop.is_set():   # this process is leaving on its own
+    return
+  os.write(2, f'\nadtr_jax: error: {message}\n'.encode())
+  os._exit(1)
+
+
+def _start_watchdog(timeout_s: float) -> None:
+  global _WATCHDOG
+  from jax._src import distributed   # the client JAX connected (multihost_utils uses it the same way)
+  _WATCHDOG = _Watchdog(distributed.global_state.client, jax.process_index(), jax.process_count(),
+                        timeout_s)
+  _WATCHDOG.start()
+  # Registered after jax.distributed.initialize, so it runs before JAX's shutdown (atexit is LIFO):
+  # a process that exits without leave() (an uncaught error) is marked as failed.
+  atexit.register(leave, False)
+
+
+def leave(ok: bool) -> None:
+  """This process ends on purpose (ok: finished; else failed with an error it reported): the others'
+  watchdogs stop watching it, and its own stops (the coordinator may go away as the run ends).
+  Idempotent: the first call's `ok` stands."""
+  watchdog = _WATCHDOG
+  if watchdog is None or watchdog.stop.is_set():
+    return
+  watchdog.stop.set()
+  watchdog.join()
+  try:
+    watchdog.client.key_value_set(f'{_KEY}/left/{watchdog.me}', 'ok' if ok else 'error',
+                                  allow_overwrite=True)
+  except Exception:  # noqa: BLE001  the coordinator is gone: no one is left to tell
+    pass
+
+
+def report_lost_peer() -> None:
+  """Called on an error in a multi-process run before it is reported: a collective fails at once when
+  a peer dies, so this waits until every peer has beaten again (about a second: the error is this
+  process's own, and returns) or the watchdog names the lost or failed peer (one line, exit 1)
+  instead of a traceback."""
+  watchdog = _WATCHDOG
+  if watchdog is None or watchdog.stop.is_set():
+    return
+  t0 = time.monotonic()
+  deadline = t0 + 2 * watchdog.lost_after_s + 2 * watchdog.period_s
+  while time.monotonic() < deadline and watchdog.is_alive() and not watchdog.all_well_since(t0):
+    time.sleep(watchdog.period_s / 4)
 
 
 def run_digest(*parts) -> np.ndarray:

@@ -40,21 +40,16 @@ def jit_score_fn(mesh, graphdef, config, stacked: bool = False):
   return jax.jit(fn, in_shardings=(rep, rep, sharding.data_sharded(mesh)), out_shardings=(dat, dat))
 
 
-def score_split(config, source, graphdef, params, frozen, mesh, desc: str, stacked: bool = False) -> dict:
+def score_split(config, source, graphdef, params, frozen, mesh, desc: str) -> dict:
   """Scores every example of `source` once (padding rows dropped). Returns numpy arrays:
 
   'maps' [N, S, S] float32, 'scores' [N], 'labels' [N], 'masks' [N, S, S] bool, 'index' [N]; entry i
   is row i of `source`, put there by each row's all-gathered source index (not by its position in
-  the batches), and a row scored twice or never is an error. stacked: `params` are M models' stacked
-  on a leading axis, all scored in the same pass; 'maps' [M, N, S, S] and 'scores' [M, N]. The
-  backbone runs once per batch (for all M), or not at all for images it embedded before in this
-  process (feature_cache.MEMO, up to backbone.feature_memo_mb).
+  the batches), and a row scored twice or never is an error. The backbone does not run for images it
+  embedded before in this process (feature_cache.MEMO, up to backbone.feature_memo_mb).
   """
-  fn = jit_score_fn(mesh, graphdef, config, stacked)
-  one = jax.tree.map(lambda x: x[0], params) if stacked else params   # the backbone ignores them
-  embed = feature_cache.Embedder(graphdef, one, frozen, mesh, config.backbone.feature_memo_mb)
-  # Stacked outputs are [M, B, ...]: handled batch-first below, model axis restored at the end.
-  batch_first = (lambda x: np.moveaxis(x, 0, 1)) if stacked else (lambda x: x)
+  fn = jit_score_fn(mesh, graphdef, config)
+  embed = feature_cache.Embedder(graphdef, params, frozen, mesh, config.backbone.feature_memo_mb)
   out = {'maps': [], 'scores': [], 'labels': [], 'masks': [], 'index': []}
   for batch in split_pass.batches(source, mesh, batch_size=config.eval.batch_size,
                                   image_size=config.dataset.image_size,
@@ -62,16 +57,14 @@ def score_split(config, source, graphdef, params, frozen, mesh, desc: str, stack
     inputs = sharding.put_batch({k: batch[k] for k in ('mask', 'label', 'valid', 'index')}, mesh)
     maps, scores = fn(params, frozen, embed(batch['image']))
     valid = sharding.to_host(inputs['valid'])
-    out['maps'].append(batch_first(sharding.to_host(maps))[valid])
-    out['scores'].append(batch_first(sharding.to_host(scores))[valid])
+    out['maps'].append(sharding.to_host(maps)[valid])
+    out['scores'].append(sharding.to_host(scores)[valid])
     out['labels'].append(sharding.to_host(inputs['label'])[valid])
     out['masks'].append(sharding.to_host(inputs['mask'])[valid] >= 0.5)
     # Each row's source index travels with it (all-gathered like the maps): the pass deals rows to
     # the processes in turn, so gathered position is not source row.
     out['index'].append(sharding.to_host(inputs['index'])[valid])
   result = split_pass.in_source_order(out, len(source), desc)
-  if stacked:
-    result.update(maps=batch_first(result['maps']), scores=batch_first(result['scores']))
   if embed.hits:
     logging.info('%s: %d of %d batches embedded earlier (feature memo)', desc, embed.hits, embed.calls)
   return result

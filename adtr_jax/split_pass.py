@@ -38,8 +38,8 @@ def batches(source, mesh, *, batch_size: int, image_size: int, num_workers: int,
   sharding.check_batch_size(batch_size, mesh, field)
   part, parts = sharding.data_slice(mesh)   # this process's slice of each batch
   n = len(source)
-  it = pipeline.batches(source, batch_size=batch_size, image_size=image_size, shuffle=False, seed=0,
-                        epoch=0, drop_remainder=False, process_index=part, process_count=parts,
+  it = pipeline.batches(source, batch_size=batch_size, image_size=image_size,
+                        drop_remainder=False, process_index=part, process_count=parts,
                         num_workers=num_workers, order=pass_order(n, batch_size, parts))
   for batch in tqdm(it, total=pipeline.num_batches(n, batch_size, drop_remainder=False), desc=desc,
                     unit='batch', leave=leave, disable=jax.process_index() != 0):

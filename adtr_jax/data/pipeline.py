@@ -1,4 +1,4 @@
-"""Host input pipeline: epoch orders, per-process slices of global batches, threaded decoding.
+"""Host input pipeline: per-process slices of global batches, threaded decoding.
 
 A source is anything with len() and source[i] -> {'image': uint8 [H, W, 3] or [H, W],
 'mask': bool [H, W] (optional), 'label': int, 'path': str} (e.g. builder.ExampleSource).
@@ -23,13 +23,6 @@ PREFETCH_BATCHES = 3
 def num_batches(n: int, batch_size: int, drop_remainder: bool) -> int:
   """Global batches per epoch of n examples."""
   return n // batch_size if drop_remainder else -(-n // batch_size)
-
-
-def epoch_order(n: int, shuffle: bool, seed: int, epoch: int) -> np.ndarray:
-  """int64 [n]: the source rows in the order epoch `epoch` visits them (same on every process)."""
-  if not shuffle:
-    return np.arange(n, dtype=np.int64)
-  return np.random.default_rng([seed, epoch]).permutation(n).astype(np.int64)
 
 
 def resize_image(image: np.ndarray, size: int) -> np.ndarray:
@@ -115,20 +108,19 @@ def _collate(rows: list[dict], index: np.ndarray) -> dict:
           'index': index.astype(np.int64)}
 
 
-def batches(source, *, batch_size: int, image_size: int, drop_remainder: bool, shuffle: bool = False,
-            seed: int = 0, epoch: int = 0, skip_batches: int = 0, process_index: int = 0,
-            process_count: int = 1, num_workers: int = 2,
+def batches(source, *, batch_size: int, image_size: int, drop_remainder: bool, skip_batches: int = 0,
+            process_index: int = 0, process_count: int = 1, num_workers: int = 2,
             order: np.ndarray | None = None) -> Iterator[dict]:
   """This process's part of each global batch of one epoch.
 
-  Global batch i holds positions [i*B, (i+1)*B) of epoch_order(); process p takes positions
+  Global batch i holds positions [i*B, (i+1)*B) of `order` (a permutation of the rows; default: the
+  source's order; training draws it from (seed, epoch) on device, loop.epoch_order); process p takes
   [i*B + p*b, i*B + (p+1)*b), b = B / process_count. Yields numpy dicts: 'image' uint8
   [b, S, S, 3], 'mask' uint8 [b, S, S] in {0, 1}, 'label' int32 [b] (1 = anomalous),
   'valid' bool [b], 'index' int64 [b] (source row, -1 for padding). With drop_remainder=False the
   last batch is padded to B with copies of a real row (valid=False). The first `skip_batches`
   batches are skipped without decoding (resuming mid-epoch). `num_workers` threads decode and resize,
-  PREFETCH_BATCHES batches ahead; a failure is raised by the generator, naming the file. `order`
-  (a permutation of the rows) replaces epoch_order(shuffle, seed, epoch) when given.
+  PREFETCH_BATCHES batches ahead; a failure is raised by the generator, naming the file.
   """
   if batch_size < 1 or batch_size % process_count:
     raise ValueError(f'batch_size={batch_size} must be a positive multiple of the process count '
@@ -141,7 +133,7 @@ def batches(source, *, batch_size: int, image_size: int, drop_remainder: bool, s
   if n == 0:
     raise ValueError(f'cannot make batches of an empty source {source!r}')
   if order is None:
-    order = epoch_order(n, shuffle, seed, epoch)
+    order = np.arange(n, dtype=np.int64)
   elif not np.array_equal(np.sort(order), np.arange(n)):
     raise ValueError(f'order must be a permutation of the {n} rows of {source!r}')
   slices = _slices(n, order, batch_size, batch_size // process_count, process_index,

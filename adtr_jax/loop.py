@@ -25,11 +25,8 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from adtr_jax import errors, feature_cache, sharding
+from adtr_jax.step import key_streams
 from adtr_jax.data import pipeline
-
-# fold_in constant separating the data-order stream from the dropout stream of the same seed.
-_DATA_STREAM = 0x0DA7A
-
 
 def epoch_order(key: jax.Array, epoch: jax.Array, num_rows, size: int | None = None) -> jax.Array:
   """int32 [size]: epoch `epoch`'s permutation of rows [0, num_rows), followed by the padding rows
@@ -41,7 +38,7 @@ def epoch_order(key: jax.Array, epoch: jax.Array, num_rows, size: int | None = N
   the same model trained alone.
   """
   size = num_rows if size is None else size
-  data_key = jax.random.fold_in(jax.random.fold_in(key, _DATA_STREAM), epoch)
+  data_key = jax.random.fold_in(key_streams(key)[1], epoch)
   bits = jax.random.bits(data_key, (size,), jnp.uint32)
   padding = jnp.arange(size) >= num_rows
   return jnp.lexsort((jnp.arange(size), bits, padding)).astype(jnp.int32)  # ties: by row

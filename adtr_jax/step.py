@@ -20,6 +20,14 @@ from adtr_jax.train_state import TrainState
 LOSSES = ('mse', 'pixel', 'image')
 
 
+def key_streams(key: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """A member's PRNG key -> (dropout key, data-order key): two independent streams. (Folding a
+  constant into the key for the data order would coincide with the dropout key of the step of the
+  same number.)"""
+  dropout, data = jax.random.split(key)
+  return dropout, data
+
+
 def make_loss(cfg: ml_collections.ConfigDict) -> Callable:
   """config.loss -> loss(features [B, h, w, C], reconstruction, batch) -> scalar.
 
@@ -65,9 +73,10 @@ def loss_and_grads(params, frozen: nnx.State, batch: dict, dropout_key: jax.Arra
 def train_step(state: TrainState, frozen: nnx.State, batch: dict, key: jax.Array, hyper: dict, *,
                graphdef: nnx.GraphDef, loss: Callable, schedule: str) -> tuple[TrainState, dict]:
   """One optimisation step of one model with its own optimiser numbers `hyper`; dropout is drawn from
-  (key, step). Returns (new state, {'loss', 'grad_norm'})."""
+  (key's dropout stream, step). Returns (new state, {'loss', 'grad_norm'})."""
   tx = train_state.optimizer(hyper, schedule)
-  value, grads = loss_and_grads(state.params, frozen, batch, jax.random.fold_in(key, state.step),
+  dropout_key = jax.random.fold_in(key_streams(key)[0], state.step)
+  value, grads = loss_and_grads(state.params, frozen, batch, dropout_key,
                                 graphdef=graphdef, loss=loss)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)

@@ -23,82 +23,14 @@ import pathlib
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from absl import logging
 from tqdm.auto import tqdm
 
-from adtr_jax import checkpoint, defaults, errors, evaluate, feature_cache, loop, sharding, step, summaries
-from adtr_jax import train_state
-from adtr_jax.data import datasets, mixing
+from adtr_jax import (checkpoint, errors, evaluate, feature_cache, loop, members, sharding, step,
+                      summaries, train_state)
+from adtr_jax.data import datasets
 from adtr_jax.models.adtr import build_model
-
-
-@dataclasses.dataclass
-class Member:
-  """One model of a run: its config (dataset.category = its category), workdir and category name."""
-  config: object
-  workdir: pathlib.Path
-  category: str
-
-
-def members_of(config, workdir: pathlib.Path) -> list[Member]:
-  """The models a config trains: one per category in workdir/<category>, or one unified model."""
-  if config.dataset.unified:
-    return [Member(config, workdir / evaluate.UNIFIED, evaluate.UNIFIED)]
-  out = []
-  for c in datasets.categories(config):
-    member = config.copy_and_resolve_references()
-    member.dataset.category = c
-    out.append(Member(member, workdir / c, c))
-  return out
-
-
-def feed_kind(config) -> str:
-  """'device' or 'host' (a feature cache: normal-only training has a fixed input) or 'images'."""
-  feature_cache.check(config.train)
-  if mixing.uses_anomalies(config) or config.train.feature_cache == 'off':
-    return 'images'
-  return config.train.feature_cache
-
-
-def group_key(config) -> str:
-  """What members must share to step together: the config without its per-member fields."""
-  d = json.loads(config.to_json_best_effort())
-  for field in defaults.PER_MEMBER:
-    *parents, leaf = field.split('.')
-    node = d
-    for p in parents:
-      node = node[p]
-    node.pop(leaf, None)
-  return json.dumps(d, sort_keys=True)
-
-
-def plan(members: list[Member], stack: bool) -> list[list[Member]]:
-  """Members in groups that train together, in first-appearance order; image-fed members alone."""
-  out: dict[str, list[Member]] = {}
-  for i, m in enumerate(members):
-    kind = feed_kind(m.config)
-    if kind == 'images' and m.config.train.feature_cache != 'off':
-      print(f'adtr_jax: {m.workdir} trains from images, not from the {m.config.train.feature_cache} feature '
-            'cache: its anomalies (anomalies.*) change the input every epoch', flush=True)
-    if stack and kind == 'images' and len(members) > 1:
-      print(f'adtr_jax: {m.workdir} trains alone: a model fed from images is not stacked', flush=True)
-    key = group_key(m.config) if stack and kind != 'images' else str(i)
-    out.setdefault(key, []).append(m)
-  return list(out.values())
-
-
-def stack(trees):
-  """Stacks equal-structured pytrees (numpy or local arrays) on a new leading (model) axis."""
-  return jax.tree.map(lambda *xs: np.stack([np.asarray(x) for x in xs]), *trees)
-
-
-def take(tree, index, mesh):
-  """Models `index` (list of ints) of a stacked pytree, replicated on every device (a jitted gather:
-  it reshards across hosts too)."""
-  return jax.jit(lambda t, i: jax.tree.map(lambda x: x[i], t),
-                 out_shardings=sharding.replicated(mesh))(tree, jnp.asarray(index, jnp.int32))
 
 
 def _local(tree):
@@ -107,12 +39,7 @@ def _local(tree):
                       tree)
 
 
-def member_keys(configs) -> jax.Array:
-  """[M] PRNG keys: member i's data order and dropout come from its own seed."""
-  return jnp.stack([jax.random.key(c.seed) for c in configs])
-
-
-def epoch_steps(num_images: int, batch_size: int, category: str) -> int:
+def _epoch_steps(num_images: int, batch_size: int, category: str) -> int:
   """Steps per epoch, floor(images / batch) (a last partial batch is dropped); an error naming the
   category when it has fewer images than one batch."""
   if num_images < batch_size:
@@ -121,7 +48,7 @@ def epoch_steps(num_images: int, batch_size: int, category: str) -> int:
   return num_images // batch_size
 
 
-class SaveClock:
+class _SaveClock:
   """When to checkpoint: every `every_steps` steps and/or every `every_minutes` of wall clock (0 = off),
   checked between chunks; always at the last step."""
 
@@ -141,7 +68,7 @@ class SaveClock:
 @dataclasses.dataclass
 class _Model:
   """A member while it trains: its data, budget, optimiser numbers, checkpoints and log."""
-  member: Member
+  member: members.Member
   data: datasets.CategoryData
   steps_per_epoch: int
   last_step: int
@@ -160,20 +87,20 @@ class _Model:
 class _Group:
   """Members that step together: their data (loaded once per category), models and states."""
 
-  def __init__(self, members: list[Member]):
-    self.members, self.cfg = members, members[0].config
+  def __init__(self, group: list[members.Member]):
+    self.cfg = group[0].config
     cfg = self.cfg.train
-    axis = cfg.model_axis if len(members) % cfg.model_axis == 0 else 1
+    axis = cfg.model_axis if len(group) % cfg.model_axis == 0 else 1
     self.mesh = sharding.make_mesh(model_axis=axis)
     sharding.check_batch_size(cfg.batch_size, self.mesh, 'train.batch_size')
     data = {}
     self.models = []
-    for m in members:
+    for m in group:
       m.workdir.mkdir(parents=True, exist_ok=True)
       if m.category not in data:
         data[m.category] = (datasets.load_unified(m.config) if m.category == evaluate.UNIFIED else
                             datasets.load_category(m.config, m.category))
-      spe = epoch_steps(len(data[m.category].train), cfg.batch_size, m.category)
+      spe = _epoch_steps(len(data[m.category].train), cfg.batch_size, m.category)
       last = train_state.total_steps(m.config.train, spe)
       mgr = checkpoint.manager(m.workdir / 'checkpoints', m.config.train.max_checkpoints)
       self.models.append(_Model(m, data[m.category], spe, last,
@@ -181,7 +108,7 @@ class _Group:
                                 mgr.latest_step()))
     self.categories = list(data)
     self.total = max(x.last_step for x in self.models)
-    self.kind = feed_kind(self.cfg)
+    self.kind = members.feed_kind(self.cfg)
 
   def resume_step(self) -> int | None:
     """The group step every member saved (a member past its budget counts as saved); None: fresh."""
@@ -264,7 +191,7 @@ def _save(g: _Group, graphdef, state, frozen, info: dict, group_step: int) -> No
     at = min(group_step, x.last_step)
     if x.mgr.latest_step() == at:
       continue
-    single = jax.tree.map(lambda a: a[0], take(state, [i], g.mesh))
+    single = jax.tree.map(lambda a: a[0], members.take(state, [i], g.mesh))
     meta = x.meta(info)
     if at == x.last_step and x.data.calib is not None:
       meta['calibration'] = evaluate.calibrate(x.member.config, x.data.calib, graphdef, single.params,
@@ -304,7 +231,7 @@ def _loop(g: _Group, runner, graphdef, state, frozen, keys, hyper, info: dict, s
   cfg = g.cfg.train
   for x in g.models:
     x.log = summaries.ModelLog(x.member.workdir, min(start, x.last_step))
-  clock = SaveClock(cfg.checkpoint_every_steps, cfg.checkpoint_every_minutes, g.total, start)
+  clock = _SaveClock(cfg.checkpoint_every_steps, cfg.checkpoint_every_minutes, g.total, start)
   name = g.models[0].member.category if len(g.models) == 1 else f'{len(g.models)} stacked'
   bar = tqdm(total=g.total, initial=start, desc=f'train {name}', unit='step',
              disable=jax.process_index() != 0)
@@ -327,34 +254,34 @@ def _loop(g: _Group, runner, graphdef, state, frozen, keys, hyper, info: dict, s
     x.log.close()
 
 
-def train_group(members: list[Member]) -> list[dict]:
+def _train_group(group: list[members.Member]) -> list[dict]:
   """Trains members that step together (see plan) to their budgets, resuming from their checkpoints.
   Returns a summary per member."""
-  g = _Group(members)
+  g = _Group(group)
   start = g.resume_step()
   graphdef, states, frozen, info, features = _initial_states(g, start)
   if start is not None:
-    name = g.models[0].member.category if len(members) == 1 else f'{len(members)} stacked models'
+    name = g.models[0].member.category if len(group) == 1 else f'{len(group)} stacked models'
     logging.info('resumed %s from step %d', name, start)
     print(f'adtr_jax: resumed {name} from step {start}', flush=True)
   start = start or 0
   if start < g.total:
     mod = sharding.model_sharded(g.mesh)
-    hyper = stack([dict(x.hyper, num_rows=np.int32(len(x.data.train)), last_step=np.int32(x.last_step),
-                        steps_per_epoch=np.int32(x.steps_per_epoch),
-                        data=np.int32(g.categories.index(x.member.category))) for x in g.models])
-    keys = member_keys([x.member.config for x in g.models])
-    state, keys, hyper = sharding.put((stack(states), keys, hyper), mod)
+    hyper = members.stack([dict(x.hyper, num_rows=np.int32(len(x.data.train)),
+                                last_step=np.int32(x.last_step), steps_per_epoch=np.int32(x.steps_per_epoch),
+                                data=np.int32(g.categories.index(x.member.category))) for x in g.models])
+    keys = members.member_keys([x.member.config for x in g.models])
+    state, keys, hyper = sharding.put((members.stack(states), keys, hyper), mod)
     step_fn = functools.partial(step.train_step, graphdef=graphdef, loss=step.make_loss(g.cfg.loss),
                                 schedule=g.cfg.train.schedule)
     runner = loop.make_runner(step_fn, g.mesh, _feed(g, features), g.cfg.train.models_per_call)
-    logging.info('training %d model(s) %s from %s on mesh %s', len(members), g.categories, g.kind,
+    logging.info('training %d model(s) %s from %s on mesh %s', len(group), g.categories, g.kind,
                  dict(g.mesh.shape))
     _loop(g, runner, graphdef, state, frozen, keys, hyper, info, start)
   for x in g.models:
     x.mgr.wait_until_finished()
     x.mgr.close()
-  return [{'category': x.member.category, 'steps': x.last_step, 'stacked': len(members) > 1}
+  return [{'category': x.member.category, 'steps': x.last_step, 'stacked': len(group) > 1}
           for x in g.models]
 
 
@@ -362,8 +289,8 @@ def train_and_evaluate(config, workdir: str | pathlib.Path, evaluate_after: bool
   """Trains every configured category in workdir/<category> (or, with dataset.unified, one model on
   all of them in workdir/unified), stacked when train.stacked, then (optionally) evaluates them."""
   workdir = pathlib.Path(workdir)
-  trained = [s for group in plan(members_of(config, workdir), config.train.stacked)
-             for s in train_group(group)]
+  trained = [s for group in members.plan(members.members_of(config, workdir), config.train.stacked)
+             for s in _train_group(group)]
   if not evaluate_after:
     return {'train': trained}
   return {'train': trained, 'eval': evaluate.evaluate(config, workdir)}
@@ -376,13 +303,13 @@ def train_runs(runs: list, stack: bool = True, evaluate_after: bool = True) -> N
   stack: members of different runs that can step together (plan) do; 'minutes' is then the group's
   wall time over its models.
   """
-  members = [m for run_dir, config in runs for m in members_of(config, pathlib.Path(run_dir))]
+  todo = [m for run_dir, config in runs for m in members.members_of(config, pathlib.Path(run_dir))]
   minutes: dict[pathlib.Path, float] = {}
-  for group in plan(members, stack):
+  for group in members.plan(todo, stack):
     if len(group) > 1:
       print(f'training {len(group)} stacked models: {[str(m.workdir) for m in group]}', flush=True)
     t0 = time.time()
-    train_group(group)
+    _train_group(group)
     for m in group:
       minutes[m.workdir.parent] = minutes.get(m.workdir.parent, 0.0) + (time.time() - t0) / 60 / len(group)
   for run_dir, config in runs if evaluate_after else ():

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from adtr_jax import defaults, feature_cache, inference, loop, sharding, step, train, train_state
+from adtr_jax import defaults, feature_cache, inference, loop, members, sharding, step, train_state
 from adtr_jax.data import datasets, pipeline
 from adtr_jax.models.adtr import build_model
 from tests.conftest import tiny_config
@@ -32,8 +32,8 @@ def _fresh(config, mesh, num_rows=18, steps_per_epoch=2, total=100):
                num_rows=np.int32(num_rows), steps_per_epoch=np.int32(steps_per_epoch),
                last_step=np.int32(total), data=np.int32(0))
   graphdef, state, frozen = train_state.init_state(model, config.train)
-  state, keys, hyper = sharding.put((train.stack([state]), train.member_keys([config]),
-                                     train.stack([hyper])), sharding.model_sharded(mesh))
+  state, keys, hyper = sharding.put((members.stack([state]), members.member_keys([config]),
+                                     members.stack([hyper])), sharding.model_sharded(mesh))
   step_fn = functools.partial(step.train_step, graphdef=graphdef, loss=step.make_loss(config.loss),
                               schedule=config.train.schedule)
   return graphdef, state, sharding.put_replicated(frozen, mesh), step_fn, keys, hyper

@@ -8,7 +8,7 @@ import jax
 import numpy as np
 import pytest
 
-from adtr_jax import evaluate, sharding, train
+from adtr_jax import evaluate, members, sharding, train
 from tests.conftest import make_toy_mvtec, tiny_config
 from tests.test_summaries import read_events
 from tests.test_train import _cli, _kill_after_first_checkpoint, _steps
@@ -101,8 +101,8 @@ def test_stacked_models_train_as_they_would_alone(root, alone, tmp_path, layout,
 def test_the_comparison_catches_swapped_member_keys(root, alone, tmp_path, monkeypatch):
   """Control for the 1e-4 tolerance above: a stacking bug that hands each member another member's
   PRNG key (data order and dropout; reversed here) fails it by far (measured ~1e-2)."""
-  keys = train.member_keys
-  monkeypatch.setattr(train, 'member_keys', lambda configs: keys(configs)[::-1])
+  keys = members.member_keys
+  monkeypatch.setattr(members, "member_keys", lambda configs: keys(configs)[::-1])
   members = _stacked(root, tmp_path, 1, 0)
   for i in (0, 1):   # seeds 0 and 1 on toy got seeds 2 and 0 (of toy2's members)
     _, params, _ = _result(*members[i])
@@ -115,7 +115,7 @@ def test_groups_split_on_shapes_not_numbers(root, tmp_path, capsys):
     for field, value in changes.items():
       section, leaf = field.split('__')
       config[section][leaf] = value
-    return train.Member(config, tmp_path / name, config.dataset.category)
+    return members.Member(config, tmp_path / name, config.dataset.category)
   members = [member('base'), member('lr', train__learning_rate=3e-4), member('cat', dataset__category='toy2'),
              member('wide', model__hidden_dim=64), member('epochs', train__num_epochs=5),
              member('dropout', model__dropout=0.0), member('embed', model__embed_init_std=0.1),
@@ -125,13 +125,13 @@ def test_groups_split_on_shapes_not_numbers(root, tmp_path, capsys):
              member('host', train__feature_cache='host'), member('host_lr', train__feature_cache='host',
                                                                train__learning_rate=3e-4)]
   members[1].config.seed = 7
-  assert [[m.workdir.name for m in g] for g in train.plan(members, stack=True)] == [
+  assert [[m.workdir.name for m in g] for g in members.plan(members, stack=True)] == [
       ['base', 'lr', 'cat', 'epochs', 'embed', 'untied', 'normal_pos'], ['wide'], ['dropout'],
       ['confetti'], ['confetti2'], ['host', 'host_lr']]
   out = capsys.readouterr().out
   assert f'{tmp_path / "confetti"} trains alone: a model fed from images is not stacked' in out
   assert f'{tmp_path / "confetti"} trains from images, not from the device feature cache' in out
-  assert [[m.workdir.name for m in g] for g in train.plan(members[:3], stack=False)] == [
+  assert [[m.workdir.name for m in g] for g in members.plan(members[:3], stack=False)] == [
       ['base'], ['lr'], ['cat']]
 
 

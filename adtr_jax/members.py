@@ -1,0 +1,87 @@
+"""Members: the models a run trains (one per category, or the unified union, each with its workdir),
+which of them can step together, and how their pytrees are stacked on the leading model axis.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from adtr_jax import defaults, evaluate, feature_cache, sharding
+from adtr_jax.data import datasets, mixing
+
+
+@dataclasses.dataclass
+class Member:
+  """One model of a run: its config (dataset.category = its category), workdir and category name."""
+  config: object
+  workdir: pathlib.Path
+  category: str
+
+
+def members_of(config, workdir: pathlib.Path) -> list[Member]:
+  """The models a config trains: one per category in workdir/<category>, or one unified model."""
+  if config.dataset.unified:
+    return [Member(config, workdir / evaluate.UNIFIED, evaluate.UNIFIED)]
+  out = []
+  for c in datasets.categories(config):
+    member = config.copy_and_resolve_references()
+    member.dataset.category = c
+    out.append(Member(member, workdir / c, c))
+  return out
+
+
+def feed_kind(config) -> str:
+  """'device' or 'host' (a feature cache: normal-only training has a fixed input) or 'images'."""
+  feature_cache.check(config.train)
+  if mixing.uses_anomalies(config) or config.train.feature_cache == 'off':
+    return 'images'
+  return config.train.feature_cache
+
+
+def group_key(config) -> str:
+  """What members must share to step together: the config without its per-member fields."""
+  d = json.loads(config.to_json_best_effort())
+  for field in defaults.PER_MEMBER:
+    *parents, leaf = field.split('.')
+    node = d
+    for p in parents:
+      node = node[p]
+    node.pop(leaf, None)
+  return json.dumps(d, sort_keys=True)
+
+
+def plan(members: list[Member], stack: bool) -> list[list[Member]]:
+  """Members in groups that train together, in first-appearance order; image-fed members alone."""
+  out: dict[str, list[Member]] = {}
+  for i, m in enumerate(members):
+    kind = feed_kind(m.config)
+    if kind == 'images' and m.config.train.feature_cache != 'off':
+      print(f'adtr_jax: {m.workdir} trains from images, not from the {m.config.train.feature_cache} feature '
+            'cache: its anomalies (anomalies.*) change the input every epoch', flush=True)
+    if stack and kind == 'images' and len(members) > 1:
+      print(f'adtr_jax: {m.workdir} trains alone: a model fed from images is not stacked', flush=True)
+    key = group_key(m.config) if stack and kind != 'images' else str(i)
+    out.setdefault(key, []).append(m)
+  return list(out.values())
+
+
+def member_keys(configs) -> jax.Array:
+  """[M] PRNG keys: member i's data order and dropout come from its own seed."""
+  return jnp.stack([jax.random.key(c.seed) for c in configs])
+
+
+def stack(trees):
+  """Stacks equal-structured pytrees (numpy or local arrays) on a new leading (model) axis."""
+  return jax.tree.map(lambda *xs: np.stack([np.asarray(x) for x in xs]), *trees)
+
+
+def take(tree, index, mesh):
+  """Models `index` (list of ints) of a stacked pytree, replicated on every device (a jitted gather:
+  it reshards across hosts too)."""
+  return jax.jit(lambda t, i: jax.tree.map(lambda x: x[i], t),
+                 out_shardings=sharding.replicated(mesh))(tree, jnp.asarray(index, jnp.int32))

@@ -5,6 +5,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from adtr_jax import defaults
+from adtr_jax.models import ablations, adtr
 from adtr_jax.models.reconstructor import Reconstructor
 
 
@@ -39,6 +41,29 @@ def test_aux_query_decouples_decoder_input_from_tokens():
   assert with_q.aux_query is not None and without_q.aux_query is None
   x = jax.random.normal(jax.random.key(1), (1, 3, 4, 12))
   assert with_q(x).shape == without_q(x).shape == x.shape
+
+
+def test_every_model_field_reaches_the_reconstructor_by_name():
+  """build_model passes each config.model field the class takes, under its own name: a field added to
+  defaults.py but not to the class (or misspelt in either) fails here instead of being ignored."""
+  model = defaults.get_config().model
+  options = adtr.reconstructor_options(Reconstructor, model)
+  assert set(model) - set(options) == {'type', 'target', 'feature_norm'}   # build_model reads these
+  assert options == {name: model[name] for name in options}
+  mlp = adtr.reconstructor_options(ablations.TokenMLP, model)
+  assert set(mlp) == {'hidden_dim', 'num_encoder_layers', 'num_decoder_layers', 'ffn_dim', 'dropout'}
+
+
+def test_build_model_applies_the_model_fields():
+  config = defaults.get_config()
+  config.dataset.image_size, config.backbone.out_stride = 32, 8
+  config.model.update(target='pixels', hidden_dim=16, num_heads=2, ffn_dim=24, num_encoder_layers=1,
+                      num_decoder_layers=3, dtype='bfloat16', neighbour_mask=3, aux_query=False)
+  r = adtr.build_model(config)[0].reconstructor
+  assert (len(r.encoder), len(r.decoder), r.encoder[0].self_attn.num_heads) == (1, 3, 2)
+  assert r.encoder[0].ffn.fc1.kernel.shape == (16, 24) and r.aux_query is None
+  assert r.dtype == jnp.bfloat16 and r.neighbour_mask == 3
+  assert r(jnp.zeros((1, 4, 4, 192))).dtype == jnp.float32
 
 
 def test_grid_mismatch_is_a_clear_error():

@@ -8,6 +8,14 @@ def feature_error(features: jax.Array, reconstruction: jax.Array) -> jax.Array:
   return jnp.sum(jnp.square(features - reconstruction), axis=-1)
 
 
+def _weighted_mean(per_image: jax.Array, weights: jax.Array | None) -> jax.Array:
+  """[B] -> scalar: the mean over images, or the mean weighted by `weights` [B] (0 for padding rows).
+  Every loss here averages its batch this way."""
+  if weights is None:
+    return jnp.mean(per_image)
+  return jnp.sum(per_image * weights) / jnp.maximum(jnp.sum(weights), 1.0)
+
+
 def normal_loss(features: jax.Array, reconstruction: jax.Array,
                 weights: jax.Array | None = None) -> jax.Array:
   """The paper's L_norm = (1/HW) ||f - f_hat||^2 per image, averaged over the batch.
@@ -18,22 +26,12 @@ def normal_loss(features: jax.Array, reconstruction: jax.Array,
   Returns:
     a scalar.
   """
-  per_image = jnp.mean(feature_error(features, reconstruction), axis=(1, 2))
-  if weights is None:
-    return jnp.mean(per_image)
-  return jnp.sum(per_image * weights) / jnp.maximum(jnp.sum(weights), 1.0)
+  return _weighted_mean(jnp.mean(feature_error(features, reconstruction), axis=(1, 2)), weights)
 
 
 # ---- Anomaly-aware losses (paper Sec. 3.3): used when pixel masks or image labels of anomalies exist.
 
 DOWNSAMPLE_METHODS = ('area', 'max')
-
-
-def _weighted_mean(per_image: jax.Array, weights: jax.Array | None) -> jax.Array:
-  """[B] -> scalar: mean over images, or over `weights` [B] (0 for padding rows) like normal_loss."""
-  if weights is None:
-    return jnp.mean(per_image)
-  return jnp.sum(per_image * weights) / jnp.maximum(jnp.sum(weights), 1.0)
 
 
 def phi(features: jax.Array, reconstruction: jax.Array) -> jax.Array:

@@ -74,7 +74,7 @@ CHOICES = {
     'model.target': ('features', 'pixels'),
     'model.feature_norm': adtr.FEATURE_NORMS,
     'model.pos_init': reconstructor.POS_INITS,
-    'model.dtype': tuple(adtr.DTYPES),
+    'model.dtype': tuple(reconstructor.DTYPES),
     'model.attention': reconstructor.ATTENTION_IMPLEMENTATIONS,
     'train.schedule': train_state.SCHEDULES,
     'train.feature_cache': feature_cache.PLACES,

@@ -60,6 +60,9 @@ def test_bad_model_fields_are_named(toy_root, tmp_path):
   config.model.type, config.model.target = 'transformer', 'voxels'
   with pytest.raises(ValueError, match='model.target'):
     adtr.build_model(config)
+  config.model.target, config.model.dtype = 'features', 'float16'
+  with pytest.raises(ValueError, match='model.dtype'):
+    adtr.build_model(config)
   with pytest.raises(ValueError, match='unknown ablation variant'):
     variants.apply(config, 'nope')
 

@@ -5,6 +5,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from adtr_jax import defaults
+from adtr_jax.models import ablations, adtr, reconstructor
 from adtr_jax.models.reconstructor import Reconstructor
 
 
@@ -33,12 +35,58 @@ def test_shapes_and_dropout():
   assert not np.allclose(a, b)
 
 
-def test_aux_query_decouples_decoder_input_from_tokens():
-  """With the auxiliary query, the decoder's input does not depend on the tokens (only memory does)."""
+def _decoder_input(model, x, monkeypatch):
+  """What the first decoder layer receives as its input and its position: (tgt, pos) [B, T, D]."""
+  seen = []
+  original = reconstructor.DecoderLayer.__call__
+
+  def spy(layer, tgt, memory, pos, **kw):
+    seen.append((np.asarray(tgt), np.asarray(pos)))
+    return original(layer, tgt, memory, pos, **kw)
+  with monkeypatch.context() as patch:
+    patch.setattr(reconstructor.DecoderLayer, '__call__', spy)
+    model(x)
+  return seen[0]
+
+
+def test_aux_query_decouples_decoder_input_from_tokens(monkeypatch):
+  """With the auxiliary query, the decoder's input is the learned query (its position is added inside
+  every attention), the same whatever the tokens, so it cannot copy an anomalous token through; only
+  the memory carries the tokens. aux_query=False feeds it the encoder output, which does change."""
   with_q, without_q = _model(True, 0.0), _model(False, 0.0)
   assert with_q.aux_query is not None and without_q.aux_query is None
-  x = jax.random.normal(jax.random.key(1), (1, 3, 4, 12))
-  assert with_q(x).shape == without_q(x).shape == x.shape
+  x1 = jax.random.normal(jax.random.key(1), (2, 3, 4, 12))
+  x2 = jax.random.normal(jax.random.key(2), (2, 3, 4, 12))
+  (tgt1, pos1), (tgt2, pos2) = (_decoder_input(with_q, x, monkeypatch) for x in (x1, x2))
+  np.testing.assert_array_equal(tgt1, tgt2)
+  np.testing.assert_array_equal(pos1, pos2)
+  np.testing.assert_array_equal(tgt1, np.broadcast_to(with_q.aux_query[...], tgt1.shape))
+  assert not np.allclose(with_q(x1), with_q(x2))   # the output still depends on the tokens
+  tgt1, tgt2 = (_decoder_input(without_q, x, monkeypatch)[0] for x in (x1, x2))
+  assert np.abs(tgt1 - tgt2).max() > 0.1
+
+
+def test_every_model_field_reaches_the_reconstructor_by_name():
+  """build_model passes each config.model field the class takes, under its own name: a field added to
+  defaults.py but not to the class (or misspelt in either) fails here instead of being ignored."""
+  model = defaults.get_config().model
+  options = adtr.reconstructor_options(Reconstructor, model)
+  assert set(model) - set(options) == {'type', 'target', 'feature_norm'}   # build_model reads these
+  assert options == {name: model[name] for name in options}
+  mlp = adtr.reconstructor_options(ablations.TokenMLP, model)
+  assert set(mlp) == {'hidden_dim', 'num_encoder_layers', 'num_decoder_layers', 'ffn_dim', 'dropout'}
+
+
+def test_build_model_applies_the_model_fields():
+  config = defaults.get_config()
+  config.dataset.image_size, config.backbone.out_stride = 32, 8
+  config.model.update(target='pixels', hidden_dim=16, num_heads=2, ffn_dim=24, num_encoder_layers=1,
+                      num_decoder_layers=3, dtype='bfloat16', neighbour_mask=3, aux_query=False)
+  r = adtr.build_model(config)[0].reconstructor
+  assert (len(r.encoder), len(r.decoder), r.encoder[0].self_attn.num_heads) == (1, 3, 2)
+  assert r.encoder[0].ffn.fc1.kernel.shape == (16, 24) and r.aux_query is None
+  assert r.dtype == jnp.bfloat16 and r.neighbour_mask == 3
+  assert r(jnp.zeros((1, 4, 4, 192))).dtype == jnp.float32
 
 
 def test_grid_mismatch_is_a_clear_error():

@@ -36,9 +36,8 @@ class _BlockStack(nnx.Module):
   conv = False
 
   def __init__(self, in_channels: int, grid: tuple[int, int], *, hidden_dim: int = 256,
-               num_encoder_layers: int = 4, num_decoder_layers: int = 4, num_heads: int = 8,
-               ffn_dim: int = 1024, dropout: float = 0.1, aux_query: bool = True, rngs: nnx.Rngs):
-    del num_heads, aux_query  # attention-only settings
+               num_encoder_layers: int = 4, num_decoder_layers: int = 4, ffn_dim: int = 1024,
+               dropout: float = 0.1, rngs: nnx.Rngs):
     self.grid = tuple(grid)
     self.input_proj = nnx.Linear(in_channels, hidden_dim, rngs=rngs)
     self.blocks = nnx.List([_Block(hidden_dim, ffn_dim, dropout, self.conv, rngs=rngs)

@@ -1,6 +1,8 @@
 """ADTR = frozen multi-scale CNN embedding + trainable reconstruction transformer."""
 from __future__ import annotations
 
+import inspect
+
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -64,9 +66,6 @@ def decays(params) -> object:
       lambda path, _: 'feature_norm' not in jax.tree_util.keystr(path), params)
 
 
-DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
-
-
 def to_unit_range(images: jax.Array) -> jax.Array:
   """uint8 [..., 3] in [0, 255] (what the input pipeline sends: 4x fewer bytes) or float in [0, 1]
   -> float32 in [0, 1]. Normalising on the device keeps host-to-device traffic small."""
@@ -108,15 +107,15 @@ def feature_grid(config: ml_collections.ConfigDict) -> tuple[int, int]:
   return size // stride, size // stride
 
 
-def _transformer_options(m: ml_collections.ConfigDict) -> dict:
-  """config.model fields that only the transformer has (the ablation networks take none of them)."""
-  if m.get('type', 'transformer') != 'transformer':
-    return {}
-  if m.dtype not in DTYPES:
-    raise errors.ConfigError(f'model.dtype={m.dtype!r} must be one of {sorted(DTYPES)}')
-  return {'embed_init_std': m.embed_init_std, 'dtype': DTYPES[m.dtype], 'attention': m.attention,
-          'tie_qk_init': m.tie_qk_init, 'neighbour_mask': m.neighbour_mask,
-          'feature_jitter': m.feature_jitter, 'pos_init': m.pos_init}
+def reconstructor_options(cls: type, model: ml_collections.ConfigDict) -> dict:
+  """The config.model fields that `cls` takes as keyword-only arguments, by name: a new model field
+  needs one line in defaults.py and one argument in the class. Fields a class lacks (the ablation
+  networks have no attention options) and those build_model reads itself (type, target,
+  feature_norm) are not passed; a field missing from an older config leaves the class's default."""
+  # cls.__init__, not cls: nnx.Module's metaclass hides the constructor's signature behind (*args, **kw).
+  params = inspect.signature(cls.__init__).parameters.values()
+  return {p.name: model[p.name] for p in params
+          if p.kind is inspect.Parameter.KEYWORD_ONLY and p.name != 'rngs' and p.name in model}
 
 
 def build_model(config: ml_collections.ConfigDict, seed: int | None = None) -> tuple[ADTR, dict]:
@@ -133,9 +132,7 @@ def build_model(config: ml_collections.ConfigDict, seed: int | None = None) -> t
     raise errors.ConfigError(f"model.target={target!r} must be 'features' or 'pixels'")
   if kind not in RECONSTRUCTORS:
     raise errors.ConfigError(f'model.type={kind!r} must be one of {sorted(RECONSTRUCTORS)}')
-  reconstructor = RECONSTRUCTORS[kind](
-      backbone.out_channels, feature_grid(config), hidden_dim=m.hidden_dim,
-      num_encoder_layers=m.num_encoder_layers, num_decoder_layers=m.num_decoder_layers,
-      num_heads=m.num_heads, ffn_dim=m.ffn_dim, dropout=m.dropout,
-      aux_query=m.get('aux_query', True), **_transformer_options(m), rngs=rngs)
+  cls = RECONSTRUCTORS[kind]
+  reconstructor = cls(backbone.out_channels, feature_grid(config), **reconstructor_options(cls, m),
+                      rngs=rngs)
   return ADTR(backbone, reconstructor, FeatureNorm(backbone.out_channels, m.feature_norm)), info

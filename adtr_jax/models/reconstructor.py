@@ -21,11 +21,20 @@ from adtr_jax import errors
 
 ATTENTION_IMPLEMENTATIONS = ('xla', 'cudnn', 'auto')
 POS_INITS = ('normal', 'fourier')
+DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}   # model.dtype -> compute dtype
 
 
 def check_heads(hidden_dim: int, num_heads: int) -> None:
   if hidden_dim % num_heads:
     raise errors.ConfigError(f'model.hidden_dim={hidden_dim} must be divisible by model.num_heads={num_heads}')
+
+
+def compute_dtype(dtype: str | type) -> type:
+  """model.dtype ('float32' | 'bfloat16', as configs spell it) or jnp.float32 / jnp.bfloat16 -> the jnp type."""
+  name = dtype if isinstance(dtype, str) else jnp.dtype(dtype).name
+  if name not in DTYPES:
+    raise errors.ConfigError(f'model.dtype={dtype!r} must be one of {sorted(DTYPES)}')
+  return DTYPES[name]
 
 
 def fourier_positions(key: jax.Array, grid: tuple[int, int], dim: int, scale: float = 1.0) -> jax.Array:
@@ -141,7 +150,7 @@ class Reconstructor(nnx.Module):
     pos_init: 'normal' (N(0, embed_init_std) draws) or 'fourier' (random Fourier features of the
       position at the same scale, see fourier_positions); either way the position embedding is
       learned. The query embedding is N(0, embed_init_std) in both cases.
-    dtype: compute dtype (float32 or bfloat16); parameters stay float32.
+    dtype: compute dtype, 'float32' or 'bfloat16' (or the jnp type); parameters stay float32.
     attention: 'xla', 'cudnn' (GPU, bfloat16) or 'auto' (let JAX choose).
     tie_qk_init: initialise every attention's key projection equal to its query projection (see
       Attention); False draws them independently.
@@ -154,10 +163,11 @@ class Reconstructor(nnx.Module):
   def __init__(self, in_channels: int, grid: tuple[int, int], *, hidden_dim: int = 256,
                num_encoder_layers: int = 4, num_decoder_layers: int = 4, num_heads: int = 8,
                ffn_dim: int = 1024, dropout: float = 0.1, aux_query: bool = True,
-               embed_init_std: float = 1.0, dtype=jnp.float32, attention: str = 'xla',
+               embed_init_std: float = 1.0, dtype: str | type = 'float32', attention: str = 'xla',
                tie_qk_init: bool = False, neighbour_mask: int = 0, feature_jitter: float = 0.0,
                pos_init: str = 'normal', rngs: nnx.Rngs):
     check_heads(hidden_dim, num_heads)
+    dtype = compute_dtype(dtype)
     self.grid = tuple(grid)
     num_tokens = grid[0] * grid[1]
     init = nnx.initializers.normal(embed_init_std)

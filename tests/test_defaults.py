@@ -1,7 +1,7 @@
 """defaults.py: the config's per-member fields (those stacked models may differ in)."""
 from adtr_jax import defaults
 
-# What adtr_jax/stacked.py lets differ between the models of one stacked step: numbers and initial
+# What adtr_jax/members.py lets differ between the models of one stacked step: numbers and initial
 # values, never array shapes. Written out here so that a field declared per-member by mistake, or one
 # that loses the mark, fails this test.
 EXPECTED = {'seed', 'dataset.category', 'train.learning_rate', 'train.weight_decay',

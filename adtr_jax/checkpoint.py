@@ -34,8 +34,6 @@ def save(mgr: ocp.CheckpointManager, step: int, state, meta: dict, train_loss: f
 
 def select_step(mgr: ocp.CheckpointManager, which: str) -> int:
   """'latest' or 'best' -> a saved step; a clear error when the workdir has none."""
-  if which not in ('latest', 'best'):
-    raise errors.ConfigError(f"eval.checkpoint={which!r} must be 'latest' or 'best'")
   step = mgr.latest_step() if which == 'latest' else mgr.best_step()
   if step is None:
     raise errors.MissingFileError(f'no checkpoint in {mgr.directory}: train first (--mode=train)')

@@ -14,24 +14,14 @@ import hashlib
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from adtr_jax import errors, sharding, split_pass
+from adtr_jax import sharding, split_pass
 
 PLACES = ('device', 'host', 'off')
 DTYPES = {'bfloat16': jnp.bfloat16, 'float32': jnp.float32}
-
-
-def check(cfg: ml_collections.ConfigDict) -> None:
-  """config.train.feature_cache / feature_cache_dtype, with the field named when wrong."""
-  if cfg.feature_cache not in PLACES:
-    raise errors.ConfigError(f'train.feature_cache={cfg.feature_cache!r} must be one of {PLACES}')
-  if cfg.feature_cache_dtype not in DTYPES:
-    raise errors.ConfigError(f'train.feature_cache_dtype={cfg.feature_cache_dtype!r} must be one of '
-                             f'{sorted(DTYPES)}')
 
 
 def compute(source, graphdef: nnx.GraphDef, params, frozen, mesh, *, image_size: int, batch_size: int,

@@ -37,7 +37,6 @@ def members_of(config, workdir: pathlib.Path) -> list[Member]:
 
 def feed_kind(config) -> str:
   """'device' or 'host' (a feature cache: normal-only training has a fixed input) or 'images'."""
-  feature_cache.check(config.train)
   if mixing.uses_anomalies(config) or config.train.feature_cache == 'off':
     return 'images'
   return config.train.feature_cache

@@ -28,7 +28,7 @@ from absl import logging
 from tqdm.auto import tqdm
 
 from adtr_jax import (checkpoint, errors, evaluate, feature_cache, loop, members, sharding, step,
-                      summaries, train_state)
+                      summaries, train_state, validate)
 from adtr_jax.data import datasets
 from adtr_jax.models.adtr import build_model
 
@@ -288,6 +288,7 @@ def _train_group(group: list[members.Member]) -> list[dict]:
 def train_and_evaluate(config, workdir: str | pathlib.Path, evaluate_after: bool = True) -> dict:
   """Trains every configured category in workdir/<category> (or, with dataset.unified, one model on
   all of them in workdir/unified), stacked when train.stacked, then (optionally) evaluates them."""
+  validate.check(config)
   workdir = pathlib.Path(workdir)
   trained = [s for group in members.plan(members.members_of(config, workdir), config.train.stacked)
              for s in _train_group(group)]
@@ -303,6 +304,8 @@ def train_runs(runs: list, stack: bool = True, evaluate_after: bool = True) -> N
   stack: members of different runs that can step together (plan) do; 'minutes' is then the group's
   wall time over its models.
   """
+  for _, config in runs:
+    validate.check(config)
   todo = [m for run_dir, config in runs for m in members.members_of(config, pathlib.Path(run_dir))]
   minutes: dict[pathlib.Path, float] = {}
   for group in members.plan(todo, stack):

@@ -9,7 +9,6 @@ import ml_collections
 import optax
 from flax import nnx, struct
 
-from adtr_jax import errors
 from adtr_jax.models.adtr import TRAINABLE, decays
 
 SCHEDULES = ('warmup_cosine', 'step')
@@ -38,8 +37,6 @@ def hyperparameters(cfg: ml_collections.ConfigDict, steps_per_epoch: int, total:
   They are plain numbers rather than Python constants of a closure so that stacked models (train.py)
   can each carry their own, stacked on a leading model axis and traced inside one jitted step.
   """
-  if cfg.schedule not in SCHEDULES:
-    raise errors.ConfigError(f'train.schedule={cfg.schedule!r} must be one of {SCHEDULES}')
   warmup = max(1, round(cfg.warmup_fraction * total))
   return {'learning_rate': jnp.float32(cfg.learning_rate), 'weight_decay': jnp.float32(cfg.weight_decay),
           'grad_clip_norm': jnp.float32(cfg.grad_clip_norm), 'warmup_steps': jnp.int32(warmup),

@@ -14,7 +14,7 @@ import pathlib
 import ml_collections
 
 from adtr_jax import (checkpoint, defaults, errors, evaluate, feature_cache, losses, metrics, scoring,
-                      sharding, train_state)
+                      sharding, step, train_state)
 from adtr_jax.baselines import nearest_neighbour
 from adtr_jax.data import datasets, elpv, mixing
 from adtr_jax.models import adtr, backbone, reconstructor, weights
@@ -80,7 +80,7 @@ CHOICES = {
     'train.feature_cache': feature_cache.PLACES,
     'train.feature_cache_dtype': tuple(feature_cache.DTYPES),
     'scoring.image_score': scoring.IMAGE_SCORES,
-    'loss.type': mixing.LOSS_TYPES,
+    'loss.type': step.LOSSES,
     'loss.mask_downsample': losses.DOWNSAMPLE_METHODS,
     'anomalies.labelled_use': ('train', 'exclude'),
     'baseline.subsample': nearest_neighbour.SUBSAMPLING,

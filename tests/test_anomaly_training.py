@@ -109,9 +109,9 @@ def test_init_from_a_normal_run_then_pixel_loss_with_synthetic_anomalies(toy_roo
   mgr = checkpoint.manager(tmp_path / 'aware' / 'toy' / 'checkpoints')
   assert mgr.latest_step() == report['train'][0]['steps']
   assert [r['step'] for r in log] == list(range(1, mgr.latest_step() + 1))   # a fresh step count
-  # init_from takes the normal run's weights: at learning rate 0 they stay exactly as they were.
+  # init_from takes the normal run's weights: at a learning rate of 1e-30 they stay as they were.
   frozen_lr = config.copy_and_resolve_references()
-  frozen_lr.train.learning_rate = 0.0
+  frozen_lr.train.learning_rate = 1e-30   # > 0 (validated), and far below float32 resolution
   train.train_and_evaluate(frozen_lr, tmp_path / 'lr0', evaluate_after=False)
   _, started, _, _ = evaluate.restore_model(config, tmp_path / 'lr0' / 'toy', sharding.make_mesh())
   _, normal_params, _, _ = evaluate.restore_model(config, normal_dir / 'toy', sharding.make_mesh())

@@ -134,8 +134,6 @@ def test_place_pads_the_device_cache_to_the_device_count(setup):
   np.testing.assert_array_equal(np.asarray(placed)[0, :13], features[:13])
   np.testing.assert_array_equal(np.asarray(placed)[1, :5], features[:5])
   assert not np.asarray(placed)[0, 13:].any() and not np.asarray(placed)[1, 5:].any()
-  with pytest.raises(ValueError, match='feature_cache'):
-    feature_cache.check(tiny_config('/x', '/y', feature_cache='gpu').train)
 
 
 def test_each_epoch_visits_every_row_once_in_a_new_order():

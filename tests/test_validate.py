@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from adtr_jax import validate
+from adtr_jax import errors, validate
 from tests.conftest import REPO, tiny_config
 
 # (command-line overrides, what the one line must say)
@@ -72,3 +72,17 @@ def test_good_configs_pass(toy_root, tmp_path):
   from configs import cifar10, elpv, magnetic_tile
   for module in (elpv, magnetic_tile, cifar10):
     validate.check(module.get_config())
+
+
+def test_the_training_api_checks_the_config_before_any_work(toy_root, tmp_path):
+  """train.train_and_evaluate and train.train_runs (what experiments call) refuse a bad config as the
+  CLI does, before a dataset is prepared or a workdir made."""
+  from adtr_jax import train
+  config = tiny_config(toy_root, tmp_path / 'cache', feature_cache='gpu')
+  with pytest.raises(errors.ConfigError, match="train.feature_cache='gpu' must be one of"):
+    train.train_and_evaluate(config, tmp_path / 'w')
+  config.train.feature_cache, config.anomalies.fraction = 'device', 1.0
+  with pytest.raises(errors.ConfigError, match='anomalies.fraction=1.0 must be in'):
+    train.train_runs([(tmp_path / 'r', config)])
+  assert not (tmp_path / 'cache').exists() and not (tmp_path / 'w').exists()
+  assert not (tmp_path / 'r').exists()

@@ -63,8 +63,6 @@ def split_calibration(train, fraction: float, seed: int):
 
   fraction 0 -> (train, None): everything trains and no decision threshold is calibrated.
   """
-  if not 0.0 <= fraction < 1.0:
-    raise errors.ConfigError(f'calibration.holdout_fraction={fraction} must be in [0, 1)')
   if fraction == 0.0:
     return train, None
   n = len(train)

@@ -245,8 +245,8 @@ def test_killed_cli_run_resumes_from_its_checkpoint(toy_root, cache_dir, tmp_pat
   # measured difference is 0; 1e-6 leaves room for thread scheduling in XLA's CPU reductions, far
   # below the 1e-3 a wrong resume causes (test_resume_mid_epoch_is_exact's controls).
   assert _max_diff(p_resumed, p_straight) <= 1e-6
-  # Control: the same killed run resumed with another seed (other data order and dropout after the
-  # checkpoint) fails the comparison by far (measured 2.1e-2).
+  # Control: the same killed run resumed with another seed (after the checkpoint: another data order,
+  # dropout and calibration holdout) fails the comparison by far (measured 2.1e-2).
   wrong = _cli([*common, f'--workdir={tmp_path / "wrong"}', '--config.seed=1'])
   out, _ = wrong.communicate(timeout=600)
   assert wrong.returncode == 0, out[-3000:]

@@ -176,7 +176,8 @@ def run(config, batch_size: int, steps: int, scan_steps: int = 0, models: int = 
   # the run's feature_cache_dtype as the driver stores them.
   params0 = sharding.put_replicated(state0.params, mesh)
   embed = feature_cache.Embedder(graphdef, params0, frozen, mesh, max_mb=0)
-  features = sharding.to_host(embed(images)).astype(feature_cache.DTYPES[config.train.feature_cache_dtype])
+  dtype = feature_cache.DTYPES[config.train.feature_cache_dtype]
+  features = sharding.to_host(embed(images)).astype(dtype)
   scan = scan_steps or steps
   t_scan, state = _timed(loop.make_runner(
       step_fn, mesh, loop.DeviceCache([features.repeat(_CACHE_BATCHES, axis=0)], mesh, batch_size),
@@ -196,13 +197,12 @@ def run(config, batch_size: int, steps: int, scan_steps: int = 0, models: int = 
   peak = peak_flops(jax.devices()[0])
   if models == 1:
     out['cached_speedup'] = round(t_image / steps / t_cached, 2)
+  mfu = round(cached_flops * models / t_cached / (peak * jax.device_count()), 4) if peak else None
   return dict(out, train_cached_images_per_s=round(models * batch_size / t_cached, 2),
-              cached_scan_steps=int(scan),
-              cached_scan_s=round(t_scan, 3),
+              cached_scan_steps=int(scan), cached_scan_s=round(t_scan, 3), mfu=mfu,
               infer_images_per_s=round(models * batch_size / t_infer, 2),
               infer_memo_images_per_s=round(models * batch_size / t_memo, 2),
               train_cached_flops_per_image=cached_flops / batch_size,
-              mfu=(round(cached_flops * models / t_cached / (peak * jax.device_count()), 4) if peak else None),
               batch_size=batch_size, image_size=config.dataset.image_size, backbone=info['arch'],
               layers=list(config.backbone.layers), dtype=config.model.dtype,
               feature_cache_dtype=config.train.feature_cache_dtype,

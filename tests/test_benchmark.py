@@ -70,7 +70,8 @@ def test_models_are_distinct(stacked):
 
 def test_cached_step_flops_exclude_the_backbone(stacked):
   """The image step's FLOPs minus the cached step's are the backbone's forward pass (XLA's count of
-  the embedding alone), within 1% (measured 0.002%): the cached figure really is the step without the backbone."""
+  the embedding alone), within 1% (measured 0.002%): the cached figure is the step without the
+  backbone."""
   config, out, _ = stacked
   model, _ = build_model(config)
   images = jax.ShapeDtypeStruct((8, 64, 64, 3), np.uint8)

@@ -3,7 +3,7 @@ r"""Throughput of the jitted train step (from images and from cached features) a
   python -m adtr_jax.benchmark --config=configs/mvtec.py [--batch_size=8 --image_size=224]
   python -m adtr_jax.benchmark --config=configs/mvtec.py --breakdown   # where a train step's time goes
   python -m adtr_jax.benchmark --metrics   # the metric suite on an MVTec-sized synthetic test set
-  python -m adtr_jax.benchmark --config=configs/mvtec.py --models=16   # 16 stacked models (stacked.py)
+  python -m adtr_jax.benchmark --config=configs/mvtec.py --models=16   # 16 stacked models
   python -m adtr_jax.benchmark --config=configs/mvtec.py --batch_size=16 --scan_steps=6500  # 500 epochs
   XLA_FLAGS=--xla_force_host_platform_device_count=2 JAX_PLATFORMS=cpu \
       python -m adtr_jax.benchmark --num_processes=2   # 2 processes x 2 CPU devices (docs/multihost.md)
@@ -23,9 +23,11 @@ jax.export artifact (JAX, XLA) against model.onnx (onnxruntime, as adtr_jax.depl
 <runtime>_images_per_s at --batch_size and <runtime>_latency_ms_p50 / _p99 of one image (batch 1,
 --latency_calls calls): what a part waits on an inspection line.
 
---models=M (> 1) trains M stacked models from the cache in one jitted step instead (adtr_jax/stacked.py):
-train_cached_images_per_s and infer_images_per_s are then summed over the M models, and
-stacked_vs_one_model is that total over one model's cached images/s measured in the same process.
+Training goes through the driver's runner (loop.make_runner, step.train_step) as train.py lays out a
+run: one model is M = 1 of the path that --models=M (> 1) times for M stacked models. Their
+train_cached_images_per_s, infer_images_per_s and infer_memo_images_per_s are then summed over the
+models, one model's figures (measured in the same process) keep their keys with a one_model_ prefix,
+and stacked_vs_one_model is the models' total cached images/s over one model's.
 """
 import functools
 import json
@@ -60,6 +62,7 @@ _LATENCY_CALLS = flags.DEFINE_integer('latency_calls', 100, '--export: batch-1 c
 _MODELS = flags.DEFINE_integer('models', 1, 'Stacked models trained in one step (train.model_axis of '
                                'the config sets the mesh).')
 
+_CACHE_BATCHES = 4   # the timed feature cache holds this many batches
 # Dense bfloat16 peak FLOP/s by device_kind prefix (vendor data sheets, SXM parts).
 PEAK_BF16_FLOPS = {'NVIDIA H100': 989e12, 'NVIDIA H200': 989e12, 'NVIDIA A100': 312e12,
                    'TPU v4': 275e12, 'TPU v5 lite': 197e12, 'TPU v5p': 459e12, 'TPU v6 lite': 918e12}
@@ -80,154 +83,145 @@ def peak_flops(device) -> float | None:
   return next((v for k, v in PEAK_BF16_FLOPS.items() if kind.startswith(k)), None)
 
 
-def _local_images(batch_size: int, size: int, mesh):
-  """This process's rows (sharding.data_slice) of the random uint8 batch [batch_size, size, size, 3],
-  the same global batch on every process."""
+def _setup(config, batch_size: int, mesh):
+  """One fresh model: (backbone info, graphdef, state, frozen: local, unplaced), its optimiser numbers
+  and the feed's (hyper: a cache of _CACHE_BATCHES batches), this process's rows (data_slice) of a
+  random uint8 batch [B, S, S, 3], the same on every process, and that batch on the mesh (+ valid)."""
   import numpy as np
 
-  from adtr_jax import sharding
-  images = np.random.default_rng(0).integers(0, 256, (batch_size, size, size, 3), dtype=np.uint8)
-  part, parts = sharding.data_slice(mesh)
-  rows = batch_size // parts
-  return images[part * rows:(part + 1) * rows]
-
-
-def _setup(config, batch_size: int):
-  import jax
-  import numpy as np
-
-  from adtr_jax import sharding, train
+  from adtr_jax import sharding, train_state
   from adtr_jax.models.adtr import build_model
-  mesh = sharding.make_mesh()
   sharding.check_batch_size(batch_size, mesh, '--batch_size')
   model, info = build_model(config)
-  tx, _ = train.make_optimizer(config.train, 1, 1000)
-  graphdef, state, frozen = train.init_state(model, tx)
-  state, frozen = sharding.put_replicated((state, frozen), mesh)
-  images = _local_images(batch_size, config.dataset.image_size, mesh)
+  graphdef, state, frozen = train_state.init_state(model, config.train)
+  hyper = dict(train_state.hyperparameters(config.train, _CACHE_BATCHES, 1000),
+               num_rows=np.int32(_CACHE_BATCHES * batch_size), steps_per_epoch=np.int32(_CACHE_BATCHES),
+               last_step=np.int32(2**30), data=np.int32(0))
+  size = config.dataset.image_size
+  images = np.random.default_rng(0).integers(0, 256, (batch_size, size, size, 3), dtype=np.uint8)
+  part, parts = sharding.data_slice(mesh)
+  images = images[part * batch_size // parts:(part + 1) * batch_size // parts]
   batch = sharding.put_batch({'image': images, 'valid': np.ones((len(images),), bool)}, mesh)
-  key = sharding.put_replicated(jax.random.key(0), mesh)
-  return mesh, info, graphdef, tx, state, frozen, batch, key
+  return info, graphdef, state, frozen, hyper, images, batch
 
 
-def run(config, batch_size: int, steps: int, scan_steps: int = 0) -> dict:
-  """The one-model figures; the cached path is timed as one jitted scan of `scan_steps` steps (0:
-  `steps`), after one untimed scan of the same length that compiles it."""
+class _SameImages:
+  """A loop feed (loop.Images' interface, one step per call) whose every batch is one device-resident
+  image batch: the image step as the driver runs it, without the host's decoding."""
+  steps_per_call = 1
+
+  def __init__(self, batch: dict, mesh):
+    from adtr_jax import sharding
+    self.resident, self.resident_sharding = batch, sharding.data_sharded(mesh)
+
+  def host_inputs(self, start: int, num_steps: int):
+    return None
+
+  def batch(self, resident, x, key, hyper, step) -> dict:
+    return resident
+
+
+def _timed(run, state, frozen, keys, hyper, num_steps: int, first: int):
+  """(seconds, state): the wall time of run's num_steps steps, after an untimed call of `first` steps
+  that compiles the same program (a scan of num_steps, or the feed's one step per call)."""
   import jax
-  from flax import nnx
 
-  from adtr_jax import feature_cache, inference, loop, sharding, train
-  mesh, info, graphdef, tx, state, frozen, batch, key = _setup(config, batch_size)
-  step_fn = functools.partial(train.train_step, graphdef=graphdef, tx=tx)
-  step = train.jit_step(step_fn, mesh)
-  score = inference.jit_score_fn(mesh, graphdef, config)
-  # A first scoring pass: the backbone on every batch (no feature memo), then the reconstructor; and
-  # a repeated one, whose features come from the memo (filled here by one call).
-  embed = feature_cache.Embedder(graphdef, state.params, frozen, mesh, max_mb=0)
-  local_images = _local_images(batch_size, config.dataset.image_size, mesh)
-  memo_embed = feature_cache.Embedder(graphdef, state.params, frozen, mesh, max_mb=1024)
-  memo_embed(local_images)
-  holder = {'state': state}
-
-  def train_once():
-    holder['state'], m = step(holder['state'], frozen, batch, key)
-    jax.block_until_ready(m['loss'])
-
-  def infer_once():
-    jax.block_until_ready(score(holder['state'].params, frozen, embed(local_images)))
-
-  def infer_memo_once():
-    jax.block_until_ready(score(holder['state'].params, frozen, memo_embed(local_images)))
-
-  t_train, t_infer = _time(train_once, steps), _time(infer_once, steps)
-  t_memo = _time(infer_memo_once, steps)
-  flops = step.lower(holder['state'], frozen, batch, key).compile().cost_analysis().get('flops', 0.0)
-
-  # Cached features: a cache of 4 batches on the device, `scan` steps in one jitted call.
-  features = jax.jit(lambda f, x: nnx.merge(graphdef, holder['state'].params, f).embed(x))(
-      frozen, batch['image'])
-  cache = feature_cache.place(sharding.to_host(features).repeat(4, axis=0), mesh, 'device')
-  chunk = loop.device_cache_chunk(step_fn, mesh, num_rows=4 * batch_size, steps_per_epoch=4,
-                                  batch_size=batch_size)
-
-  scan = scan_steps or steps
-
-  def cached_once():
-    holder['state'], m = chunk(holder['state'], frozen, cache, key, 0, scan)
-    jax.block_until_ready(m['loss'])
-
-  t_scan = _time(cached_once, 1, warmup=1)
-  t_cached = t_scan / scan
-  cached_flops = train.jit_step(step_fn, mesh).lower(
-      holder['state'], frozen, {'features': features, 'valid': batch['valid']}, key
-  ).compile().cost_analysis().get('flops', 0.0)
-  peak = peak_flops(jax.devices()[0])
-  n_params = sum(x.size for x in jax.tree.leaves(holder['state'].params))
-  return {'train_images_per_s': round(batch_size / t_train, 2),
-          'train_cached_images_per_s': round(batch_size / t_cached, 2),
-          'cached_speedup': round(t_train / t_cached, 2),
-          'cached_scan_steps': int(scan), 'cached_scan_s': round(t_scan, 3),
-          'infer_images_per_s': round(batch_size / t_infer, 2),
-          'infer_memo_images_per_s': round(batch_size / t_memo, 2),
-          'train_flops_per_image': float(flops) / batch_size,
-          'train_cached_flops_per_image': float(cached_flops) / batch_size,
-          'mfu': (round(cached_flops / t_cached / (peak * jax.device_count()), 4) if peak else None),
-          'batch_size': batch_size, 'image_size': config.dataset.image_size, 'backbone': info['arch'],
-          'layers': list(config.backbone.layers), 'dtype': config.model.dtype,
-          'trainable_params': int(n_params), 'devices': [str(d) for d in jax.devices()],
-          'processes': jax.process_count(), 'jax': jax.__version__}
+  from adtr_jax import sharding
+  start = int(sharding.to_host(state.step)[0])
+  state, _ = run(state, frozen, keys, hyper, start, first)
+  jax.block_until_ready(state)
+  t0 = time.perf_counter()
+  state, metrics = run(state, frozen, keys, hyper, start + first, num_steps)
+  jax.block_until_ready((state, metrics))
+  return time.perf_counter() - t0, state
 
 
-def stacked_run(config, batch_size: int, steps: int, models: int) -> dict:
-  """run()'s cached-feature and scoring figures for `models` stacked models, summed over them, beside
-  one model's (the same process, the same cache)."""
+def _flops(fn, *args) -> float:
+  """XLA's FLOP count of fn(*args) compiled for one device: the whole batch, not one device's share."""
   import jax
-  import jax.numpy as jnp
-  from flax import nnx
+  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), args)
+  return float(jax.jit(fn).lower(*abstract).compile().cost_analysis().get('flops', 0.0))
 
-  from adtr_jax import feature_cache, inference, loop, sharding, stacked, train, train_state
-  one = run(config, batch_size, steps)
-  _, _, graphdef, _, state, frozen, batch, _ = _setup(config, batch_size)
-  mesh = sharding.make_mesh(model_axis=config.train.model_axis)
-  features = jax.device_get(jax.jit(lambda f, x: nnx.merge(graphdef, state.params, f).embed(x))(
-      frozen, batch['image']))
-  cache, size = feature_cache.place_stacked([features.repeat(4, axis=0)], mesh)
-  hyper = dict(train_state.hyperparameters(config.train, 4, 1000), num_rows=jnp.int32(4 * batch_size),
-               steps_per_epoch=jnp.int32(4), last_step=jnp.int32(2 ** 30), data=jnp.int32(0))
-  mod = sharding.model_sharded(mesh)
-  holder = {'state': jax.device_put(stacked.stack([state] * models), mod)}
-  keys = jax.random.split(jax.random.key(0), models)
-  keys, hyper = jax.device_put((keys, stacked.stack([hyper] * models)), mod)
-  frozen = sharding.put_replicated(frozen, mesh)
-  step_fn = functools.partial(stacked._model_step, graphdef=graphdef, loss=train.loss_fn,
+
+def run(config, batch_size: int, steps: int, scan_steps: int = 0, models: int = 1) -> dict:
+  """`models` models laid out and stepped as the driver does (train.train_group; one model is M = 1,
+  on a mesh of config.train.model_axis rows when M > 1), model i drawing data and dropout from seed
+  config.seed + i. The cached path is timed as one runner call of `scan_steps` steps (0: `steps`) from
+  a device feature cache, after one untimed call of the same length that compiles it; images/s are
+  summed over the models. One model also times its step from images (runner calls of one step each:
+  image-fed models train alone, train.plan) and scoring from the feature memo."""
+  import jax
+  import numpy as np
+
+  from adtr_jax import feature_cache, inference, loop, sharding, step, train
+  mesh = sharding.make_mesh(model_axis=config.train.model_axis if models > 1 else 1)
+  info, graphdef, state0, frozen0, hyper0, images, batch = _setup(config, batch_size, mesh)
+  step_fn = functools.partial(step.train_step, graphdef=graphdef, loss=step.make_loss(config.loss),
                               schedule=config.train.schedule)
-  chunk = loop.stacked_cache_chunk(step_fn, mesh, size=size, batch_size=batch_size,
-                                   models_per_call=config.train.models_per_call)
+  keys = jax.numpy.stack([jax.random.key(config.seed + i) for i in range(models)])
+  state, keys, hyper = sharding.put((train.stack([state0] * models), keys, train.stack([hyper0] * models)),
+                                    sharding.model_sharded(mesh))
+  frozen = sharding.put_replicated(frozen0, mesh)
+  per_call = config.train.models_per_call
+  one_model = (state0, frozen0)   # what the FLOP counts are of (per model, the whole batch)
+  out = {}
+  if models == 1:
+    t_image, state = _timed(loop.make_runner(step_fn, mesh, _SameImages(batch, mesh), per_call), state,
+                            frozen, keys, hyper, steps, first=1)
+    flops = _flops(step_fn, *one_model, batch, jax.random.key(0), hyper0)
+    out.update(train_images_per_s=round(batch_size * steps / t_image, 2),
+               train_flops_per_image=flops / batch_size)
 
-  def cached_once():
-    holder['state'], m = chunk(holder['state'], frozen, cache, keys, hyper, steps)
-    jax.block_until_ready(m['loss'])
+  # Cached features: the batch's features repeated to a cache of _CACHE_BATCHES batches, stored in
+  # the run's feature_cache_dtype as the driver stores them.
+  params0 = sharding.put_replicated(state0.params, mesh)
+  embed = feature_cache.Embedder(graphdef, params0, frozen, mesh, max_mb=0)
+  dtype = feature_cache.DTYPES[config.train.feature_cache_dtype]
+  features = sharding.to_host(embed(images)).astype(dtype)
+  scan = scan_steps or steps
+  t_scan, state = _timed(loop.make_runner(
+      step_fn, mesh, loop.DeviceCache([features.repeat(_CACHE_BATCHES, axis=0)], mesh, batch_size),
+      per_call), state, frozen, keys, hyper, scan, first=scan)
+  cached_flops = _flops(step_fn, *one_model, {'features': features.astype(np.float32),
+                                               'valid': np.ones(batch_size, bool)}, jax.random.key(0), hyper0)
+  t_cached = t_scan / scan
 
-  t_scan = _time(cached_once, 1, warmup=1)
-  t_cached = t_scan / steps
+  # Scoring (every model scores the same features): a first pass runs the backbone on every batch (no
+  # memo), a repeated one takes the features from the memo (filled here by one call).
   score = inference.jit_score_fn(mesh, graphdef, config, stacked=True)
-  params = jax.device_put(holder['state'].params, sharding.replicated(mesh))
-  embed = feature_cache.Embedder(graphdef, state.params, frozen, mesh, max_mb=0)
-  images = jax.device_get(batch['image'])
-  t_infer = _time(lambda: jax.block_until_ready(score(params, frozen, embed(images))), steps)
-  total = models * batch_size / t_cached
+  params = sharding.put_replicated(state.params, mesh)
+  memo_embed = feature_cache.Embedder(graphdef, params0, frozen, mesh, max_mb=1024)
+  memo_embed(images)
+  t_infer, t_memo = (_time(lambda: jax.block_until_ready(score(params, frozen, e(images))), steps)
+                     for e in (embed, memo_embed))
   peak = peak_flops(jax.devices()[0])
-  flops = one['train_cached_flops_per_image'] * models * batch_size
-  # One model's figures keep their names with a one_model_ prefix; the summed ones take the usual keys.
+  if models == 1:
+    out['cached_speedup'] = round(t_image / steps / t_cached, 2)
+  mfu = round(cached_flops * models / t_cached / (peak * jax.device_count()), 4) if peak else None
+  return dict(out, train_cached_images_per_s=round(models * batch_size / t_cached, 2),
+              cached_scan_steps=int(scan), cached_scan_s=round(t_scan, 3), mfu=mfu,
+              infer_images_per_s=round(models * batch_size / t_infer, 2),
+              infer_memo_images_per_s=round(models * batch_size / t_memo, 2),
+              train_cached_flops_per_image=cached_flops / batch_size,
+              batch_size=batch_size, image_size=config.dataset.image_size, backbone=info['arch'],
+              layers=list(config.backbone.layers), dtype=config.model.dtype,
+              feature_cache_dtype=config.train.feature_cache_dtype,
+              trainable_params=int(sum(x.size for x in jax.tree.leaves(state0.params))),
+              models=models, model_axis=mesh.shape['model'],
+              models_per_call=loop.models_per_call_for(per_call, mesh.devices.flat[0].platform),
+              devices=[str(d) for d in jax.devices()], processes=jax.process_count(), jax=jax.__version__)
+
+
+def stacked_run(config, batch_size: int, steps: int, models: int, scan_steps: int = 0) -> dict:
+  """run() for `models` models beside run() for one (the same process, the same code): one model's
+  throughputs keep their keys with a one_model_ prefix, and stacked_vs_one_model is the models' total
+  cached images/s over one model's."""
+  one = run(config, batch_size, steps, scan_steps)
+  many = run(config, batch_size, steps, scan_steps, models)
   renamed = {f'one_model_{k}' if k.endswith(('_per_s', 'speedup', '_scan_s')) else k: v
              for k, v in one.items()}
-  per_call = loop.models_per_call_for(config.train.models_per_call, mesh.devices.flat[0].platform)
-  return dict(renamed, models=models, model_axis=mesh.shape['model'], models_per_call=per_call,
-              cached_scan_s=round(t_scan, 3),
-              train_cached_images_per_s=round(total, 2),
-              stacked_vs_one_model=round(total / one['train_cached_images_per_s'], 2),
-              infer_images_per_s=round(models * batch_size / t_infer, 2),
-              mfu=(round(flops / t_cached / (peak * jax.device_count()), 4) if peak else None))
+  return dict(renamed, **many, stacked_vs_one_model=round(
+      many['train_cached_images_per_s'] / one['train_cached_images_per_s'], 2))
 
 
 def breakdown(config, batch_size: int, steps: int) -> dict:
@@ -238,15 +232,19 @@ def breakdown(config, batch_size: int, steps: int) -> dict:
   import optax
   from flax import nnx
 
-  from adtr_jax import train
+  from adtr_jax import sharding, step, train_state
   from adtr_jax.data import pipeline
   from adtr_jax.models import reconstructor as rec
   from adtr_jax.models.adtr import TRAINABLE
-  _, _, graphdef, tx, state, frozen, batch, key = _setup(config, batch_size)
+  mesh = sharding.make_mesh()
+  _, graphdef, state, frozen, hyper, _, batch = _setup(config, batch_size, mesh)
+  state, frozen = sharding.put_replicated((state, frozen), mesh)
+  tx, key = train_state.optimizer(hyper, config.train.schedule), jax.random.key(0)
   model = nnx.merge(graphdef, state.params, frozen)
   embed = jax.jit(lambda x: model.embed(x))
   features = embed(batch['image'])
-  grads_fn = jax.jit(functools.partial(train.loss_and_grads, graphdef=graphdef))
+  loss = step.make_loss(config.loss)
+  grads_fn = jax.jit(functools.partial(step.loss_and_grads, graphdef=graphdef, loss=loss))
   fbatch = {'features': features, 'valid': batch['valid']}
   grads = grads_fn(state.params, frozen, fbatch, key)[1]
   # The same reconstructor with every dropout rate set to 0: the difference is what drawing the
@@ -255,7 +253,7 @@ def breakdown(config, batch_size: int, steps: int) -> dict:
   for _, module in nnx.iter_modules(plain):
     if isinstance(module, nnx.Dropout):
       module.rate = 0.0
-  no_dropout_fn = jax.jit(functools.partial(train.loss_and_grads,
+  no_dropout_fn = jax.jit(functools.partial(step.loss_and_grads, loss=loss,
                                             graphdef=nnx.split(plain, TRAINABLE, ...)[0]))
   update = jax.jit(lambda g, o, p: optax.apply_updates(p, tx.update(g, o, p)[0]))
   m = config.model
@@ -355,8 +353,8 @@ def main(argv):
   if _EXPORT.value:
     print(json.dumps(deploy_run(_EXPORT.value, _BATCH.value, _STEPS.value, _LATENCY_CALLS.value)))
     return
-  if _SCAN.value and (_METRICS.value or _BREAKDOWN.value or _MODELS.value > 1):
-    raise app.UsageError('--scan_steps times the one-model run: not with --metrics, --breakdown or --models')
+  if _SCAN.value and (_METRICS.value or _BREAKDOWN.value):
+    raise app.UsageError('--scan_steps times the cached run: not with --metrics or --breakdown')
   if _NUM_PROCESSES.value > 1:
     if _METRICS.value or _BREAKDOWN.value or _MODELS.value > 1:
       raise app.UsageError('--num_processes times the one-model run: not with --metrics, --breakdown or --models')
@@ -371,14 +369,12 @@ def main(argv):
   config = _CONFIG.value
   config.dataset.image_size = _SIZE.value
   config.scoring.avgpool_size = min(config.scoring.avgpool_size, _SIZE.value)
-  if _MODELS.value > 1:
-    _print(stacked_run(config, _BATCH.value, _STEPS.value, _MODELS.value))
-    return
   if _BREAKDOWN.value:
-    out = breakdown(config, _BATCH.value, _STEPS.value)
+    _print(breakdown(config, _BATCH.value, _STEPS.value))
+  elif _MODELS.value > 1:
+    _print(stacked_run(config, _BATCH.value, _STEPS.value, _MODELS.value, _SCAN.value))
   else:
-    out = run(config, _BATCH.value, _STEPS.value, _SCAN.value)
-  _print(dict(out, models=1))
+    _print(run(config, _BATCH.value, _STEPS.value, _SCAN.value))
 
 
 if __name__ == '__main__':

@@ -144,23 +144,23 @@ def _flops(fn, *args) -> float:
 
 
 def run(config, batch_size: int, steps: int, scan_steps: int = 0, models: int = 1) -> dict:
-  """`models` models laid out and stepped as the driver does (train.train_group; one model is M = 1,
+  """`models` models laid out and stepped as the driver does (train._train_group; one model is M = 1,
   on a mesh of config.train.model_axis rows when M > 1), model i drawing data and dropout from seed
   config.seed + i. The cached path is timed as one runner call of `scan_steps` steps (0: `steps`) from
   a device feature cache, after one untimed call of the same length that compiles it; images/s are
   summed over the models. One model also times its step from images (runner calls of one step each:
-  image-fed models train alone, train.plan) and scoring from the feature memo."""
+  image-fed models train alone, members.plan) and scoring from the feature memo."""
   import jax
   import numpy as np
 
-  from adtr_jax import feature_cache, inference, loop, sharding, step, train
+  from adtr_jax import feature_cache, inference, loop, members, sharding, step
   mesh = sharding.make_mesh(model_axis=config.train.model_axis if models > 1 else 1)
   info, graphdef, state0, frozen0, hyper0, images, batch = _setup(config, batch_size, mesh)
   step_fn = functools.partial(step.train_step, graphdef=graphdef, loss=step.make_loss(config.loss),
                               schedule=config.train.schedule)
   keys = jax.numpy.stack([jax.random.key(config.seed + i) for i in range(models)])
-  state, keys, hyper = sharding.put((train.stack([state0] * models), keys, train.stack([hyper0] * models)),
-                                    sharding.model_sharded(mesh))
+  state, keys, hyper = sharding.put(
+      (members.stack([state0] * models), keys, members.stack([hyper0] * models)), sharding.model_sharded(mesh))
   frozen = sharding.put_replicated(frozen0, mesh)
   per_call = config.train.models_per_call
   one_model = (state0, frozen0)   # what the FLOP counts are of (per model, the whole batch)

@@ -40,11 +40,17 @@ def select_step(mgr: ocp.CheckpointManager, which: str) -> int:
   return step
 
 
+def saved_steps(directory: pathlib.Path) -> list[int]:
+  """The finished checkpoint steps in `directory` (orbax names them by the step and renames them so
+  only once written); looks without creating anything, unlike manager()."""
+  if not directory.is_dir():
+    return []
+  return sorted(int(p.name) for p in directory.iterdir() if p.is_dir() and p.name.isdigit())
+
+
 def require(directory: pathlib.Path, needed_by: str) -> None:
-  """An error unless `directory` holds a finished checkpoint step (orbax names them by the step and
-  renames them so only once written); looks without creating anything, unlike manager()."""
-  steps = [p for p in directory.iterdir() if p.is_dir() and p.name.isdigit()] if directory.is_dir() else []
-  if not steps:
+  """An error unless `directory` holds a finished checkpoint step."""
+  if not saved_steps(directory):
     raise errors.MissingFileError(f'{needed_by} needs a trained model, but there is no checkpoint in '
                                   f'{directory}: train first (--mode=train)')
 

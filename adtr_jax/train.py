@@ -112,12 +112,8 @@ class _Group:
 
   def resume_step(self) -> int | None:
     """The group step every member saved (a member past its budget counts as saved); None: fresh."""
-    if all(x.latest is None for x in self.models):
+    if any(x.latest is None for x in self.models):   # _groups keeps fresh members apart
       return None
-    if any(x.latest is None for x in self.models):
-      raise errors.ConfigError(f'{[str(x.member.workdir) for x in self.models if x.latest is None]} '
-                               'have no checkpoint but the models trained with them do: train them in '
-                               'another --workdir, or delete the checkpoints of the others')
     unfinished = [x.latest for x in self.models if x.latest < x.last_step]
     return min(unfinished) if unfinished else self.total
 
@@ -149,8 +145,7 @@ def _initial_states(g: _Group, start: int | None):
     if gd != graphdef:
       raise errors.ConfigError(f'{x.member.workdir}: its model differs in structure from '
                                f'{g.models[0].member.workdir}')
-    state, frozen_m = sharding.put_replicated((state, frozen), g.mesh)
-    states.append(_restore(g, x, state, start, info))
+    states.append(_restore(g, x, sharding.put_replicated(state, g.mesh), start, info))
   return graphdef, states, sharding.put_replicated(frozen, g.mesh), info, features
 
 
@@ -285,12 +280,22 @@ def _train_group(group: list[members.Member]) -> list[dict]:
           for x in g.models]
 
 
+def _groups(todo: list[members.Member], stack: bool):
+  """members.plan's groups, each split into members that have checkpoints and members that have none
+  (runs added to a resumed sweep): a fresh member cannot step in lockstep with resumed ones."""
+  for group in members.plan(todo, stack):
+    parts = {True: [], False: []}
+    for m in group:
+      parts[bool(checkpoint.saved_steps(m.workdir / 'checkpoints'))].append(m)
+    yield from (part for part in parts.values() if part)
+
+
 def train_and_evaluate(config, workdir: str | pathlib.Path, evaluate_after: bool = True) -> dict:
   """Trains every configured category in workdir/<category> (or, with dataset.unified, one model on
   all of them in workdir/unified), stacked when train.stacked, then (optionally) evaluates them."""
   validate.check(config)
   workdir = pathlib.Path(workdir)
-  trained = [s for group in members.plan(members.members_of(config, workdir), config.train.stacked)
+  trained = [s for group in _groups(members.members_of(config, workdir), config.train.stacked)
              for s in _train_group(group)]
   if not evaluate_after:
     return {'train': trained}
@@ -308,7 +313,7 @@ def train_runs(runs: list, stack: bool = True, evaluate_after: bool = True) -> N
     validate.check(config)
   todo = [m for run_dir, config in runs for m in members.members_of(config, pathlib.Path(run_dir))]
   minutes: dict[pathlib.Path, float] = {}
-  for group in members.plan(todo, stack):
+  for group in _groups(todo, stack):
     if len(group) > 1:
       print(f'training {len(group)} stacked models: {[str(m.workdir) for m in group]}', flush=True)
     t0 = time.time()

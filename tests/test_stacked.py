@@ -84,9 +84,9 @@ def test_stacked_models_train_as_they_would_alone(root, alone, tmp_path, layout,
   1e-4 absolute (measured: 2e-5; vmapped matmuls round differently, and Adam turns a ~1e-9 gradient
   difference on a near-zero gradient into a visible step). The shorter runs (4 steps) are masked for
   the last 2 of the group's 6."""
-  members = _stacked(root, tmp_path, *LAYOUTS[layout])
+  trained = _stacked(root, tmp_path, *LAYOUTS[layout])
   assert 'training 4 stacked models' in capsys.readouterr().out
-  for i, (config, workdir) in enumerate(members):
+  for i, (config, workdir) in enumerate(trained):
     step, params, losses = _result(config, workdir)
     a_step, a_params, a_losses = alone[i]
     assert step == a_step == (4 if i < 2 else 6) and len(losses) == len(a_losses) == step
@@ -102,10 +102,10 @@ def test_the_comparison_catches_swapped_member_keys(root, alone, tmp_path, monke
   """Control for the 1e-4 tolerance above: a stacking bug that hands each member another member's
   PRNG key (data order and dropout; reversed here) fails it by far (measured ~1e-2)."""
   keys = members.member_keys
-  monkeypatch.setattr(members, "member_keys", lambda configs: keys(configs)[::-1])
-  members = _stacked(root, tmp_path, 1, 0)
+  monkeypatch.setattr(members, 'member_keys', lambda configs: keys(configs)[::-1])
+  trained = _stacked(root, tmp_path, 1, 0)
   for i in (0, 1):   # seeds 0 and 1 on toy got seeds 2 and 0 (of toy2's members)
-    _, params, _ = _result(*members[i])
+    _, params, _ = _result(*trained[i])
     assert _max_diff(params, alone[i][1]) > 1e-3
 
 
@@ -116,7 +116,7 @@ def test_groups_split_on_shapes_not_numbers(root, tmp_path, capsys):
       section, leaf = field.split('__')
       config[section][leaf] = value
     return members.Member(config, tmp_path / name, config.dataset.category)
-  members = [member('base'), member('lr', train__learning_rate=3e-4), member('cat', dataset__category='toy2'),
+  todo = [member('base'), member('lr', train__learning_rate=3e-4), member('cat', dataset__category='toy2'),
              member('wide', model__hidden_dim=64), member('epochs', train__num_epochs=5),
              member('dropout', model__dropout=0.0), member('embed', model__embed_init_std=0.1),
              member('untied', model__tie_qk_init=False), member('normal_pos', model__pos_init='normal'),
@@ -124,15 +124,26 @@ def test_groups_split_on_shapes_not_numbers(root, tmp_path, capsys):
              member('confetti2', anomalies__synthetic='confetti', loss__type='pixel'),
              member('host', train__feature_cache='host'), member('host_lr', train__feature_cache='host',
                                                                train__learning_rate=3e-4)]
-  members[1].config.seed = 7
-  assert [[m.workdir.name for m in g] for g in members.plan(members, stack=True)] == [
+  todo[1].config.seed = 7
+  assert [[m.workdir.name for m in g] for g in members.plan(todo, stack=True)] == [
       ['base', 'lr', 'cat', 'epochs', 'embed', 'untied', 'normal_pos'], ['wide'], ['dropout'],
       ['confetti'], ['confetti2'], ['host', 'host_lr']]
   out = capsys.readouterr().out
   assert f'{tmp_path / "confetti"} trains alone: a model fed from images is not stacked' in out
   assert f'{tmp_path / "confetti"} trains from images, not from the device feature cache' in out
-  assert [[m.workdir.name for m in g] for g in members.plan(members[:3], stack=False)] == [
+  assert [[m.workdir.name for m in g] for g in members.plan(todo[:3], stack=False)] == [
       ['base'], ['lr'], ['cat']]
+
+
+def test_members_with_and_without_checkpoints_step_apart(root, tmp_path):
+  """A run added to a resumed sweep (no checkpoint) does not join the group of runs that resume from
+  theirs (they could not step in lockstep); without checkpoints they step together."""
+  runs = _runs(root, tmp_path)[:2]
+  todo = [m for run_dir, config in runs for m in members.members_of(config, run_dir)]
+  assert [len(g) for g in train._groups(todo, stack=True)] == [2]
+  (todo[1].workdir / 'checkpoints' / '2').mkdir(parents=True)
+  assert [[m.workdir for m in g] for g in train._groups(todo, stack=True)] == [
+      [todo[1].workdir], [todo[0].workdir]]
 
 
 def test_killed_stacked_cli_run_resumes_exactly(root, tmp_path):

@@ -100,7 +100,7 @@ def test_stacked_models_train_as_they_would_alone(root, alone, tmp_path, layout,
 
 def test_the_comparison_catches_swapped_member_keys(root, alone, tmp_path, monkeypatch):
   """Control for the 1e-4 tolerance above: a stacking bug that hands each member another member's
-  PRNG key (data order and dropout; reversed here) fails it by far (measured ~1e-2)."""
+  PRNG key (data order and dropout; reversed here) fails it by more than 10x."""
   keys = members.member_keys
   monkeypatch.setattr(members, 'member_keys', lambda configs: keys(configs)[::-1])
   trained = _stacked(root, tmp_path, 1, 0)

@@ -304,25 +304,30 @@ def train_and_evaluate(config, workdir: str | pathlib.Path, evaluate_after: bool
 
 def train_runs(runs: list, stack: bool = True, evaluate_after: bool = True) -> None:
   """Trains and evaluates runs [(run_dir, config)] as train_and_evaluate would, each writing
-  run_dir/metrics.json with 'minutes' (of training); the experiments' one entry point.
-
-  stack: members of different runs that can step together (plan) do; 'minutes' is then the group's
-  wall time over its models.
+  run_dir/metrics.json with 'minutes' (its training, a stacked group's time shared equally among its
+  models, plus its evaluation) and 'stacked_models' (the size of its group); the experiments' one
+  entry point. stack: members of different runs that can step together (members.plan) do.
   """
   for _, config in runs:
     validate.check(config)
   todo = [m for run_dir, config in runs for m in members.members_of(config, pathlib.Path(run_dir))]
   minutes: dict[pathlib.Path, float] = {}
+  stacked: dict[pathlib.Path, int] = {}
   for group in _groups(todo, stack):
     if len(group) > 1:
       print(f'training {len(group)} stacked models: {[str(m.workdir) for m in group]}', flush=True)
     t0 = time.time()
     _train_group(group)
     for m in group:
-      minutes[m.workdir.parent] = minutes.get(m.workdir.parent, 0.0) + (time.time() - t0) / 60 / len(group)
+      run_dir = m.workdir.parent
+      minutes[run_dir] = minutes.get(run_dir, 0.0) + (time.time() - t0) / 60 / len(group)
+      stacked[run_dir] = max(stacked.get(run_dir, 1), len(group))
   for run_dir, config in runs if evaluate_after else ():
     run_dir = pathlib.Path(run_dir)
+    t0 = time.time()
     report = evaluate.evaluate(config, run_dir)
+    minutes[run_dir] = minutes.get(run_dir, 0.0) + (time.time() - t0) / 60
     if jax.process_index() == 0:
-      (run_dir / 'metrics.json').write_text(
-          json.dumps(dict(report, minutes=minutes.get(run_dir, 0.0)), indent=2) + '\n')
+      (run_dir / 'metrics.json').write_text(json.dumps(
+          dict(report, minutes=minutes.get(run_dir, 0.0), stacked_models=stacked.get(run_dir, 1)),
+          indent=2) + '\n')

@@ -109,6 +109,7 @@ class _SameImages:
   """A loop feed (loop.Images' interface, one step per call) whose every batch is one device-resident
   image batch: the image step as the driver runs it, without the host's decoding."""
   steps_per_call = 1
+  xs_sharding = None   # nothing sent from the host
 
   def __init__(self, batch: dict, mesh):
     from adtr_jax import sharding

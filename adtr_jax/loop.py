@@ -62,6 +62,7 @@ class DeviceCache:
   """features[k] [N_k, h, w, C] (numpy) of K training sets, in device memory as [K, N', h, w, C] on
   (None, 'data'); model i reads set hyper['data'][i], its first hyper['num_rows'][i] rows."""
   steps_per_call = None   # a whole chunk in one call
+  xs_sharding = None      # nothing sent from the host
 
   def __init__(self, features: list[np.ndarray], mesh, batch_size: int):
     self.resident, self.size = feature_cache.place(features, mesh)
@@ -186,8 +187,7 @@ def make_runner(step_fn: Callable, mesh, feed, models_per_call: int = 0) -> Call
   @functools.cache  # one compilation per call length (at most two in a run)
   def compiled(num_steps):
     return jax.jit(functools.partial(chunk, num_steps=num_steps),
-                   in_shardings=(mod, rep, feed.resident_sharding, getattr(feed, 'xs_sharding', None),
-                                 mod, mod),
+                   in_shardings=(mod, rep, feed.resident_sharding, feed.xs_sharding, mod, mod),
                    out_shardings=(mod, NamedSharding(mesh, P(None, 'model'))), donate_argnums=(0,))
 
   def run(state, frozen, keys, hyper, start: int, num_steps: int):

@@ -134,32 +134,35 @@ def _initial_states(g: _Group, start: int | None):
   graphdef, state0, frozen = train_state.init_state(built[0][0], g.cfg.train)
   cached = g.kind != 'images' and start != g.total
   features = _features(g, graphdef, state0, frozen, g.cfg.train.feature_cache_dtype) if cached else None
+  # A fresh model fits the feature statistics of its training images (a resumed or initialised one
+  # restores them with the weights); image-fed models have no cache to fit from, so compute once.
+  fits = [start is None and not x.member.config.init_from and model.feature_norm.kind != 'none'
+          for x, (model, _) in zip(g.models, built)]
+  fit = features or (_features(g, graphdef, state0, frozen, 'float32') if any(fits) else None)
   states = []
-  for x, (model, _) in zip(g.models, built):
-    if start is None and not x.member.config.init_from and model.feature_norm.kind != 'none':
-      # A fresh model: the feature statistics of its training images (a resumed or initialised one
-      # restores them with the weights).
-      fit = features or _features(g, graphdef, state0, frozen, 'float32')
+  for x, (model, _), fitted in zip(g.models, built, fits):
+    if fitted:
       model.feature_norm.fit(fit[g.categories.index(x.member.category)])
     gd, state, _ = train_state.init_state(model, g.cfg.train)
     if gd != graphdef:
       raise errors.ConfigError(f'{x.member.workdir}: its model differs in structure from '
                                f'{g.models[0].member.workdir}')
-    states.append(_restore(g, x, sharding.put_replicated(state, g.mesh), start, info))
+    states.append(_restore(g, x, state, start, info))
   return graphdef, states, sharding.put_replicated(frozen, g.mesh), info, features
 
 
 def _restore(g: _Group, x: _Model, state, start: int | None, info: dict):
-  """A member's state at the group's start: its checkpoint, or init_from's weights, or as built."""
+  """A member's state at the group's start (local): its checkpoint, or init_from's weights, or as
+  built. Only a restore needs the state placed on the mesh (orbax restores into its shardings)."""
   if start is not None:
     at = min(start, x.last_step)
     checkpoint.check_backbone(checkpoint.read_meta(x.mgr, at), info, x.mgr.directory)
-    return _local(checkpoint.restore(x.mgr, at, state)[0])
+    return _local(checkpoint.restore(x.mgr, at, sharding.put_replicated(state, g.mesh))[0])
   if x.member.config.init_from:
     mgr = checkpoint.manager(pathlib.Path(x.member.config.init_from) / x.member.category / 'checkpoints')
     at = checkpoint.select_step(mgr, 'latest')
     checkpoint.check_backbone(checkpoint.read_meta(mgr, at), info, mgr.directory)
-    restored, _ = checkpoint.restore(mgr, at, state)
+    restored, _ = checkpoint.restore(mgr, at, sharding.put_replicated(state, g.mesh))
     mgr.close()
     logging.info('initialised %s from %s step %d', x.member.category, mgr.directory, at)
     state = state.replace(params=restored.params)

@@ -29,6 +29,7 @@ train_cached_images_per_s, infer_images_per_s and infer_memo_images_per_s are th
 models, one model's figures (measured in the same process) keep their keys with a one_model_ prefix,
 and stacked_vs_one_model is the models' total cached images/s over one model's.
 """
+import dataclasses
 import functools
 import json
 import sys
@@ -83,26 +84,38 @@ def peak_flops(device) -> float | None:
   return next((v for k, v in PEAK_BF16_FLOPS.items() if kind.startswith(k)), None)
 
 
-def _setup(config, batch_size: int, mesh):
-  """One fresh model: (backbone info, graphdef, state, frozen: local, unplaced), its optimiser numbers
-  and the feed's (hyper: a cache of _CACHE_BATCHES batches), this process's rows (data_slice) of a
-  random uint8 batch [B, S, S, 3], the same on every process, and that batch on the mesh (+ valid)."""
+@dataclasses.dataclass(frozen=True)
+class _Setup:
+  """One fresh model as the benchmark times it: its backbone info, the split model (local, unplaced)
+  and its optimiser state, its numbers (members.numbers; a feed of a cache of _CACHE_BATCHES batches),
+  this process's rows (data_slice) of a random uint8 batch [B, S, S, 3], the same on every process,
+  and that batch on the mesh (+ valid)."""
+  info: dict
+  model: object
+  state: object
+  numbers: dict
+  images: object
+  batch: dict
+
+
+def _setup(config, batch_size: int, mesh) -> _Setup:
   import numpy as np
 
-  from adtr_jax import sharding, train_state
-  from adtr_jax.models.adtr import build_model
+  from adtr_jax import members, sharding, train_state
+  from adtr_jax.models.adtr import SplitModel, build_model
   sharding.check_batch_size(batch_size, mesh, '--batch_size')
   model, info = build_model(config)
   graphdef, state, frozen = train_state.init_state(model, config.train)
-  hyper = dict(train_state.hyperparameters(config.train, _CACHE_BATCHES, 1000),
-               num_rows=np.int32(_CACHE_BATCHES * batch_size), steps_per_epoch=np.int32(_CACHE_BATCHES),
-               last_step=np.int32(2**30), data=np.int32(0))
+  # A budget never reached (2**30 steps), with the schedule of a 1000-step run.
+  numbers = dict(members.numbers(config.train, steps_per_epoch=_CACHE_BATCHES, last_step=2**30,
+                                 num_rows=_CACHE_BATCHES * batch_size, data=0),
+                 **train_state.hyperparameters(config.train, _CACHE_BATCHES, 1000))
   size = config.dataset.image_size
   images = np.random.default_rng(0).integers(0, 256, (batch_size, size, size, 3), dtype=np.uint8)
   part, parts = sharding.data_slice(mesh)
   images = images[part * batch_size // parts:(part + 1) * batch_size // parts]
   batch = sharding.put_batch({'image': images, 'valid': np.ones((len(images),), bool)}, mesh)
-  return info, graphdef, state, frozen, hyper, images, batch
+  return _Setup(info, SplitModel(graphdef, state.params, frozen), state, numbers, images, batch)
 
 
 class _SameImages:
@@ -155,28 +168,32 @@ def run(config, batch_size: int, steps: int, scan_steps: int = 0, models: int = 
   import numpy as np
 
   from adtr_jax import feature_cache, inference, loop, members, sharding, step
-  mesh = sharding.make_mesh(model_axis=config.train.model_axis if models > 1 else 1)
-  info, graphdef, state0, frozen0, hyper0, images, batch = _setup(config, batch_size, mesh)
+  mesh, _ = sharding.group_mesh(config.train.model_axis, models)
+  setup = _setup(config, batch_size, mesh)
+  graphdef, images, batch = setup.model.graphdef, setup.images, setup.batch
   step_fn = functools.partial(step.train_step, graphdef=graphdef, loss=step.make_loss(config.loss),
                               schedule=config.train.schedule)
-  keys = jax.numpy.stack([jax.random.key(config.seed + i) for i in range(models)])
-  state, keys, hyper = sharding.put(
-      (members.stack([state0] * models), keys, members.stack([hyper0] * models)), sharding.model_sharded(mesh))
-  frozen = sharding.put_replicated(frozen0, mesh)
+  seeds = [config.copy_and_resolve_references() for _ in range(models)]
+  for i, c in enumerate(seeds):
+    c.seed = config.seed + i
+  state, keys, hyper = members.stack_members([setup.state] * models, members.member_keys(seeds),
+                                             [setup.numbers] * models, mesh)
+  frozen = sharding.put_replicated(setup.model.frozen, mesh)
   per_call = config.train.models_per_call
-  one_model = (state0, frozen0)   # what the FLOP counts are of (per model, the whole batch)
+  one_model = (setup.state, setup.model.frozen)   # what the FLOP counts are of (per model, the whole batch)
   out = {}
   if models == 1:
     t_image, state = _timed(loop.make_runner(step_fn, mesh, _SameImages(batch, mesh), per_call), state,
                             frozen, keys, hyper, steps, first=1)
-    flops = _flops(step_fn, *one_model, batch, jax.random.key(0), hyper0)
+    flops = _flops(step_fn, *one_model, batch, jax.random.key(0), setup.numbers)
     out.update(train_images_per_s=round(batch_size * steps / t_image, 2),
                train_flops_per_image=flops / batch_size)
 
   # Cached features: the batch's features repeated to a cache of _CACHE_BATCHES batches, stored in
   # the run's feature_cache_dtype as the driver stores them.
-  params0 = sharding.put_replicated(state0.params, mesh)
-  embed = feature_cache.Embedder(graphdef, params0, frozen, mesh, max_mb=0)
+  placed = dataclasses.replace(setup.model, params=sharding.put_replicated(setup.model.params, mesh),
+                               frozen=frozen)
+  embed = feature_cache.Embedder(placed, mesh, max_mb=0)
   dtype = feature_cache.DTYPES[config.train.feature_cache_dtype]
   features = sharding.to_host(embed(images)).astype(dtype)
   scan = scan_steps or steps
@@ -184,14 +201,15 @@ def run(config, batch_size: int, steps: int, scan_steps: int = 0, models: int = 
       step_fn, mesh, loop.DeviceCache([features.repeat(_CACHE_BATCHES, axis=0)], mesh, batch_size),
       per_call), state, frozen, keys, hyper, scan, first=scan)
   cached_flops = _flops(step_fn, *one_model, {'features': features.astype(np.float32),
-                                               'valid': np.ones(batch_size, bool)}, jax.random.key(0), hyper0)
+                                               'valid': np.ones(batch_size, bool)}, jax.random.key(0),
+                        setup.numbers)
   t_cached = t_scan / scan
 
   # Scoring (every model scores the same features): a first pass runs the backbone on every batch (no
   # memo), a repeated one takes the features from the memo (filled here by one call).
   score = inference.jit_score_fn(mesh, graphdef, config, stacked=True)
   params = sharding.put_replicated(state.params, mesh)
-  memo_embed = feature_cache.Embedder(graphdef, params0, frozen, mesh, max_mb=1024)
+  memo_embed = feature_cache.Embedder(placed, mesh, max_mb=1024)
   memo_embed(images)
   t_infer, t_memo = (_time(lambda: jax.block_until_ready(score(params, frozen, e(images))), steps)
                      for e in (embed, memo_embed))
@@ -204,10 +222,10 @@ def run(config, batch_size: int, steps: int, scan_steps: int = 0, models: int = 
               infer_images_per_s=round(models * batch_size / t_infer, 2),
               infer_memo_images_per_s=round(models * batch_size / t_memo, 2),
               train_cached_flops_per_image=cached_flops / batch_size,
-              batch_size=batch_size, image_size=config.dataset.image_size, backbone=info['arch'],
+              batch_size=batch_size, image_size=config.dataset.image_size, backbone=setup.info['arch'],
               layers=list(config.backbone.layers), dtype=config.model.dtype,
               feature_cache_dtype=config.train.feature_cache_dtype,
-              trainable_params=int(sum(x.size for x in jax.tree.leaves(state0.params))),
+              trainable_params=int(sum(x.size for x in jax.tree.leaves(setup.model.params))),
               models=models, model_axis=mesh.shape['model'],
               models_per_call=loop.models_per_call_for(per_call, mesh.devices.flat[0].platform),
               devices=[str(d) for d in jax.devices()], processes=jax.process_count(), jax=jax.__version__)
@@ -238,9 +256,10 @@ def breakdown(config, batch_size: int, steps: int) -> dict:
   from adtr_jax.models import reconstructor as rec
   from adtr_jax.models.adtr import TRAINABLE
   mesh = sharding.make_mesh()
-  _, graphdef, state, frozen, hyper, _, batch = _setup(config, batch_size, mesh)
-  state, frozen = sharding.put_replicated((state, frozen), mesh)
-  tx, key = train_state.optimizer(hyper, config.train.schedule), jax.random.key(0)
+  setup = _setup(config, batch_size, mesh)
+  graphdef, batch = setup.model.graphdef, setup.batch
+  state, frozen = sharding.put_replicated((setup.state, setup.model.frozen), mesh)
+  tx, key = train_state.optimizer(setup.numbers, config.train.schedule), jax.random.key(0)
   model = nnx.merge(graphdef, state.params, frozen)
   embed = jax.jit(lambda x: model.embed(x))
   features = embed(batch['image'])

@@ -7,7 +7,7 @@ import jax
 import orbax.checkpoint as ocp
 from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
 
-from adtr_jax import errors
+from adtr_jax import errors, sharding
 
 
 def manager(directory: str | pathlib.Path, max_to_keep: int = 3) -> ocp.CheckpointManager:
@@ -77,3 +77,13 @@ def check_backbone(meta: dict, info: dict, where) -> None:
       raise errors.ConfigError(f'the checkpoint in {where} was trained with backbone {key}={old.get(key)!r} '
                                f'but the config gives {info.get(key)!r}; use another --workdir or the '
                                'original weights')
+
+
+def load(mgr: ocp.CheckpointManager, which: str | int, state, info: dict, mesh):
+  """(state, meta) of step `which` ('latest', 'best' or a step number), restored into the structure of
+  `state` replicated on `mesh`, after checking that it was trained with the backbone `info` names
+  (before any array is read). meta['step'] is the step."""
+  step = select_step(mgr, which) if isinstance(which, str) else which
+  check_backbone(read_meta(mgr, step), info, mgr.directory)
+  state, meta = restore(mgr, step, sharding.put_replicated(state, mesh))
+  return state, dict(meta, step=step)

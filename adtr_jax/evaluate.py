@@ -7,43 +7,12 @@ import pathlib
 import jax
 import ml_collections
 import numpy as np
-from absl import logging
 from sklearn import metrics as skm
 
-from adtr_jax import checkpoint, errors, metrics, predictions, sharding, summaries, visualize
+from adtr_jax import metrics, paths, predictions, sharding, summaries, trained, visualize
 from adtr_jax.data import datasets
 from adtr_jax.data.folder import FolderSource
 from adtr_jax.inference import score_split
-from adtr_jax.models.adtr import build_model
-from adtr_jax.train_state import init_state
-
-
-def restore_model(config, workdir: pathlib.Path, mesh):
-  """Builds the model and restores the trained reconstructor from `workdir`/checkpoints.
-
-  Returns (graphdef, params, frozen, meta).
-  """
-  model, info = build_model(config)
-  graphdef, state, frozen = init_state(model, config.train)
-  state, frozen = sharding.put_replicated((state, frozen), mesh)
-  mgr = checkpoint.manager(workdir / 'checkpoints', config.train.max_checkpoints)
-  step = checkpoint.select_step(mgr, config.eval.checkpoint)
-  state, meta = checkpoint.restore(mgr, step, state)
-  checkpoint.check_backbone(meta, info, mgr.directory)
-  mgr.close()
-  logging.info('restored %s step %d', workdir, step)
-  meta['step'] = step
-  return graphdef, state.params, frozen, meta
-
-
-def calibrate(config, calib, graphdef, params, frozen, mesh) -> dict:
-  """The decision threshold: the (1 - calibration.target_fpr) quantile of the scores of normal
-  training images held out from training (`calib`)."""
-  scores = score_split(config, calib, graphdef, params, frozen, mesh, 'calibrate')['scores']
-  target = config.calibration.target_fpr
-  threshold = float(np.quantile(scores, 1.0 - target, method='higher'))
-  return {'threshold': threshold, 'target_fpr': target, 'num_images': int(len(scores)),
-          'heldout_fpr': float(np.mean(scores > threshold))}
 
 
 def save_heatmaps(config, source, result: dict, out_dir: pathlib.Path, has_masks: bool) -> dict:
@@ -99,12 +68,6 @@ def save_curves(result: dict, out_dir: pathlib.Path, has_masks: bool, fpr_limit:
 
 
 TENSORBOARD_HEATMAPS = 4
-UNIFIED = 'unified'  # the model folder of the unified setting (dataset.unified)
-
-
-def model_dir(config, workdir: pathlib.Path, category: str) -> pathlib.Path:
-  """Where `category`'s model lives: workdir/<category>, or workdir/unified in the unified setting."""
-  return workdir / (UNIFIED if config.dataset.unified else category)
 
 
 def evaluate_category(config, category: str, workdir: pathlib.Path,
@@ -113,9 +76,9 @@ def evaluate_category(config, category: str, workdir: pathlib.Path,
   restored from `trained_in` (default: workdir)."""
   mesh = sharding.make_mesh()
   data = datasets.load_category(config, category)
-  graphdef, params, frozen, meta = restore_model(config, trained_in or workdir, mesh)
-  result = score_split(config, data.test, graphdef, params, frozen, mesh, f'eval {category}')
-  return category_report(config, data, result, workdir, int(meta['step']))
+  restored = trained.restore(config, trained_in or workdir, mesh, category)
+  result = score_split(config, data.test, restored.model, mesh, f'eval {category}')
+  return category_report(config, data, result, workdir, int(restored.meta['step']))
 
 
 def category_report(config, data: datasets.CategoryData, result: dict, workdir: pathlib.Path,
@@ -139,14 +102,10 @@ def category_report(config, data: datasets.CategoryData, result: dict, workdir: 
   return values
 
 
-METRIC_KEYS = ('image_auroc', 'image_ap', 'image_f1_max', 'pixel_auroc', 'pixel_ap', 'pixel_f1_max',
-               'pixel_aupro')
-
-
 def summarise(per_category: dict) -> dict:
   """Mean over categories of each metric present in all of them (NaN-free means only)."""
   mean = {}
-  for key in METRIC_KEYS:
+  for key in metrics.METRIC_KEYS:
     vals = [v[key] for v in per_category.values() if key in v]
     if len(vals) == len(per_category):
       mean[key] = float(np.mean(vals))
@@ -156,7 +115,7 @@ def summarise(per_category: dict) -> dict:
 def markdown_table(per_category: dict, mean: dict) -> str:
   """Paper-style percentages with one decimal, one row per category; a metric that some category lacks
   (pixel metrics of an image-labelled one) shows as '-' there and in the mean."""
-  keys = [k for k in METRIC_KEYS if any(k in v for v in per_category.values())]
+  keys = [k for k in metrics.METRIC_KEYS if any(k in v for v in per_category.values())]
   lines = ['| category | ' + ' | '.join(keys) + ' |', '|---' * (len(keys) + 1) + '|']
   for name, vals in list(per_category.items()) + [('mean', mean)]:
     lines.append(f'| {name} | ' + ' | '.join(f'{100 * vals[k]:.1f}' if k in vals else '-' for k in keys) + ' |')
@@ -165,7 +124,7 @@ def markdown_table(per_category: dict, mean: dict) -> str:
 
 def evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict:
   """Evaluates every configured category; writes workdir/metrics.json and metrics.md."""
-  per_category = {c: evaluate_category(config, c, workdir / c, model_dir(config, workdir, c))
+  per_category = {c: evaluate_category(config, c, workdir / c, paths.model_dir(config, workdir, c))
                   for c in datasets.categories(config)}
   return write_report(per_category, workdir)
 
@@ -182,20 +141,6 @@ def write_report(per_category: dict, workdir: pathlib.Path) -> dict:
   return report
 
 
-def restore_for_scoring(config, workdir: pathlib.Path, mesh, mode: str):
-  """The one trained model that --mode=predict / export use: (category, model folder, graphdef, params,
-  frozen, meta). The checkpoint must hold a calibrated threshold (meta['calibration'])."""
-  names = datasets.categories(config)
-  if len(names) != 1 and not config.dataset.unified:
-    raise errors.ConfigError(f'--mode={mode} needs one --config.dataset.category, got {names}')
-  cat_dir = model_dir(config, pathlib.Path(workdir), names[0])
-  graphdef, params, frozen, meta = restore_model(config, cat_dir, mesh)
-  if 'calibration' not in meta:
-    raise errors.ConfigError(f'the checkpoint in {cat_dir} has no calibrated threshold: it was trained with '
-                             'calibration.holdout_fraction=0 or did not finish; train with a held-out fraction')
-  return names[0], cat_dir, graphdef, params, frozen, meta
-
-
 def predict(config: ml_collections.ConfigDict, workdir: pathlib.Path, folder) -> pathlib.Path:
   """Scores every image of `folder` with the model trained in workdir/<category> (or workdir/unified).
 
@@ -204,10 +149,11 @@ def predict(config: ml_collections.ConfigDict, workdir: pathlib.Path, folder) ->
   """
   mesh = sharding.make_mesh()
   source = FolderSource(folder)
-  name, cat_dir, graphdef, params, frozen, meta = restore_for_scoring(config, workdir, mesh, 'predict')
+  restored = trained.for_scoring(config, workdir, mesh, 'predict')
+  meta = restored.meta
   threshold = meta['calibration']['threshold']
-  result = score_split(config, source, graphdef, params, frozen, mesh, f'predict {name}')
-  csv_path = cat_dir / 'predict' / 'predictions.csv'
+  result = score_split(config, source, restored.model, mesh, f'predict {restored.category}')
+  csv_path = paths.predict_dir(restored.directory) / 'predictions.csv'
   if jax.process_index() == 0:
     predictions.write(csv_path.parent, source.paths, result['scores'], result['maps'], threshold,
                       lambda i: datasets.load_example(source, i, config.dataset.image_size)['image'])

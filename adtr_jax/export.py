@@ -25,13 +25,13 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from adtr_jax import deploy, errors, evaluate, inference, sharding
+from adtr_jax import deploy, errors, inference, metrics, paths, sharding, trained
 from adtr_jax.models import efficientnet
-from adtr_jax.models.adtr import TRAINABLE
+from adtr_jax.models.adtr import TRAINABLE, SplitModel
 
 # Lowered for all three so one artifact serves a CPU, a GPU or a TPU host.
 PLATFORMS = ('cpu', 'cuda', 'tpu')
-METRICS_KEPT = (*evaluate.METRIC_KEYS, 'num_test_images', 'num_anomalous', 'checkpoint_step')
+METRICS_KEPT = (*metrics.METRIC_KEYS, 'num_test_images', 'num_anomalous', 'checkpoint_step')
 
 
 class _Identity(nnx.Module):
@@ -61,11 +61,11 @@ def grouped_depthwise(model: nnx.Module) -> nnx.Module:
   return model
 
 
-def scorer(config, graphdef, params, frozen, for_onnx: bool = False):
+def scorer(config, split: SplitModel, for_onnx: bool = False):
   """The exported function: images uint8 [N, S, S, 3] -> (score float32 [N], anomaly_map [N, S, S]),
   inference.score_fn with the weights as constants (on the host: the export must not depend on the
   training mesh). for_onnx: dropout modules removed and depthwise convs grouped (see those helpers)."""
-  model = nnx.merge(graphdef, *jax.device_get((params, frozen)))
+  model = nnx.merge(split.graphdef, *jax.device_get((split.params, split.frozen)))
   if for_onnx:
     model = grouped_depthwise(without_dropout(model))
   graphdef, params, frozen = nnx.split(model, TRAINABLE, ...)
@@ -176,14 +176,14 @@ def model_json(config, category: str, meta: dict, metrics: dict | None, seconds:
 def export(config, workdir: pathlib.Path) -> pathlib.Path:
   """Writes <model folder>/export/{model.onnx, model.jax_export, model.json}; returns the folder."""
   workdir = pathlib.Path(workdir)
-  name, cat_dir, graphdef, params, frozen, meta = evaluate.restore_for_scoring(
-      config, workdir, sharding.make_mesh(), 'export')
-  out = cat_dir / 'export'
+  restored = trained.for_scoring(config, workdir, sharding.make_mesh(), 'export')
+  name, meta = restored.category, restored.meta
+  out = paths.export_dir(restored.directory)
   out.mkdir(parents=True, exist_ok=True)
   # model.json is written last: until then the folder is no export (a scorer refuses it), so a failed
   # re-export cannot leave an old model.json beside a new graph.
   (out / deploy.META_FILE).unlink(missing_ok=True)
-  fn, onnx_fn = (scorer(config, graphdef, params, frozen, for_onnx) for for_onnx in (False, True))
+  fn, onnx_fn = (scorer(config, restored.model, for_onnx) for for_onnx in (False, True))
   size = config.dataset.image_size
   what = (f'the model (backbone.arch={meta["backbone"].get("arch")!r}, '
           f'model.type={config.model.get("type", "transformer")!r})')

@@ -19,20 +19,23 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from adtr_jax import sharding, split_pass
+from adtr_jax.models.adtr import SplitModel
 
 PLACES = ('device', 'host', 'off')
 DTYPES = {'bfloat16': jnp.bfloat16, 'float32': jnp.float32}
 
 
-def compute(source, graphdef: nnx.GraphDef, params, frozen, mesh, *, image_size: int, batch_size: int,
-            dtype: str, num_workers: int = 2, memo_mb: float = 0) -> np.ndarray:
-  """Features of every row of `source`, in order: [N, h, w, C] numpy in `dtype` (bfloat16/float32).
-  Batches embedded before in this process come from MEMO (up to memo_mb, see Embedder)."""
+def compute(source, model: SplitModel, mesh, config, dtype: str) -> np.ndarray:
+  """Features of every row of `source`, in order: [N, h, w, C] numpy in `dtype` (bfloat16/float32),
+  in batches of eval.batch_size at dataset.image_size. Batches embedded before in this process come
+  from MEMO (up to backbone.feature_memo_mb, see Embedder)."""
   store = DTYPES[dtype]
-  embed = Embedder(graphdef, params, frozen, mesh, memo_mb)
+  embed = Embedder(model, mesh, config.backbone.feature_memo_mb)
   out = {'features': [], 'index': []}
-  for batch in split_pass.batches(source, mesh, batch_size=batch_size, image_size=image_size,
-                                  num_workers=num_workers, desc='feature cache', leave=False):
+  for batch in split_pass.batches(source, mesh, batch_size=config.eval.batch_size,
+                                  image_size=config.dataset.image_size,
+                                  num_workers=config.dataset.num_workers, desc='feature cache',
+                                  leave=False):
     inputs = sharding.put_batch({'valid': batch['valid'], 'index': batch['index']}, mesh)
     valid = sharding.to_host(inputs['valid'])
     out['features'].append(sharding.to_host(embed(batch['image']).astype(store))[valid])
@@ -100,12 +103,12 @@ def digest(image: np.ndarray) -> bytes:
 _GRAPHS: dict = {}   # model structure -> a small int: hashing an nnx GraphDef costs milliseconds
 
 
-def backbone_key(graphdef: nnx.GraphDef, frozen) -> tuple[int, str]:
+def backbone_key(model: SplitModel) -> tuple[int, str]:
   """What the features depend on besides the image: the model's structure and the frozen weights."""
   h = hashlib.blake2b(digest_size=16)
-  for leaf in jax.tree.leaves(jax.device_get(frozen)):
+  for leaf in jax.tree.leaves(jax.device_get(model.frozen)):
     h.update(np.ascontiguousarray(leaf).data)
-  return _GRAPHS.setdefault(graphdef, len(_GRAPHS)), h.hexdigest()
+  return _GRAPHS.setdefault(model.graphdef, len(_GRAPHS)), h.hexdigest()
 
 
 class Embedder:
@@ -117,11 +120,12 @@ class Embedder:
   process would have to agree on each batch's hit.
   """
 
-  def __init__(self, graphdef: nnx.GraphDef, params, frozen, mesh, max_mb: float):
+  def __init__(self, model: SplitModel, mesh, max_mb: float):
     rep, dat = sharding.replicated(mesh), sharding.data_sharded(mesh)
-    self.mesh, self.params, self.frozen = mesh, params, frozen
+    self.mesh, self.params, self.frozen = mesh, model.params, model.frozen
     self.max_bytes = int(max_mb * 2**20) if jax.process_count() == 1 else 0
-    self.key = backbone_key(graphdef, frozen) if self.max_bytes else None
+    self.key = backbone_key(model) if self.max_bytes else None
+    graphdef = model.graphdef
     # params only complete the model's structure: embed() reads the frozen backbone alone.
     self.fn = jax.jit(lambda params, frozen, images: nnx.merge(graphdef, params, frozen).embed(images)
                       .astype(jnp.float32), in_shardings=(rep, rep, dat), out_shardings=dat)

@@ -2,12 +2,12 @@
 from __future__ import annotations
 
 import jax
-import numpy as np
 from absl import logging
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from adtr_jax import feature_cache, scoring, sharding, split_pass
+from adtr_jax.models.adtr import SplitModel
 
 
 def score_features(params, frozen, embedded, *, graphdef, scoring_cfg, image_size: int):
@@ -40,7 +40,7 @@ def jit_score_fn(mesh, graphdef, config, stacked: bool = False):
   return jax.jit(fn, in_shardings=(rep, rep, sharding.data_sharded(mesh)), out_shardings=(dat, dat))
 
 
-def score_split(config, source, graphdef, params, frozen, mesh, desc: str) -> dict:
+def score_split(config, source, model: SplitModel, mesh, desc: str) -> dict:
   """Scores every example of `source` once (padding rows dropped). Returns numpy arrays:
 
   'maps' [N, S, S] float32, 'scores' [N], 'labels' [N], 'masks' [N, S, S] bool, 'index' [N]; entry i
@@ -48,14 +48,14 @@ def score_split(config, source, graphdef, params, frozen, mesh, desc: str) -> di
   the batches), and a row scored twice or never is an error. The backbone does not run for images it
   embedded before in this process (feature_cache.MEMO, up to backbone.feature_memo_mb).
   """
-  fn = jit_score_fn(mesh, graphdef, config)
-  embed = feature_cache.Embedder(graphdef, params, frozen, mesh, config.backbone.feature_memo_mb)
+  fn = jit_score_fn(mesh, model.graphdef, config)
+  embed = feature_cache.Embedder(model, mesh, config.backbone.feature_memo_mb)
   out = {'maps': [], 'scores': [], 'labels': [], 'masks': [], 'index': []}
   for batch in split_pass.batches(source, mesh, batch_size=config.eval.batch_size,
                                   image_size=config.dataset.image_size,
                                   num_workers=config.dataset.num_workers, desc=desc):
     inputs = sharding.put_batch({k: batch[k] for k in ('mask', 'label', 'valid', 'index')}, mesh)
-    maps, scores = fn(params, frozen, embed(batch['image']))
+    maps, scores = fn(model.params, model.frozen, embed(batch['image']))
     valid = sharding.to_host(inputs['valid'])
     out['maps'].append(sharding.to_host(maps)[valid])
     out['scores'].append(sharding.to_host(scores)[valid])

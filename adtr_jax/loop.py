@@ -17,7 +17,7 @@ would have seen, and the three feeds train on the same batches (tests/test_loop.
 from __future__ import annotations
 
 import functools
-from typing import Callable
+from typing import Any, Callable, Protocol
 
 import jax
 import jax.numpy as jnp
@@ -25,8 +25,28 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from adtr_jax import feature_cache, sharding
-from adtr_jax.step import key_streams
 from adtr_jax.data import pipeline
+from adtr_jax.step import key_streams
+
+
+class Feed(Protocol):
+  """Where a run's batches come from (DeviceCache, HostCache, Images): make_runner's contract.
+
+  steps_per_call: steps one jitted call runs (None: a whole chunk). resident: arrays kept on the
+  devices for the whole run (or None), placed with resident_sharding. host_inputs(start, num_steps):
+  what one call sends from the host for global steps [start, start + num_steps) (or None), placed with
+  xs_sharding; its leading axis is the step. batch(resident, x, key, hyper, step): inside the jitted
+  step, one model's batch of global step `step` (x: that step's and model's slice of host_inputs;
+  key, hyper: the model's key and numbers, members.numbers)."""
+  steps_per_call: int | None
+  resident: Any
+  resident_sharding: NamedSharding | None
+  xs_sharding: NamedSharding | None
+
+  def host_inputs(self, start: int, num_steps: int) -> Any: ...
+
+  def batch(self, resident, x, key, hyper, step) -> dict: ...
+
 
 def epoch_order(key: jax.Array, epoch: jax.Array, num_rows, size: int | None = None) -> jax.Array:
   """int32 [size]: epoch `epoch`'s permutation of rows [0, num_rows), followed by the padding rows
@@ -80,19 +100,19 @@ class DeviceCache:
 
 class HostCache:
   """The features of DeviceCache kept in host memory; each call gathers its steps' rows on the host
-  and sends them as one array [num_steps, M, B, h, w, C]. models: each model's (seed, data set,
-  num_rows, steps_per_epoch), as in its hyper."""
+  and sends them as one array [num_steps, M, B, h, w, C]. keys [M]: the members' keys; hyper: their
+  stacked numbers (members.numbers; local), whose data, num_rows and steps_per_epoch it reads."""
   steps_per_call = None
   resident = None
   resident_sharding = None
 
-  def __init__(self, features: list[np.ndarray], mesh, batch_size: int, models: list[tuple]):
+  def __init__(self, features: list[np.ndarray], mesh, batch_size: int, keys: jax.Array, hyper: dict):
     self.features = features
     self.xs_sharding = NamedSharding(mesh, P(None, 'model', 'data'))
     # Per model: rows [num_steps, B] of the steps given (vmapped step_rows with its static sizes).
-    self._rows = [(jax.random.key(seed), data, jax.jit(jax.vmap(functools.partial(
-        step_rows, num_rows=num_rows, steps_per_epoch=steps_per_epoch, batch_size=batch_size),
-        in_axes=(None, 0)))) for seed, data, num_rows, steps_per_epoch in models]
+    self._rows = [(keys[i], int(hyper['data'][i]), jax.jit(jax.vmap(functools.partial(
+        step_rows, num_rows=int(hyper['num_rows'][i]), steps_per_epoch=int(hyper['steps_per_epoch'][i]),
+        batch_size=batch_size), in_axes=(None, 0)))) for i in range(len(keys))]
 
   def host_inputs(self, start: int, num_steps: int):
     steps = jnp.asarray(start + np.arange(num_steps))
@@ -112,11 +132,12 @@ class Images:
   resident = None
   resident_sharding = None
 
-  def __init__(self, source, mesh, *, batch_size: int, image_size: int, seed: int, keys,
+  def __init__(self, source, mesh, *, batch_size: int, image_size: int, key: jax.Array, fields,
                num_workers: int):
+    """key: the member's key (members.member_keys); fields: the batch entries the loss reads."""
     self.source, self.batch_size, self.image_size = source, batch_size, image_size
     self.data_slice = sharding.data_slice(mesh)
-    self.seed, self.keys, self.num_workers = seed, tuple(keys), num_workers
+    self.key, self.fields, self.num_workers = key, tuple(fields), num_workers
     self.steps_per_epoch = len(source) // batch_size
     self.xs_sharding = NamedSharding(mesh, P(None, 'model', 'data'))
     self._next_step, self._it = None, None
@@ -127,25 +148,25 @@ class Images:
     epoch, position = divmod(step, self.steps_per_epoch)
     if step != self._next_step or position == 0:
       source = self.source.for_epoch(epoch) if hasattr(self.source, 'for_epoch') else self.source
-      order = np.asarray(self._order(jax.random.key(self.seed), epoch, len(source)))
+      order = np.asarray(self._order(self.key, epoch, len(source)))
       self._it = pipeline.batches(
           source, batch_size=self.batch_size, image_size=self.image_size, drop_remainder=True,
           skip_batches=position, order=order, process_index=self.data_slice[0],
           process_count=self.data_slice[1], num_workers=self.num_workers)
     self._next_step = step + 1
     batch = next(self._it)
-    return {k: batch[k] for k in self.keys}
+    return {k: batch[k] for k in self.fields}
 
   def host_inputs(self, start: int, num_steps: int):
     local = [self.next(s) for s in range(start, start + num_steps)]
     return {k: jax.make_array_from_process_local_data(
-        self.xs_sharding, np.stack([b[k] for b in local])[:, None]) for k in self.keys}
+        self.xs_sharding, np.stack([b[k] for b in local])[:, None]) for k in self.fields}
 
   def batch(self, resident, x, key, hyper, step) -> dict:
     return x
 
 
-def make_runner(step_fn: Callable, mesh, feed, models_per_call: int = 0) -> Callable:
+def make_runner(step_fn: Callable, mesh, feed: Feed, models_per_call: int = 0) -> Callable:
   """-> run(state, frozen, keys [M], hyper [M], start, num_steps) -> (state, metrics [num_steps, M]).
 
   state, keys and hyper have a leading model axis sharded on 'model'; step_fn(state, frozen, batch,

@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from adtr_jax import defaults, evaluate, feature_cache, sharding
+from adtr_jax import defaults, paths, sharding, train_state
 from adtr_jax.data import datasets, mixing
 
 
@@ -26,7 +26,7 @@ class Member:
 def members_of(config, workdir: pathlib.Path) -> list[Member]:
   """The models a config trains: one per category in workdir/<category>, or one unified model."""
   if config.dataset.unified:
-    return [Member(config, workdir / evaluate.UNIFIED, evaluate.UNIFIED)]
+    return [Member(config, workdir / paths.UNIFIED, paths.UNIFIED)]
   out = []
   for c in datasets.categories(config):
     member = config.copy_and_resolve_references()
@@ -54,24 +54,46 @@ def group_key(config) -> str:
   return json.dumps(d, sort_keys=True)
 
 
-def plan(members: list[Member], stack: bool) -> list[list[Member]]:
-  """Members in groups that train together, in first-appearance order; image-fed members alone."""
+def _print(line: str) -> None:
+  print(line, flush=True)
+
+
+def plan(members: list[Member], stack: bool, say=_print) -> list[list[Member]]:
+  """Members in groups that train together, in first-appearance order; image-fed members alone.
+  say(line) is told why a member does not step with others (None: nothing is said)."""
+  say = say or (lambda line: None)
   out: dict[str, list[Member]] = {}
   for i, m in enumerate(members):
     kind = feed_kind(m.config)
     if kind == 'images' and m.config.train.feature_cache != 'off':
-      print(f'adtr_jax: {m.workdir} trains from images, not from the {m.config.train.feature_cache} feature '
-            'cache: its anomalies (anomalies.*) change the input every epoch', flush=True)
+      say(f'adtr_jax: {m.workdir} trains from images, not from the {m.config.train.feature_cache} feature '
+          'cache: its anomalies (anomalies.*) change the input every epoch')
     if stack and kind == 'images' and len(members) > 1:
-      print(f'adtr_jax: {m.workdir} trains alone: a model fed from images is not stacked', flush=True)
+      say(f'adtr_jax: {m.workdir} trains alone: a model fed from images is not stacked')
     key = group_key(m.config) if stack and kind != 'images' else str(i)
     out.setdefault(key, []).append(m)
   return list(out.values())
 
 
 def member_keys(configs) -> jax.Array:
-  """[M] PRNG keys: member i's data order and dropout come from its own seed."""
+  """[M] PRNG keys: member i's data order and dropout come from its own seed. Every feed and the
+  step take these (the feeds draw the data order from them, loop.epoch_order)."""
   return jnp.stack([jax.random.key(c.seed) for c in configs])
+
+
+def numbers(train_cfg, *, steps_per_epoch: int, last_step: int, num_rows: int, data: int) -> dict:
+  """A member's own numbers, what its step and feed read (traced, so members differ in them): its
+  optimiser's (train_state.hyperparameters), its budget `last_step`, and its training set (`data`: which
+  of the run's sets, `num_rows` rows, `steps_per_epoch`)."""
+  return dict(train_state.hyperparameters(train_cfg, steps_per_epoch, last_step),
+              num_rows=np.int32(num_rows), last_step=np.int32(last_step),
+              steps_per_epoch=np.int32(steps_per_epoch), data=np.int32(data))
+
+
+def stack_members(states, keys: jax.Array, member_numbers: list[dict], mesh):
+  """Members' states, keys [M] and numbers (each a local pytree) -> (state, keys, hyper), each stacked
+  on a leading model axis and sharded on the mesh's 'model' axis: what loop.make_runner's run takes."""
+  return sharding.put((stack(states), keys, stack(member_numbers)), sharding.model_sharded(mesh))
 
 
 def stack(trees):

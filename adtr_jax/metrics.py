@@ -22,6 +22,8 @@ import numpy as np
 from scipy import ndimage
 
 PIXEL_KEYS = ('pixel_auroc', 'pixel_ap', 'pixel_f1_max', 'pixel_aupro')
+# What metrics.json reports per category and averages over them, in table order.
+METRIC_KEYS = ('image_auroc', 'image_ap', 'image_f1_max', *PIXEL_KEYS)
 
 # ----------------------------------------------------------------------------------------------- input
 def _scores_array(x, name: str, ndim: int) -> np.ndarray:

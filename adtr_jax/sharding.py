@@ -1,7 +1,9 @@
-"""Device mesh and data placement: the batch is sharded on the `data` axis, the state replicated.
+"""Device mesh and data placement: each model's batch is sharded on the `data` axis, the models'
+stacked states on the `model` axis.
 
-The mesh is 2-D, ('model', 'data'). One model uses a 'model' axis of size 1. Stacked models
-(stacked.py) are spread over 'model', and each model's batch over 'data'.
+The mesh is 2-D, ('model', 'data'). A run's M >= 1 models (train.py) lie side by side on a leading
+model axis spread over 'model' (`group_mesh`: train.model_axis rows of devices), and each model's batch
+over 'data'; evaluation uses one row ('model' of size 1).
 
 Works unchanged on 1 CPU, N (fake) CPU devices, a GPU and a multi-host TPU pod: each process feeds its own
 slice of the global batch and `make_array_from_process_local_data` assembles the global array.
@@ -23,6 +25,16 @@ def make_mesh(devices=None, model_axis: int = 1) -> Mesh:
     raise errors.ConfigError(f'train.model_axis={model_axis} must divide the number of devices '
                              f'({len(devices)})')
   return Mesh(np.asarray(devices).reshape(model_axis, -1), ('model', 'data'))
+
+
+def group_mesh(model_axis: int, num_models: int) -> tuple[Mesh, str]:
+  """The one mesh rule for `num_models` models that step together (the driver, validation and the
+  benchmark all use it): train.model_axis rows of devices along 'model' when it divides the number of
+  models, else one row (every model on every device). Returns (mesh, why it has the rows it has)."""
+  if num_models % model_axis == 0:
+    return make_mesh(model_axis=model_axis), f'{model_axis} x {jax.device_count() // model_axis} mesh'
+  return make_mesh(model_axis=1), (f'1 x {jax.device_count()} mesh: train.model_axis={model_axis} does '
+                                   f'not divide the {num_models} models that step together')
 
 
 def data_size(mesh: Mesh) -> int:

@@ -27,10 +27,10 @@ import numpy as np
 from absl import logging
 from tqdm.auto import tqdm
 
-from adtr_jax import (checkpoint, errors, evaluate, feature_cache, loop, members, sharding, step,
-                      summaries, train_state, validate)
+from adtr_jax import (checkpoint, errors, evaluate, feature_cache, loop, members, paths, sharding, step,
+                      summaries, train_state, trained, validate)
 from adtr_jax.data import datasets
-from adtr_jax.models.adtr import build_model
+from adtr_jax.models.adtr import SplitModel, build_model
 
 
 def _local(tree):
@@ -67,12 +67,12 @@ class _SaveClock:
 
 @dataclasses.dataclass
 class _Model:
-  """A member while it trains: its data, budget, optimiser numbers, checkpoints and log."""
+  """A member while it trains: its data, budget, own numbers (members.numbers), checkpoints and log."""
   member: members.Member
   data: datasets.CategoryData
   steps_per_epoch: int
   last_step: int
-  hyper: dict
+  numbers: dict
   mgr: object
   latest: int | None
   log: summaries.ModelLog | None = None
@@ -90,22 +90,22 @@ class _Group:
   def __init__(self, group: list[members.Member]):
     self.cfg = group[0].config
     cfg = self.cfg.train
-    axis = cfg.model_axis if len(group) % cfg.model_axis == 0 else 1
-    self.mesh = sharding.make_mesh(model_axis=axis)
-    sharding.check_batch_size(cfg.batch_size, self.mesh, 'train.batch_size')
+    self.mesh, why = sharding.group_mesh(cfg.model_axis, len(group))
+    if len(group) % cfg.model_axis:
+      print(f'adtr_jax: {len(group)} models step together on a {why}', flush=True)
     data = {}
     self.models = []
     for m in group:
       m.workdir.mkdir(parents=True, exist_ok=True)
       if m.category not in data:
-        data[m.category] = (datasets.load_unified(m.config) if m.category == evaluate.UNIFIED else
+        data[m.category] = (datasets.load_unified(m.config) if m.category == paths.UNIFIED else
                             datasets.load_category(m.config, m.category))
       spe = _epoch_steps(len(data[m.category].train), cfg.batch_size, m.category)
       last = train_state.total_steps(m.config.train, spe)
-      mgr = checkpoint.manager(m.workdir / 'checkpoints', m.config.train.max_checkpoints)
-      self.models.append(_Model(m, data[m.category], spe, last,
-                                train_state.hyperparameters(m.config.train, spe, last), mgr,
-                                mgr.latest_step()))
+      mgr = checkpoint.manager(paths.checkpoints(m.workdir), m.config.train.max_checkpoints)
+      self.models.append(_Model(m, data[m.category], spe, last, members.numbers(
+          m.config.train, steps_per_epoch=spe, last_step=last, num_rows=len(data[m.category].train),
+          data=list(data).index(m.category)), mgr, mgr.latest_step()))
     self.categories = list(data)
     self.total = max(x.last_step for x in self.models)
     self.kind = members.feed_kind(self.cfg)
@@ -118,27 +118,38 @@ class _Group:
     return min(unfinished) if unfinished else self.total
 
 
-def _features(g: _Group, graphdef, state, frozen, dtype: str) -> list[np.ndarray]:
+def _features(g: _Group, model: SplitModel, dtype: str) -> list[np.ndarray]:
   """Each category's training features [N, h, w, C] (the frozen backbone once per image)."""
-  c = g.cfg
-  return [feature_cache.compute(
-      next(x.data for x in g.models if x.member.category == cat).train, graphdef, state.params, frozen,
-      g.mesh, image_size=c.dataset.image_size, batch_size=c.eval.batch_size, dtype=dtype,
-      num_workers=c.dataset.num_workers, memo_mb=c.backbone.feature_memo_mb) for cat in g.categories]
+  return [feature_cache.compute(next(x.data for x in g.models if x.member.category == cat).train, model,
+                                g.mesh, g.cfg, dtype) for cat in g.categories]
 
 
-def _initial_states(g: _Group, start: int | None):
-  """(graphdef, [M] local states, frozen, backbone info, cached features or None)."""
+@dataclasses.dataclass
+class _Run:
+  """A group's program: the model's structure, the frozen backbone (placed), the backbone's identity,
+  the members' keys and numbers (placed on 'model') and the runner that steps them."""
+  graphdef: object
+  frozen: object
+  info: dict
+  keys: jax.Array = None
+  hyper: dict = None
+  runner: object = None
+
+
+def _initial_states(g: _Group, start: int | None) -> tuple[_Run, list, list | None]:
+  """(the group's run without its runner, [M] local states at `start`, cached features or None)."""
   built = [build_model(x.member.config) for x in g.models]
   info = built[0][1]
   graphdef, state0, frozen = train_state.init_state(built[0][0], g.cfg.train)
+  fresh = SplitModel(graphdef, state0.params, frozen)   # the feature cache reads its backbone alone
   cached = g.kind != 'images' and start != g.total
-  features = _features(g, graphdef, state0, frozen, g.cfg.train.feature_cache_dtype) if cached else None
+  features = _features(g, fresh, g.cfg.train.feature_cache_dtype) if cached else None
   # A fresh model fits the feature statistics of its training images (a resumed or initialised one
   # restores them with the weights); image-fed models have no cache to fit from, so compute once.
   fits = [start is None and not x.member.config.init_from and model.feature_norm.kind != 'none'
           for x, (model, _) in zip(g.models, built)]
-  fit = features or (_features(g, graphdef, state0, frozen, 'float32') if any(fits) else None)
+  fit = features or (_features(g, fresh, 'float32') if any(fits) else None)
+  run = _Run(graphdef, sharding.put_replicated(frozen, g.mesh), info)
   states = []
   for x, (model, _), fitted in zip(g.models, built, fits):
     if fitted:
@@ -148,41 +159,36 @@ def _initial_states(g: _Group, start: int | None):
       raise errors.ConfigError(f'{x.member.workdir}: its model differs in structure from '
                                f'{g.models[0].member.workdir}')
     states.append(_restore(g, x, state, start, info))
-  return graphdef, states, sharding.put_replicated(frozen, g.mesh), info, features
+  return run, states, features
 
 
 def _restore(g: _Group, x: _Model, state, start: int | None, info: dict):
   """A member's state at the group's start (local): its checkpoint, or init_from's weights, or as
   built. Only a restore needs the state placed on the mesh (orbax restores into its shardings)."""
   if start is not None:
-    at = min(start, x.last_step)
-    checkpoint.check_backbone(checkpoint.read_meta(x.mgr, at), info, x.mgr.directory)
-    return _local(checkpoint.restore(x.mgr, at, sharding.put_replicated(state, g.mesh))[0])
+    return _local(checkpoint.load(x.mgr, min(start, x.last_step), state, info, g.mesh)[0])
   if x.member.config.init_from:
-    mgr = checkpoint.manager(pathlib.Path(x.member.config.init_from) / x.member.category / 'checkpoints')
-    at = checkpoint.select_step(mgr, 'latest')
-    checkpoint.check_backbone(checkpoint.read_meta(mgr, at), info, mgr.directory)
-    restored, _ = checkpoint.restore(mgr, at, sharding.put_replicated(state, g.mesh))
+    mgr = checkpoint.manager(paths.checkpoints(pathlib.Path(x.member.config.init_from) / x.member.category))
+    restored, meta = checkpoint.load(mgr, 'latest', state, info, g.mesh)
     mgr.close()
-    logging.info('initialised %s from %s step %d', x.member.category, mgr.directory, at)
+    logging.info('initialised %s from %s step %d', x.member.category, mgr.directory, meta['step'])
     state = state.replace(params=restored.params)
   return _local(state)
 
 
-def _feed(g: _Group, features):
+def _feed(g: _Group, features, keys: jax.Array, hyper: dict) -> loop.Feed:
+  """The group's feed (members.feed_kind); keys [M] and hyper: the members' (local)."""
   cfg, c = g.cfg.train, g.cfg
   if g.kind == 'device':
     return loop.DeviceCache(features, g.mesh, cfg.batch_size)
   if g.kind == 'host':
-    return loop.HostCache(features, g.mesh, cfg.batch_size,
-                          [(x.member.config.seed, g.categories.index(x.member.category),
-                            len(x.data.train), x.steps_per_epoch) for x in g.models])
+    return loop.HostCache(features, g.mesh, cfg.batch_size, keys, hyper)
   return loop.Images(g.models[0].data.train, g.mesh, batch_size=cfg.batch_size,
-                     image_size=c.dataset.image_size, seed=c.seed, keys=step.input_keys(c.loss),
+                     image_size=c.dataset.image_size, key=keys[0], fields=step.input_keys(c.loss),
                      num_workers=c.dataset.num_workers)
 
 
-def _save(g: _Group, graphdef, state, frozen, info: dict, group_step: int) -> None:
+def _save(g: _Group, run: _Run, state, group_step: int) -> None:
   """Each member's state at min(group_step, its budget) as its own checkpoint (once per step); a
   finished member's carries its calibrated threshold."""
   for i, x in enumerate(g.models):
@@ -190,10 +196,10 @@ def _save(g: _Group, graphdef, state, frozen, info: dict, group_step: int) -> No
     if x.mgr.latest_step() == at:
       continue
     single = jax.tree.map(lambda a: a[0], members.take(state, [i], g.mesh))
-    meta = x.meta(info)
+    meta = x.meta(run.info)
     if at == x.last_step and x.data.calib is not None:
-      meta['calibration'] = evaluate.calibrate(x.member.config, x.data.calib, graphdef, single.params,
-                                               frozen, g.mesh)
+      meta['calibration'] = trained.calibrate(x.member.config, x.data.calib,
+                                              SplitModel(run.graphdef, single.params, run.frozen), g.mesh)
     loss = float(np.mean(x.since_save)) if x.since_save else float('nan')
     checkpoint.save(x.mgr, at, single, meta, loss)
     x.log.flush()
@@ -214,7 +220,7 @@ def _log_chunk(g: _Group, group_step: int, n: int, metrics: dict, seconds: float
     x.since_save.extend(losses.tolist())
     x.log.write(at, epoch=at / x.steps_per_epoch, loss=loss,
                 grad_norm=float(np.mean(metrics['grad_norm'][active[:, i], i])),
-                lr=float(train_state.learning_rate(x.hyper, at - 1, cfg.schedule)),
+                lr=float(train_state.learning_rate(x.numbers, at - 1, cfg.schedule)),
                 images_per_s=float(active[:, i].sum()) * cfg.batch_size / seconds,
                 **({'stacked': True} if len(g.models) > 1 else {}))
     if not all(map(math.isfinite, losses.tolist())):
@@ -223,7 +229,7 @@ def _log_chunk(g: _Group, group_step: int, n: int, metrics: dict, seconds: float
   return float(np.mean(metrics['loss'][active]))
 
 
-def _loop(g: _Group, runner, graphdef, state, frozen, keys, hyper, info: dict, start: int):
+def _loop(g: _Group, run: _Run, state, start: int) -> None:
   """Chunks of steps from `start` to the longest budget; logs, checkpoints and calibrates between them.
   Chunks end on multiples of log_every_steps, so a resumed run logs at the same steps."""
   cfg = g.cfg.train
@@ -237,7 +243,7 @@ def _loop(g: _Group, runner, graphdef, state, frozen, keys, hyper, info: dict, s
   while group_step < g.total:
     n = min(cfg.log_every_steps - group_step % cfg.log_every_steps, g.total - group_step)
     t0 = time.perf_counter()
-    state, metrics = runner(state, frozen, keys, hyper, group_step, n)
+    state, metrics = run.runner(state, run.frozen, run.keys, run.hyper, group_step, n)
     metrics = jax.tree.map(sharding.to_host, metrics)   # [n, M]; waits for the chunk
     seconds = time.perf_counter() - t0
     loss = _log_chunk(g, group_step, n, metrics, seconds)
@@ -245,7 +251,7 @@ def _loop(g: _Group, runner, graphdef, state, frozen, keys, hyper, info: dict, s
     bar.update(n)
     bar.set_postfix(loss=f'{loss:.4f}', img_s=f'{metrics["active"].sum() * cfg.batch_size / seconds:.1f}')
     if clock.due(group_step):
-      _save(g, graphdef, state, frozen, info, group_step)
+      _save(g, run, state, group_step)
       clock.saved(group_step)
   bar.close()
   for x in g.models:
@@ -257,25 +263,23 @@ def _train_group(group: list[members.Member]) -> list[dict]:
   Returns a summary per member."""
   g = _Group(group)
   start = g.resume_step()
-  graphdef, states, frozen, info, features = _initial_states(g, start)
+  run, states, features = _initial_states(g, start)
   if start is not None:
     name = g.models[0].member.category if len(group) == 1 else f'{len(group)} stacked models'
     logging.info('resumed %s from step %d', name, start)
     print(f'adtr_jax: resumed {name} from step {start}', flush=True)
   start = start or 0
   if start < g.total:
-    mod = sharding.model_sharded(g.mesh)
-    hyper = members.stack([dict(x.hyper, num_rows=np.int32(len(x.data.train)),
-                                last_step=np.int32(x.last_step), steps_per_epoch=np.int32(x.steps_per_epoch),
-                                data=np.int32(g.categories.index(x.member.category))) for x in g.models])
     keys = members.member_keys([x.member.config for x in g.models])
-    state, keys, hyper = sharding.put((members.stack(states), keys, hyper), mod)
-    step_fn = functools.partial(step.train_step, graphdef=graphdef, loss=step.make_loss(g.cfg.loss),
+    numbers = [x.numbers for x in g.models]
+    state, run.keys, run.hyper = members.stack_members(states, keys, numbers, g.mesh)
+    step_fn = functools.partial(step.train_step, graphdef=run.graphdef, loss=step.make_loss(g.cfg.loss),
                                 schedule=g.cfg.train.schedule)
-    runner = loop.make_runner(step_fn, g.mesh, _feed(g, features), g.cfg.train.models_per_call)
+    run.runner = loop.make_runner(step_fn, g.mesh, _feed(g, features, keys, members.stack(numbers)),
+                                  g.cfg.train.models_per_call)
     logging.info('training %d model(s) %s from %s on mesh %s', len(group), g.categories, g.kind,
                  dict(g.mesh.shape))
-    _loop(g, runner, graphdef, state, frozen, keys, hyper, info, start)
+    _loop(g, run, state, start)
   for x in g.models:
     x.mgr.wait_until_finished()
     x.mgr.close()
@@ -289,7 +293,7 @@ def _groups(todo: list[members.Member], stack: bool):
   for group in members.plan(todo, stack):
     parts = {True: [], False: []}
     for m in group:
-      parts[bool(checkpoint.saved_steps(m.workdir / 'checkpoints'))].append(m)
+      parts[bool(checkpoint.saved_steps(paths.checkpoints(m.workdir)))].append(m)
     yield from (part for part in parts.values() if part)
 
 
@@ -298,11 +302,12 @@ def train_and_evaluate(config, workdir: str | pathlib.Path, evaluate_after: bool
   all of them in workdir/unified), stacked when train.stacked, then (optionally) evaluates them."""
   validate.check(config)
   workdir = pathlib.Path(workdir)
-  trained = [s for group in _groups(members.members_of(config, workdir), config.train.stacked)
-             for s in _train_group(group)]
+  groups = list(_groups(members.members_of(config, workdir), config.train.stacked))
+  validate.check_groups(groups)
+  done = [s for group in groups for s in _train_group(group)]
   if not evaluate_after:
-    return {'train': trained}
-  return {'train': trained, 'eval': evaluate.evaluate(config, workdir)}
+    return {'train': done}
+  return {'train': done, 'eval': evaluate.evaluate(config, workdir)}
 
 
 def train_runs(runs: list, stack: bool = True, evaluate_after: bool = True) -> None:
@@ -316,7 +321,9 @@ def train_runs(runs: list, stack: bool = True, evaluate_after: bool = True) -> N
   todo = [m for run_dir, config in runs for m in members.members_of(config, pathlib.Path(run_dir))]
   minutes: dict[pathlib.Path, float] = {}
   stacked: dict[pathlib.Path, int] = {}
-  for group in _groups(todo, stack):
+  groups = list(_groups(todo, stack))
+  validate.check_groups(groups)
+  for group in groups:
     if len(group) > 1:
       print(f'training {len(group)} stacked models: {[str(m.workdir) for m in group]}', flush=True)
     t0 = time.time()

@@ -13,8 +13,8 @@ import pathlib
 
 import ml_collections
 
-from adtr_jax import (checkpoint, defaults, errors, evaluate, feature_cache, losses, metrics, scoring,
-                      sharding, step, train_state)
+from adtr_jax import (checkpoint, defaults, errors, feature_cache, losses, members, metrics, paths,
+                      scoring, sharding, step, train_state)
 from adtr_jax.baselines import nearest_neighbour
 from adtr_jax.data import datasets, elpv, mixing
 from adtr_jax.models import adtr, backbone, reconstructor, weights
@@ -90,9 +90,9 @@ CHOICES = {
 
 
 def check(config: ml_collections.ConfigDict, mode: str = 'train_and_eval',
-          workdir: str | pathlib.Path | None = None, mesh=None) -> None:
-  """Every field, their combinations, and (for eval / predict / export / init_from) the checkpoints
-  the mode reads. mesh: the run's mesh (default: every device, train.model_axis along 'model')."""
+          workdir: str | pathlib.Path | None = None) -> None:
+  """Every field, their combinations, the meshes its models will train on, and (for eval / predict /
+  export / init_from) the checkpoints the mode reads."""
   if mode not in MODES:
     raise errors.ConfigError(f'--mode={mode!r} must be one of {MODES}')
   _check_schema(config, defaults.get_config())
@@ -101,7 +101,9 @@ def check(config: ml_collections.ConfigDict, mode: str = 'train_and_eval',
   for field, choices in CHOICES.items():
     if _get(config, field) not in choices:
       raise errors.ConfigError(f'{field}={_get(config, field)!r} must be one of {tuple(choices)}')
-  _check_combinations(config, mesh)
+  _check_combinations(config)
+  check_groups(members.plan(members.members_of(config, pathlib.Path(workdir or '.')),
+                            config.train.stacked, say=None))
   if workdir is not None:
     _check_checkpoints(config, mode, pathlib.Path(workdir))
 
@@ -145,7 +147,18 @@ def _check_range(field: str, value, low, high, low_in: bool, high_in: bool) -> N
     raise errors.ConfigError(f'{field}={value!r} must be in {lo}, {hi}')
 
 
-def _check_combinations(config, mesh) -> None:
+def check_groups(groups: list[list[members.Member]]) -> None:
+  """Each group of members that will step together (members.plan), on the mesh the driver will give it
+  (sharding.group_mesh): its batches must split over that mesh's devices and processes (training, and
+  the calibration that scores on the same mesh)."""
+  for group in groups:
+    config = group[0].config
+    mesh, _ = sharding.group_mesh(config.train.model_axis, len(group))
+    sharding.check_batch_size(config.train.batch_size, mesh, 'train.batch_size')
+    sharding.check_batch_size(config.eval.batch_size, mesh, 'eval.batch_size')
+
+
+def _check_combinations(config) -> None:
   """Fields that must agree with each other or with the devices; each check is the one its module
   makes when it uses the field, called here first."""
   names = datasets.categories(config)
@@ -162,9 +175,9 @@ def _check_combinations(config, mesh) -> None:
   mixing.check(config, has_masks=True)   # whether a category has masks is known once it is read
   if t.num_epochs == 0 and t.min_steps == 0:
     raise errors.ConfigError('train.num_epochs=0 and train.min_steps=0 leave nothing to train')
-  mesh = mesh or sharding.make_mesh(model_axis=t.model_axis)
-  sharding.check_batch_size(t.batch_size, mesh, 'train.batch_size')
-  sharding.check_batch_size(config.eval.batch_size, mesh, 'eval.batch_size')
+  sharding.make_mesh(model_axis=t.model_axis)   # train.model_axis must divide the devices
+  # Evaluation, prediction and the feature cache score on one row of every device.
+  sharding.check_batch_size(config.eval.batch_size, sharding.make_mesh(), 'eval.batch_size')
   if config.dataset.unified:
     datasets.check_unified(config)
 
@@ -172,11 +185,11 @@ def _check_combinations(config, mesh) -> None:
 def _check_checkpoints(config, mode: str, workdir: pathlib.Path) -> None:
   """eval / predict / export read each category's checkpoint, and init_from its own: say which is
   missing before any data is prepared."""
-  names = [evaluate.UNIFIED] if config.dataset.unified else datasets.categories(config)
+  names = paths.model_names(config, datasets.categories(config))
   if mode in ('eval', 'predict', 'export'):
     for name in names:
-      checkpoint.require(workdir / name / 'checkpoints', f'--mode={mode}')
+      checkpoint.require(paths.checkpoints(workdir / name), f'--mode={mode}')
   if config.init_from and mode in ('train', 'train_and_eval'):
     for name in names:
-      checkpoint.require(pathlib.Path(config.init_from).expanduser() / name / 'checkpoints',
+      checkpoint.require(paths.checkpoints(pathlib.Path(config.init_from).expanduser() / name),
                          f'init_from={config.init_from!r}')

@@ -33,6 +33,7 @@ from ml_collections import config_flags
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
+from adtr_jax import paths  # noqa: E402
 from experiments import paper_table, sweep  # noqa: E402
 
 VARIANTS = {
@@ -66,10 +67,10 @@ def stage_one(base, categories: list[str], workdir: pathlib.Path, seed: int, fla
   --pretrained's (checked), or trained here for --pretrain_epochs unless all variants are done."""
   if flags_['pretrained']:
     pre = pathlib.Path(flags_['pretrained'].format(seed=seed))
-    missing = [c for c in categories if not (pre / c / 'checkpoints').is_dir()]
+    missing = [c for c in categories if not paths.checkpoints(pre / c).is_dir()]
     if missing:
       raise app.UsageError(f'--pretrained: {pre} has no run of {", ".join(missing)} '
-                           f'(expected {pre / missing[0] / "checkpoints"})')
+                           f'(expected {paths.checkpoints(pre / missing[0])})')
     return pre
   from adtr_jax import train
   pre = base.copy_and_resolve_references()

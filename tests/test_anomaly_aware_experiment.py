@@ -8,7 +8,7 @@ import sys
 import numpy as np
 from PIL import Image
 
-from adtr_jax.evaluate import METRIC_KEYS
+from adtr_jax.metrics import METRIC_KEYS
 from tests.conftest import REPO
 
 

@@ -1,13 +1,13 @@
 """Anomaly-aware training wired end to end: config checks, few-shot split, mixtures, losses, init_from."""
 import json
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from adtr_jax import checkpoint, evaluate, sharding, step, train
+from adtr_jax import checkpoint, step, train
 from adtr_jax.data import datasets, mixing
+from tests import helpers
 from tests.conftest import tiny_config
 
 
@@ -113,9 +113,8 @@ def test_init_from_a_normal_run_then_pixel_loss_with_synthetic_anomalies(toy_roo
   frozen_lr = config.copy_and_resolve_references()
   frozen_lr.train.learning_rate = 1e-30   # > 0 (validated), and far below float32 resolution
   train.train_and_evaluate(frozen_lr, tmp_path / 'lr0', evaluate_after=False)
-  _, started, _, _ = evaluate.restore_model(config, tmp_path / 'lr0' / 'toy', sharding.make_mesh())
-  _, normal_params, _, _ = evaluate.restore_model(config, normal_dir / 'toy', sharding.make_mesh())
-  for a, b in zip(jax.tree.leaves(started), jax.tree.leaves(normal_params)):
-    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  _, started, _ = helpers.params(config, tmp_path / 'lr0' / 'toy')
+  _, normal_params, _ = helpers.params(config, normal_dir / 'toy')
+  assert helpers.max_diff(started, normal_params) == 0.0
   paths = mixing.save_examples(datasets.load_category(config, 'toy').train, tmp_path / 'show', 64, n=3)
   assert len(paths) == 3

@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 from sklearn import metrics as skm
 
-from adtr_jax import deploy, errors, evaluate, export, inference, sharding, train
+from adtr_jax import deploy, errors, evaluate, export, inference, sharding, train, trained
 from adtr_jax.data import pipeline
 from adtr_jax.data.folder import FolderSource
 from adtr_jax.deploy import __main__ as deploy_cli
@@ -78,8 +78,8 @@ def test_onnx_and_jax_export_match_predict_on_real_images(exported):
   predicted = _csv(evaluate.predict(config, work, folder))
   mesh = sharding.make_mesh()
   source = FolderSource(folder)
-  _, _, graphdef, params, frozen, _ = evaluate.restore_for_scoring(config, work, mesh, 'predict')
-  ref = inference.score_split(config, source, graphdef, params, frozen, mesh, 'reference')
+  restored = trained.for_scoring(config, work, mesh, 'predict')
+  ref = inference.score_split(config, source, restored.model, mesh, 'reference')
   np.testing.assert_array_equal([float(r['image_score']) for r in predicted], ref['scores'])
   y = np.array([labels[p.name] for p in source.paths])
   assert 0 < y.sum() < len(y) == 40

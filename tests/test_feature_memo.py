@@ -5,7 +5,7 @@ import pytest
 
 from adtr_jax import feature_cache, inference, sharding, train_state
 from adtr_jax.data import datasets, pipeline
-from adtr_jax.models.adtr import build_model
+from adtr_jax.models.adtr import SplitModel, build_model
 from tests.conftest import tiny_config
 
 
@@ -31,7 +31,7 @@ def setup(toy_root, tmp_path, monkeypatch):
 
 
 def _score(config, source, graphdef, params, frozen, mesh):
-  result = inference.score_split(config, source, graphdef, params, frozen, mesh, 'memo split')
+  result = inference.score_split(config, source, SplitModel(graphdef, params, frozen), mesh, 'memo split')
   return result, Recorder.made[-1]
 
 
@@ -101,10 +101,13 @@ def test_memo_evicts_the_least_recently_used_rows():
 def test_training_feature_cache_reuses_the_memo(setup):
   """A second run on the same training set builds its feature cache from the memo, equal to the first."""
   config, split, graphdef, params, frozen, mesh = setup
-  kw = dict(image_size=64, batch_size=8, dtype='bfloat16', num_workers=1)
-  plain = feature_cache.compute(split, graphdef, params, frozen, mesh, **kw, memo_mb=0)
-  first = feature_cache.compute(split, graphdef, params, frozen, mesh, **kw, memo_mb=64)
-  again = feature_cache.compute(split, graphdef, params, frozen, mesh, **kw, memo_mb=64)
+  model = SplitModel(graphdef, params, frozen)
+
+  def compute(memo_mb):
+    config.backbone.feature_memo_mb = memo_mb
+    return feature_cache.compute(split, model, mesh, config, 'bfloat16')
+
+  plain, first, again = compute(0), compute(64), compute(64)
   assert Recorder.made[-2].hits == 0 and Recorder.made[-1].hits == Recorder.made[-1].calls == 2
   assert again.dtype == plain.dtype and again.shape == (len(split), 8, 8, plain.shape[-1])
   np.testing.assert_array_equal(first, plain)

@@ -9,7 +9,7 @@ import pytest
 
 from adtr_jax import defaults, feature_cache, inference, loop, members, sharding, step, train_state
 from adtr_jax.data import datasets, pipeline
-from adtr_jax.models.adtr import build_model
+from adtr_jax.models.adtr import SplitModel, build_model
 from tests.conftest import tiny_config
 
 
@@ -17,23 +17,22 @@ from tests.conftest import tiny_config
 def setup(toy_root, tmp_path_factory):
   """The tiny config, its training split, and float32 features of every training image (8 devices)."""
   config = tiny_config(toy_root, tmp_path_factory.mktemp('cache'))
+  config.backbone.feature_memo_mb = 0   # each feature computed on the mesh the test names
   data = datasets.load_category(config, 'toy')
   model, _ = build_model(config)
   graphdef, state, frozen = train_state.init_state(model, config.train)
-  features = feature_cache.compute(data.train, graphdef, state.params, frozen, sharding.make_mesh(),
-                                   image_size=64, batch_size=8, dtype='float32', num_workers=1)
+  features = feature_cache.compute(data.train, SplitModel(graphdef, state.params, frozen),
+                                   sharding.make_mesh(), config, 'float32')
   return config, data, features
 
 
 def _fresh(config, mesh, num_rows=18, steps_per_epoch=2, total=100):
   """One model as the driver lays it out: (graphdef, state [1], frozen, step_fn, keys [1], hyper [1])."""
   model, _ = build_model(config)
-  hyper = dict(train_state.hyperparameters(config.train, steps_per_epoch, total),
-               num_rows=np.int32(num_rows), steps_per_epoch=np.int32(steps_per_epoch),
-               last_step=np.int32(total), data=np.int32(0))
+  numbers = members.numbers(config.train, steps_per_epoch=steps_per_epoch, last_step=total,
+                            num_rows=num_rows, data=0)
   graphdef, state, frozen = train_state.init_state(model, config.train)
-  state, keys, hyper = sharding.put((members.stack([state]), members.member_keys([config]),
-                                     members.stack([hyper])), sharding.model_sharded(mesh))
+  state, keys, hyper = members.stack_members([state], members.member_keys([config]), [numbers], mesh)
   step_fn = functools.partial(step.train_step, graphdef=graphdef, loss=step.make_loss(config.loss),
                               schedule=config.train.schedule)
   return graphdef, state, sharding.put_replicated(frozen, mesh), step_fn, keys, hyper
@@ -42,10 +41,13 @@ def _fresh(config, mesh, num_rows=18, steps_per_epoch=2, total=100):
 def _feed(name, config, data, features, mesh):
   if name == 'device':
     return loop.DeviceCache([features], mesh, 8)
+  keys = members.member_keys([config])
   if name == 'host':
-    return loop.HostCache([features], mesh, 8, [(config.seed, 0, len(data.train), 2)])
-  return loop.Images(data.train, mesh, batch_size=8, image_size=64, seed=config.seed,
-                     keys=('image', 'valid'), num_workers=1)
+    numbers = members.numbers(config.train, steps_per_epoch=2, last_step=100, num_rows=len(data.train),
+                              data=0)
+    return loop.HostCache([features], mesh, 8, keys, members.stack([numbers]))
+  return loop.Images(data.train, mesh, batch_size=8, image_size=64, key=keys[0],
+                     fields=('image', 'valid'), num_workers=1)
 
 
 def test_cached_features_give_the_same_loss_and_gradients_as_images(setup):
@@ -54,8 +56,8 @@ def test_cached_features_give_the_same_loss_and_gradients_as_images(setup):
   mesh = sharding.make_mesh(jax.devices()[:1])   # both paths on one device: the same arithmetic
   model, _ = build_model(config)
   graphdef, state, frozen = train_state.init_state(model, config.train)
-  features = feature_cache.compute(data.train, graphdef, state.params, frozen, mesh, image_size=64,
-                                   batch_size=8, dtype='float32', num_workers=1)
+  features = feature_cache.compute(data.train, SplitModel(graphdef, state.params, frozen), mesh, config,
+                                   'float32')
   rows = [3, 0, 7, 11, 5, 2, 9, 14]
   images = np.stack([pipeline.load_resized(data.train, r, 64)['image'] for r in rows])
   valid = np.ones(8, bool)

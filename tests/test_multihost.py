@@ -5,7 +5,7 @@ import pytest
 
 from adtr_jax import inference, multihost, sharding, split_pass, train_state
 from adtr_jax.data import datasets
-from adtr_jax.models.adtr import build_model
+from adtr_jax.models.adtr import SplitModel, build_model
 from tests.conftest import tiny_config
 
 
@@ -29,11 +29,11 @@ def test_scores_are_paired_with_their_rows_by_index(toy_root, tmp_path, monkeypa
   test = datasets.load_category(config, 'toy').test
   model, _ = build_model(config)  # untrained: its scores still differ from image to image
   graphdef, state, frozen = train_state.init_state(model, config.train)
-  params = state.params
-  ordered = inference.score_split(config, test, graphdef, params, frozen, mesh, 'ordered')
+  model = SplitModel(graphdef, state.params, frozen)
+  ordered = inference.score_split(config, test, model, mesh, 'ordered')
   scrambled_order = np.random.default_rng(0).permutation(len(test))
   monkeypatch.setattr(split_pass, 'pass_order', lambda n, batch_size, parts: scrambled_order)
-  scrambled = inference.score_split(config, test, graphdef, params, frozen, mesh, 'scrambled')
+  scrambled = inference.score_split(config, test, model, mesh, 'scrambled')
   assert not np.array_equal(scrambled_order, np.arange(len(test)))
   for key in ('scores', 'labels', 'index'):
     np.testing.assert_array_equal(scrambled[key], ordered[key])

@@ -33,8 +33,9 @@ import pytest
 from flax import nnx
 from PIL import Image
 
-from adtr_jax import evaluate, multihost, sharding
+from adtr_jax import metrics, multihost, sharding
 from adtr_jax.models.adtr import build_model
+from tests import helpers
 from tests.conftest import REPO, make_toy_mvtec, tiny_config
 
 AUDIT = REPO / 'tests' / 'multiprocess_audit'
@@ -157,14 +158,12 @@ def normal_runs(toy_root, tmp_path_factory):
 def _params_and_losses(workdir: pathlib.Path, root, cache):
   """(final step, parameter leaves by name, {step: last logged loss})."""
   config = tiny_config(root, cache)
-  _, params, _, meta = evaluate.restore_model(config, workdir, sharding.make_mesh(jax.devices()[:1]))
+  step, leaves, _ = helpers.params(config, workdir, sharding.make_mesh(jax.devices()[:1]))
   losses = {}
   for line in (workdir / 'train_log.jsonl').read_text().splitlines():
     record = json.loads(line)
     losses[record['step']] = record['loss']   # a resumed run logs its replayed steps again
-  leaves = {jax.tree_util.keystr(k): np.asarray(v)
-            for k, v in jax.tree_util.tree_flatten_with_path(params)[0]}
-  return meta['step'], leaves, losses
+  return step, leaves, losses
 
 
 def assert_same_training(got, want, steps: int):
@@ -196,7 +195,7 @@ def test_two_processes_train_and_evaluate_as_one(normal_runs, toy_root):
   m1 = json.loads((one / 'work' / 'metrics.json').read_text())['categories']['toy']
   m2 = json.loads((two / 'work' / 'metrics.json').read_text())['categories']['toy']
   assert m1.keys() == m2.keys()
-  for key in evaluate.METRIC_KEYS:
+  for key in metrics.METRIC_KEYS:
     assert m2[key] == pytest.approx(m1[key], abs=1e-6), key
   for key in ('num_test_images', 'num_anomalous', 'checkpoint_step', 'num_heatmaps'):
     assert m2[key] == m1[key]
@@ -329,10 +328,6 @@ def test_anomaly_training_reads_own_slices_and_equals_one_process(anomaly_runs, 
                        _params_and_losses(run1 / 'work' / 'toy', toy_root, run1 / 'cache'), ANOMALY_STEPS)
 
 
-def _checkpoint_steps(ckpt_dir: pathlib.Path) -> list[int]:
-  return sorted(int(p.name) for p in ckpt_dir.glob('*') if p.name.isdigit())
-
-
 def _last_line(text: str) -> str:
   """The last line the program printed; gloo's C++ logging ('[Gloo] ...') can come after it, from the
   collectives' own thread as the process shuts down."""
@@ -349,11 +344,11 @@ def test_killed_two_process_run_resumes_to_the_same_end(normal_runs, toy_root, t
   cache = normal_runs['2x2'][2] / 'cache'
   work = tmp_path / 'work'
   args = _config_args(toy_root, cache, work, *NORMAL, '--mode=train')
-  ckpt = work / 'toy' / 'checkpoints'
+  model_dir = work / 'toy'
   first = launch(tmp_path, 'killed', '2x2', args, tmp_path)
   with running(first):
     deadline = time.monotonic() + RUN_TIMEOUT_S
-    while (not _checkpoint_steps(ckpt) and time.monotonic() < deadline
+    while (not helpers.steps(model_dir) and time.monotonic() < deadline
            and all(p.poll() is None for p in first.procs)):
       time.sleep(0.02)
     first.kill(1)
@@ -366,7 +361,7 @@ def test_killed_two_process_run_resumes_to_the_same_end(normal_runs, toy_root, t
   assert _last_line(output).startswith('adtr_jax: error: lost process 1 of 2: no heartbeat for '), \
       output[-3000:]
   assert 'Traceback' not in output and 'another task died' not in output, output[-3000:]
-  steps = _checkpoint_steps(ckpt)
+  steps = helpers.steps(model_dir)
   assert steps and steps[-1] < NORMAL_STEPS, (steps, output[-3000:])
   killed_at = steps[-1]
 
@@ -377,7 +372,7 @@ def test_killed_two_process_run_resumes_to_the_same_end(normal_runs, toy_root, t
   for i in (0, 1):
     assert _last_line(mismatched.output(i)).startswith(
         'adtr_jax: error: processes [1] were started with another config, --workdir or --mode'), i
-  assert _checkpoint_steps(ckpt) == steps
+  assert helpers.steps(model_dir) == steps
 
   resumed = launch(tmp_path, 'resumed', '2x2', args, tmp_path)
   with running(resumed):

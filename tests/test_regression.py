@@ -9,14 +9,23 @@ The pins are written by `python -m tests.test_regression --record` (the commit i
 recorded at 719855b, before the refactor; the one driver (37887fd) matched them on every path. Then
 re-recorded once, on purpose, when dropout and the data order moved to split keys (b05e91f), which
 changes every run's batches; re-record only for a change that is meant to alter results, and say so.
-Tolerance: float32 and a few dozen steps; a restructured program may fuse and reduce in another order
-(a vmap of one model, a scan instead of a loop of steps), which moves float32 results by ~1e-7
-relative per step. Losses and thresholds: 1e-5 relative (+1e-6 absolute); a leaf's sum and absolute
-sum: 1e-5 relative + 1e-5 absolute, except attention key biases, which are not compared: softmax
-ignores a per-query constant, so their gradient is rounding noise that Adam turns into steps (measured
-1e-5 apart on leaves whose absolute sum is 1.4e-4); metrics: 1e-4 absolute (ranks of near-tied test scores). A behaviour
-change (a row order, a key, a learning rate, one step more or less) moves a trained leaf's sum by
-~1e-3 x its size or more (the control below).
+Tolerances (TOLERANCE) follow what reproduces across processors. The pins were recorded on an Intel
+Xeon; XLA's CPU kernels round differently on other processors (vector widths, reduction order), and a
+few dozen float32 Adam steps amplify that. Measured on an AMD EPYC (Zen 4, AVX-512) against the Intel
+pins, the largest deviation of each kind over the 7 paths, beside the control (the device-cache path
+with one more step):
+  quantity                                 tolerance   AMD vs Intel pins      one more step
+  loss, relative                           1e-4        1.2e-6 (pixel_labels)  4.8e-2
+  threshold, relative                      1e-4        2.1e-6 (pixel_labels)  8.5e-3
+  leaf sum, over the leaf's abs sum        3e-3        3.0e-4 (pixel_labels)  9.2e-2
+  leaf abs sum, over the leaf's abs sum    3e-3        2.5e-4 (pixel_labels)  2.4e-1
+  metrics, absolute                        1e-4        9.1e-7                 -
+So every path passes within 0.1 of its tolerance on both processors, and the control misses by 30x
+or more (test_the_comparison_fails_on_a_changed_run asserts > 10x). A leaf's signed sum is compared
+relative to its absolute sum: a leaf whose entries cancel (a bias summing to 0.007 from entries of
+absolute sum 0.108) measures rounding in its sum, not behaviour. Attention key biases are not
+compared: softmax ignores a per-query constant, so their gradient is rounding noise that Adam turns
+into steps. Steps and image counts must be equal.
 """
 import json
 import pathlib
@@ -102,29 +111,49 @@ def run_path(name: str, tmp: pathlib.Path, root: pathlib.Path) -> dict:
   return record
 
 
-def _close(a, b, rtol, atol, where):
-  if a is None or b is None:
-    assert a == b, where
-    return
-  assert abs(a - b) <= atol + rtol * abs(b), f'{where}: {a!r} != pinned {b!r}'
+# Each pinned quantity's tolerance, as a fraction of its scale: losses and thresholds relative to
+# themselves, a leaf's sum and absolute sum relative to the leaf's absolute sum (a signed sum whose
+# entries cancel measures only rounding), metrics absolute. The module docstring gives the margins.
+TOLERANCE = {'loss': 1e-4, 'threshold': 1e-4, 'leaf': 3e-3, 'metric': 1e-4}
+COUNTS = ('checkpoint_step', 'num_test_images', 'num_anomalous', 'num_heatmaps')   # compared exactly
 
 
-def compare(got: dict, pinned: dict, name: str) -> None:
+def deviations(got: dict, pinned: dict, name: str):
+  """Yields (deviation / tolerance, what) for every pinned number (<= 1 passes); asserts that the
+  counts (steps, images) are equal."""
   assert got.keys() == pinned.keys(), name
   for cat, want in pinned.items():
     have, where = got[cat], f'{name}/{cat}'
-    assert have['step'] == want['step'], where
-    _close(have['loss'], want['loss'], 1e-5, 1e-6, f'{where} loss')
-    _close(have['threshold'], want['threshold'], 1e-5, 1e-6, f'{where} threshold')
+    for key in ('loss', 'threshold'):
+      a, b = have[key], want[key]
+      if a is None or b is None:
+        assert a == b, f'{where} {key}'
+        continue
+      yield abs(a - b) / (TOLERANCE[key] * abs(b) + 1e-7), f'{where} {key}: {a!r}, pinned {b!r}'
     assert have['leaves'].keys() == want['leaves'].keys(), where
     for leaf, (s, a) in want['leaves'].items():
       if leaf.endswith('/key/bias/value'):
         continue   # no gradient (softmax ignores a per-query constant): rounding noise, ~1e-5
-      _close(have['leaves'][leaf][0], s, 1e-5, 1e-5 + 1e-5 * a, f'{where} {leaf} sum')
-      _close(have['leaves'][leaf][1], a, 1e-5, 1e-5, f'{where} {leaf} abs sum')
+      scale = TOLERANCE['leaf'] * a + 1e-6
+      got_sum, got_abs = have['leaves'][leaf]
+      yield abs(got_sum - s) / scale, f'{where} {leaf} sum: {got_sum!r}, pinned {s!r} (abs sum {a!r})'
+      yield abs(got_abs - a) / scale, f'{where} {leaf} abs sum: {got_abs!r}, pinned {a!r}'
     assert have['metrics'].keys() == want['metrics'].keys(), where
     for key, value in want['metrics'].items():
-      _close(have['metrics'][key], value, 0.0, 1e-4, f'{where} {key}')
+      if key not in COUNTS:
+        yield (abs(have['metrics'][key] - value) / TOLERANCE['metric'],
+               f'{where} {key}: {have["metrics"][key]!r}, pinned {value!r}')
+
+
+def worst(got: dict, pinned: dict, name: str) -> tuple[float, str]:
+  """The largest deviation / tolerance of a run's numbers against their pins, and what it is."""
+  return max(deviations(got, pinned, name), key=lambda d: d[0])
+
+
+def same_counts(got: dict, pinned: dict, name: str) -> None:
+  for cat, want in pinned.items():
+    counts = lambda r: [r['step']] + [r['metrics'][k] for k in COUNTS if k in r['metrics']]
+    assert counts(got[cat]) == counts(want), f'{name}/{cat}: steps and counts {counts(got[cat])}, pinned {counts(want)}'
 
 
 @pytest.fixture(scope='module')
@@ -135,11 +164,15 @@ def root(tmp_path_factory):
 @pytest.mark.parametrize('name', list(PATHS))
 def test_path_ends_where_it_was_pinned(name, root, tmp_path):
   pinned = json.loads(PINS.read_text())['paths'][name]
-  compare(run_path(name, tmp_path, root), pinned, name)
+  got = run_path(name, tmp_path, root)
+  same_counts(got, pinned, name)
+  ratio, what = worst(got, pinned, name)
+  assert ratio <= 1.0, f'{what}: {ratio:.3g} x its tolerance'
 
 
 def test_the_comparison_fails_on_a_changed_run(root, tmp_path):
-  """Control: the same path with one more training step does not pass the comparison."""
+  """Control: the same path with one more training step misses its pinned numbers (the step count
+  aside) by at least 10x their tolerance (measured: 300x, see the module docstring)."""
   pinned = json.loads(PINS.read_text())['paths']['device_cache']
   categories, overrides = PATHS['device_cache']
   from adtr_jax import train
@@ -149,8 +182,8 @@ def test_the_comparison_fails_on_a_changed_run(root, tmp_path):
   got = {'toy': dict(_model_record(tmp_path / 'w' / 'toy'),
                      metrics={k: v for k, v in report['categories']['toy'].items()
                               if k not in SKIP_METRICS})}
-  with pytest.raises(AssertionError):
-    compare(got, pinned, 'control')
+  ratio, what = worst(got, pinned, 'control')
+  assert ratio > 10.0, f'one more step moved no pinned number by 10x its tolerance; the most: {what}'
 
 
 def record(out: pathlib.Path = PINS) -> None:

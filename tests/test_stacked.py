@@ -4,14 +4,13 @@ exactly."""
 import json
 import shutil
 
-import jax
 import numpy as np
 import pytest
 
-from adtr_jax import evaluate, members, sharding, train
+from adtr_jax import members, train
+from tests import helpers
 from tests.conftest import make_toy_mvtec, tiny_config
 from tests.test_summaries import read_events
-from tests.test_train import _cli, _kill_after_first_checkpoint, _steps
 
 # (category, seed, learning rate, model init): two categories of different sizes (18 and 26 training
 # images: 2 and 3 steps per epoch, budgets of 4 and 6 steps), several seeds, learning rates and
@@ -40,13 +39,9 @@ def _config(root, cache, category, seed, lr, model=None):
 
 def _result(config, workdir):
   """(final step, parameter leaves, logged losses) of the model in workdir."""
-  _, params, _, meta = evaluate.restore_model(config, workdir, sharding.make_mesh())
+  step, params, _ = helpers.params(config, workdir)
   losses = [json.loads(line)['loss'] for line in (workdir / 'train_log.jsonl').read_text().splitlines()]
-  return meta["step"], [np.asarray(x) for x in jax.tree.leaves(params)], np.asarray(losses)
-
-
-def _max_diff(a, b) -> float:
-  return max(float(np.max(np.abs(x - y))) for x, y in zip(a, b))
+  return step, params, np.asarray(losses)
 
 
 def _runs(root, tmp, **train_fields):
@@ -91,7 +86,7 @@ def test_stacked_models_train_as_they_would_alone(root, alone, tmp_path, layout,
     a_step, a_params, a_losses = alone[i]
     assert step == a_step == (4 if i < 2 else 6) and len(losses) == len(a_losses) == step
     np.testing.assert_allclose(losses, a_losses, rtol=1e-6)
-    assert _max_diff(params, a_params) <= 1e-4, workdir
+    assert helpers.max_diff(params, a_params) <= 1e-4, workdir
     # Each member is its own TensorBoard run, with its own steps and losses.
     scalars, _ = read_events(workdir)
     assert [s for s, _ in scalars['train/loss']] == list(range(1, step + 1))
@@ -106,7 +101,7 @@ def test_the_comparison_catches_swapped_member_keys(root, alone, tmp_path, monke
   trained = _stacked(root, tmp_path, 1, 0)
   for i in (0, 1):   # seeds 0 and 1 on toy got seeds 2 and 0 (of toy2's members)
     _, params, _ = _result(*trained[i])
-    assert _max_diff(params, alone[i][1]) > 1e-3
+    assert helpers.max_diff(params, alone[i][1]) > 1e-3
 
 
 def test_groups_split_on_shapes_not_numbers(root, tmp_path, capsys):
@@ -155,17 +150,17 @@ def test_killed_stacked_cli_run_resumes_exactly(root, tmp_path):
             '--config.train.num_epochs=12', '--config.train.checkpoint_every_steps=3',
             '--config.calibration.holdout_fraction=0']
   workdir = tmp_path / 'run'
-  _kill_after_first_checkpoint([*common, f'--workdir={workdir}'], workdir / 'toy2' / 'checkpoints', 36)
+  helpers.kill_after_first_checkpoint([*common, f'--workdir={workdir}'], workdir / 'toy2', 36)
   # Each member saves its own checkpoints; the group resumes at the last step all of them saved.
-  saved = [_steps(workdir / c / 'checkpoints') for c in ('toy', 'toy2')]
+  saved = [helpers.steps(workdir / c) for c in ('toy', 'toy2')]
   killed_at = min(s[-1] for s, last in zip(saved, (24, 36)) if s and s[-1] < last)
   shutil.copytree(workdir, tmp_path / 'wrong')   # the killed run, for the control below
 
-  resumed = _cli([*common, f'--workdir={workdir}'])
+  resumed = helpers.cli([*common, f'--workdir={workdir}'])
   out, _ = resumed.communicate(timeout=600)
   assert resumed.returncode == 0, out[-3000:]
   assert f'resumed 2 stacked models from step {killed_at}' in out
-  straight = _cli([*common, f'--workdir={tmp_path / "straight"}'])
+  straight = helpers.cli([*common, f'--workdir={tmp_path / "straight"}'])
   out, _ = straight.communicate(timeout=600)
   assert straight.returncode == 0, out[-3000:]
   for cat, last in (('toy', 24), ('toy2', 36)):
@@ -173,10 +168,10 @@ def test_killed_stacked_cli_run_resumes_exactly(root, tmp_path):
     step_r, p_resumed, _ = _result(config, workdir / cat)
     step_s, p_straight, _ = _result(config, tmp_path / 'straight' / cat)
     assert step_r == step_s == last
-    assert _max_diff(p_resumed, p_straight) <= 1e-6
+    assert helpers.max_diff(p_resumed, p_straight) <= 1e-6
   # Control: the same killed run resumed with another seed (other data orders and dropout after the
   # checkpoint) fails the comparison by far (measured 1.7e-2 toy, 2.1e-2 toy2).
-  wrong = _cli([*common, f'--workdir={tmp_path / "wrong"}', '--config.seed=1'])
+  wrong = helpers.cli([*common, f'--workdir={tmp_path / "wrong"}', '--config.seed=1'])
   out, _ = wrong.communicate(timeout=600)
   assert wrong.returncode == 0, out[-3000:]
   assert f'resumed 2 stacked models from step {killed_at}' in out
@@ -185,7 +180,7 @@ def test_killed_stacked_cli_run_resumes_exactly(root, tmp_path):
       continue
     config = _config(root, tmp_path / 'cache', cat, 0, 1e-3)
     p_wrong, p_straight = (_result(config, w / cat)[1] for w in (tmp_path / 'wrong', tmp_path / 'straight'))
-    assert _max_diff(p_wrong, p_straight) > 1e-3, (cat, _max_diff(p_wrong, p_straight))
+    assert helpers.max_diff(p_wrong, p_straight) > 1e-3, (cat, helpers.max_diff(p_wrong, p_straight))
 
 
 def test_models_per_call_default_is_sequential_on_cpu_only():

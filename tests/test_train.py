@@ -1,13 +1,8 @@
 """Training end to end on a toy category: sharding equivalence, learning, detection, kill-and-resume, CLI."""
 import functools
 import json
-import os
 import pathlib
 import shutil
-import signal
-import subprocess
-import sys
-import time
 
 import jax
 import jax.numpy as jnp
@@ -18,7 +13,8 @@ import pytest
 
 from adtr_jax import checkpoint, evaluate, sharding, step, train, train_state
 from adtr_jax.models.adtr import build_model
-from tests.conftest import REPO, tiny_config
+from tests import helpers
+from tests.conftest import tiny_config
 from tests.test_summaries import read_events
 
 
@@ -136,39 +132,6 @@ def test_checkpoint_excludes_frozen_backbone_and_records_its_hash(trained):
   assert not any('backbone' in p or 'cnn' in p for p in paths)
 
 
-def _cli(args, **kw):
-  env = dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS='--xla_force_host_platform_device_count=2')
-  return subprocess.Popen([sys.executable, '-m', 'adtr_jax.main', *args], cwd=REPO, env=env,
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
-
-
-def _steps(ckpt_dir: pathlib.Path) -> list[int]:
-  return sorted(int(p.name) for p in ckpt_dir.glob('[0-9]*') if p.is_dir() and p.name.isdigit())
-
-
-def _kill_after_first_checkpoint(args, ckpt_dir: pathlib.Path, total_steps: int) -> int:
-  """Starts the CLI with `args`, SIGKILLs it once ckpt_dir holds a checkpoint; returns its last step."""
-  proc = _cli(args)
-  deadline = time.time() + 300
-  while not _steps(ckpt_dir) and proc.poll() is None and time.time() < deadline:
-    time.sleep(0.02)
-  proc.send_signal(signal.SIGKILL)
-  proc.wait()
-  assert _steps(ckpt_dir), proc.stdout.read()[-3000:]
-  killed_at = _steps(ckpt_dir)[-1]
-  assert killed_at < total_steps, 'the run finished before it was killed'
-  return killed_at
-
-
-def _params(config, workdir):
-  _, params, _, meta = evaluate.restore_model(config, workdir, sharding.make_mesh())
-  return meta['step'], [np.asarray(x) for x in jax.tree.leaves(params)]
-
-
-def _max_diff(a, b) -> float:
-  return max(float(np.max(np.abs(x - y))) for x, y in zip(a, b))
-
-
 def test_resume_mid_epoch_is_exact(toy_root, cache_dir, tmp_path):
   """A run restarted from its step-3 checkpoint (mid-epoch: 2 steps per epoch) ends bit-identical to
   the uninterrupted run (same process, same devices: the same arithmetic). Negative controls: the
@@ -176,8 +139,8 @@ def test_resume_mid_epoch_is_exact(toy_root, cache_dir, tmp_path):
   config = tiny_config(toy_root, cache_dir, num_epochs=6, checkpoint_every_steps=3, max_checkpoints=10)
   straight = tmp_path / 'straight' / 'toy'
   train.train_and_evaluate(config, straight.parent, evaluate_after=False)
-  assert _steps(straight / 'checkpoints') == [3, 6, 9, 12]
-  end, p_straight = _params(config, straight)
+  assert helpers.steps(straight) == [3, 6, 9, 12]
+  end, p_straight, _ = helpers.params(config, straight)
   assert end == 12
 
   def restart(name, edit=None, **changes):
@@ -190,9 +153,9 @@ def test_resume_mid_epoch_is_exact(toy_root, cache_dir, tmp_path):
     train.train_and_evaluate(cfg, workdir.parent, evaluate_after=False)
     log = [json.loads(line) for line in (workdir / 'train_log.jsonl').read_text().splitlines()]
     assert [r['step'] for r in log] == list(range(4, 13))    # resumed at step 3, not from scratch
-    return _params(config, workdir)[1]
+    return helpers.params(config, workdir)[1]
 
-  assert _max_diff(restart('resumed'), p_straight) == 0.0
+  assert helpers.max_diff(restart('resumed'), p_straight) == 0.0
 
   def reset_optimizer(workdir):
     mgr = checkpoint.manager(workdir / 'checkpoints')
@@ -207,8 +170,8 @@ def test_resume_mid_epoch_is_exact(toy_root, cache_dir, tmp_path):
     mgr.close()
 
   # A wrong resume moves parameters by about the learning rate (1e-3) per step.
-  assert _max_diff(restart('fresh_optimizer', reset_optimizer), p_straight) > 1e-3
-  assert _max_diff(restart('other_order', seed=1), p_straight) > 1e-3
+  assert helpers.max_diff(restart('fresh_optimizer', reset_optimizer), p_straight) > 1e-3
+  assert helpers.max_diff(restart('other_order', seed=1), p_straight) > 1e-3
 
 
 def test_killed_cli_run_resumes_from_its_checkpoint(toy_root, cache_dir, tmp_path):
@@ -220,10 +183,10 @@ def test_killed_cli_run_resumes_from_its_checkpoint(toy_root, cache_dir, tmp_pat
             '--config.train.checkpoint_every_steps=3']
   workdir = tmp_path / 'run'
   args = [*common, f'--workdir={workdir}']
-  killed_at = _kill_after_first_checkpoint(args, workdir / 'toy' / 'checkpoints', 24)
+  killed_at = helpers.kill_after_first_checkpoint(args, workdir / 'toy', 24)
   shutil.copytree(workdir, tmp_path / 'wrong')   # the killed run, for the control below
 
-  resumed = _cli(args)
+  resumed = helpers.cli(args)
   out, _ = resumed.communicate(timeout=600)
   assert resumed.returncode == 0, out[-3000:]
   assert f'resumed toy from step {killed_at}' in out
@@ -234,27 +197,27 @@ def test_killed_cli_run_resumes_from_its_checkpoint(toy_root, cache_dir, tmp_pat
   scalars, _ = read_events(workdir / 'toy')
   assert scalars['train/loss'] == [(r['step'], np.float32(r['loss'])) for r in log]
 
-  straight = _cli([*common, f'--workdir={tmp_path / "straight"}'])
+  straight = helpers.cli([*common, f'--workdir={tmp_path / "straight"}'])
   out, _ = straight.communicate(timeout=600)
   assert straight.returncode == 0, out[-3000:]
   config = tiny_config(toy_root, cache_dir)
-  end_r, p_resumed = _params(config, workdir / 'toy')
-  end_s, p_straight = _params(config, tmp_path / 'straight' / 'toy')
+  end_r, p_resumed, _ = helpers.params(config, workdir / 'toy')
+  end_s, p_straight, _ = helpers.params(config, tmp_path / 'straight' / 'toy')
   assert end_r == end_s == 24
   # Separate processes with the same flags and device count compute the same arithmetic: the
   # measured difference is 0; 1e-6 leaves room for thread scheduling in XLA's CPU reductions, far
   # below the 1e-3 a wrong resume causes (test_resume_mid_epoch_is_exact's controls).
-  assert _max_diff(p_resumed, p_straight) <= 1e-6
+  assert helpers.max_diff(p_resumed, p_straight) <= 1e-6
   # Control: the same killed run resumed with another seed (after the checkpoint: another data order,
   # dropout and calibration holdout) fails the comparison by far (measured 2.1e-2).
-  wrong = _cli([*common, f'--workdir={tmp_path / "wrong"}', '--config.seed=1'])
+  wrong = helpers.cli([*common, f'--workdir={tmp_path / "wrong"}', '--config.seed=1'])
   out, _ = wrong.communicate(timeout=600)
   assert wrong.returncode == 0, out[-3000:]
   assert f'resumed toy from step {killed_at}' in out
-  end_w, p_wrong = _params(config, tmp_path / 'wrong' / 'toy')
-  assert end_w == 24 and _max_diff(p_wrong, p_straight) > 1e-3, _max_diff(p_wrong, p_straight)
+  end_w, p_wrong, _ = helpers.params(config, tmp_path / 'wrong' / 'toy')
+  assert end_w == 24 and helpers.max_diff(p_wrong, p_straight) > 1e-3, helpers.max_diff(p_wrong, p_straight)
 
-  ev = _cli([args[0], args[-1], '--mode=eval'])
+  ev = helpers.cli([args[0], args[-1], '--mode=eval'])
   out, _ = ev.communicate(timeout=600)
   assert ev.returncode == 0, out[-3000:]
   report = json.loads((workdir / 'metrics.json').read_text())

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from adtr_jax import errors, evaluate, feature_cache, metrics, scoring, sharding
 from adtr_jax.data import datasets
-from adtr_jax.models.adtr import TRAINABLE, build_model
+from adtr_jax.models.adtr import TRAINABLE, SplitModel, build_model
 
 SUBSAMPLING = ('random', 'coreset')
 
@@ -84,19 +84,15 @@ def evaluate_category(config: ml_collections.ConfigDict, category: str) -> dict:
   mesh = sharding.make_mesh()
   data = datasets.load_category(config, category)
   model, _ = build_model(config)
-  graphdef, params, frozen = nnx.split(model, TRAINABLE, ...)
-  kw = dict(image_size=config.dataset.image_size, batch_size=config.eval.batch_size,
-            dtype='float32', num_workers=config.dataset.num_workers,
-            memo_mb=config.backbone.feature_memo_mb)
-  train = feature_cache.compute(data.train, graphdef, params, frozen, mesh, **kw)
+  split = SplitModel(*nnx.split(model, TRAINABLE, ...))
+  train = feature_cache.compute(data.train, split, mesh, config, 'float32')
   model.feature_norm.fit(train)   # the same feature space as ADTR with this config
   train = np.asarray(model.feature_norm(train))
   b = config.baseline
   bank = jnp.asarray(subsample(train.reshape(-1, train.shape[-1]), b.bank_fraction, b.subsample,
                                config.seed))
   bank_sq = jnp.sum(jnp.square(bank), -1)
-  test = np.asarray(model.feature_norm(feature_cache.compute(data.test, graphdef, params, frozen, mesh,
-                                                             **kw)))
+  test = np.asarray(model.feature_norm(feature_cache.compute(data.test, split, mesh, config, 'float32')))
   s = config.scoring
   maps, scores = [], []
   for i in tqdm(range(0, len(test), config.eval.batch_size), desc=f'nearest neighbour {category}',

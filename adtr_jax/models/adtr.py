@@ -1,7 +1,9 @@
 """ADTR = frozen multi-scale CNN embedding + trainable reconstruction transformer."""
 from __future__ import annotations
 
+import dataclasses
 import inspect
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -58,6 +60,18 @@ class FeatureNorm(nnx.Module):
     std = np.maximum(std, 1e-2 * float(np.median(std)) + 1e-6)
     self.mean[...] = jnp.asarray(mean, jnp.float32)
     self.std[...] = jnp.asarray(std, jnp.float32)
+
+
+@dataclasses.dataclass(frozen=True)
+class SplitModel:
+  """A model as jitted code takes it (nnx.split): its structure, its trainable parameters (TRAINABLE)
+  and its frozen backbone. What the feature cache, scoring, calibration and export are given."""
+  graphdef: nnx.GraphDef
+  params: Any
+  frozen: Any
+
+  def merge(self) -> 'ADTR':
+    return nnx.merge(self.graphdef, self.params, self.frozen)
 
 
 def decays(params) -> object:

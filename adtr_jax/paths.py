@@ -1,0 +1,37 @@
+"""The workdir's layout: where each model, its checkpoints, its export and its predictions live.
+
+  <workdir>/config.json                    the training config (main.py)
+  <workdir>/metrics.json, metrics.md       every category's metrics and their mean (evaluate.py)
+  <workdir>/<category>/                    a model (or workdir/unified/: dataset.unified), or the
+                                           evaluation of a category by the unified model
+  <model dir>/checkpoints/<step>/          orbax checkpoints (checkpoint.py)
+  <model dir>/export/                      --mode=export (export.py)
+  <model dir>/predict/                     --mode=predict (evaluate.predict)
+"""
+from __future__ import annotations
+
+import pathlib
+
+UNIFIED = 'unified'   # the model folder of the unified setting (dataset.unified)
+
+
+def model_dir(config, workdir: pathlib.Path, category: str) -> pathlib.Path:
+  """Where `category`'s model lives: workdir/<category>, or workdir/unified in the unified setting."""
+  return pathlib.Path(workdir) / (UNIFIED if config.dataset.unified else category)
+
+
+def model_names(config, categories: list[str]) -> list[str]:
+  """The model folders a config trains: one per category, or 'unified'."""
+  return [UNIFIED] if config.dataset.unified else list(categories)
+
+
+def checkpoints(model: pathlib.Path) -> pathlib.Path:
+  return pathlib.Path(model) / 'checkpoints'
+
+
+def export_dir(model: pathlib.Path) -> pathlib.Path:
+  return pathlib.Path(model) / 'export'
+
+
+def predict_dir(model: pathlib.Path) -> pathlib.Path:
+  return pathlib.Path(model) / 'predict'

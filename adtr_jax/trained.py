@@ -1,0 +1,59 @@
+"""A trained model as evaluation, prediction and export use it: restored from its model folder, and
+the decision threshold calibrated for it on held-out normal training images."""
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+
+import numpy as np
+from absl import logging
+
+from adtr_jax import checkpoint, errors, inference, paths, sharding, train_state
+from adtr_jax.data import datasets
+from adtr_jax.models.adtr import SplitModel, build_model
+
+
+@dataclasses.dataclass(frozen=True)
+class Restored:
+  """A model restored from `directory` (a model folder): the split model and its checkpoint's
+  metadata (backbone, config, calibration, ...; meta['step'] is the restored step)."""
+  model: SplitModel
+  meta: dict
+  directory: pathlib.Path
+  category: str
+
+
+def restore(config, model_dir: pathlib.Path, mesh, category: str = '') -> Restored:
+  """The model trained in `model_dir`, at the checkpoint eval.checkpoint picks, replicated on mesh."""
+  model, info = build_model(config)
+  graphdef, state, frozen = train_state.init_state(model, config.train)
+  mgr = checkpoint.manager(paths.checkpoints(model_dir), config.train.max_checkpoints)
+  state, meta = checkpoint.load(mgr, config.eval.checkpoint, state, info, mesh)
+  mgr.close()
+  logging.info('restored %s step %d', model_dir, meta['step'])
+  return Restored(SplitModel(graphdef, state.params, sharding.put_replicated(frozen, mesh)), meta,
+                  pathlib.Path(model_dir), category)
+
+
+def for_scoring(config, workdir: pathlib.Path, mesh, mode: str) -> Restored:
+  """The one trained model that --mode=predict / export use; its checkpoint must hold a calibrated
+  threshold (meta['calibration'])."""
+  names = datasets.categories(config)
+  if len(names) != 1 and not config.dataset.unified:
+    raise errors.ConfigError(f'--mode={mode} needs one --config.dataset.category, got {names}')
+  model_dir = paths.model_dir(config, pathlib.Path(workdir), names[0])
+  restored = restore(config, model_dir, mesh, names[0])
+  if 'calibration' not in restored.meta:
+    raise errors.ConfigError(f'the checkpoint in {model_dir} has no calibrated threshold: it was trained with '
+                             'calibration.holdout_fraction=0 or did not finish; train with a held-out fraction')
+  return restored
+
+
+def calibrate(config, calib, model: SplitModel, mesh) -> dict:
+  """The decision threshold: the (1 - calibration.target_fpr) quantile of the scores of normal
+  training images held out from training (`calib`)."""
+  scores = inference.score_split(config, calib, model, mesh, 'calibrate')['scores']
+  target = config.calibration.target_fpr
+  threshold = float(np.quantile(scores, 1.0 - target, method='higher'))
+  return {'threshold': threshold, 'target_fpr': target, 'num_images': int(len(scores)),
+          'heldout_fpr': float(np.mean(scores > threshold))}

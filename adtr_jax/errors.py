@@ -24,3 +24,14 @@ class WeightsError(UserError, ValueError):
 
 class MissingFileError(UserError, FileNotFoundError):
   """A file or checkpoint the run needs does not exist."""
+
+
+class Diverged(UserError, ArithmeticError):
+  """Models whose training loss stopped being finite: the others of their run trained on and were
+  evaluated. One line per model (`lines`); the command line prints each and exits with status 1."""
+
+  exit_status = 1
+
+  def __init__(self, lines: list[str]):
+    super().__init__('\n'.join(lines))
+    self.lines = list(lines)

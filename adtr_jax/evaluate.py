@@ -124,8 +124,13 @@ def markdown_table(per_category: dict, mean: dict) -> str:
 
 def evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict:
   """Evaluates every configured category; writes workdir/metrics.json and metrics.md."""
-  per_category = {c: evaluate_category(config, c, workdir / c, paths.model_dir(config, workdir, c))
-                  for c in datasets.categories(config)}
+  per_category = {}
+  for c in datasets.categories(config):
+    model = paths.model_dir(config, workdir, c)
+    if paths.diverged(model).is_file():   # nothing finite to evaluate (train.py says so at the end)
+      per_category[c] = {'diverged_at_step': json.loads(paths.diverged(model).read_text())['step']}
+    else:
+      per_category[c] = evaluate_category(config, c, workdir / c, model)
   return write_report(per_category, workdir)
 
 

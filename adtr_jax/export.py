@@ -134,15 +134,18 @@ def version() -> str:
     return tomllib.loads(pyproject.read_text())['project']['version'] if pyproject.is_file() else 'unknown'
 
 
-def metrics_at_export(workdir: pathlib.Path, category: str, unified: bool) -> dict | None:
-  """The test metrics of <workdir>/metrics.json (written by --mode=eval / train_and_eval), or None."""
+def metrics_at_export(workdir: pathlib.Path, category: str, unified: bool, step: int) -> dict | None:
+  """The test metrics of <workdir>/metrics.json (written by --mode=eval / train_and_eval) when they
+  describe checkpoint `step` (the exported one), else None."""
   path = workdir / 'metrics.json'
   if not path.is_file():
     return None
   report = json.loads(path.read_text())
   categories = report.get('categories', {})
+  if not categories or any(v.get('checkpoint_step') != step for v in categories.values()):
+    return None   # evaluated at another step (or not every category): they would not be this model's
   if unified:
-    return {'mean': report.get('mean'), 'source': str(path)} if categories else None
+    return {'mean': report.get('mean'), 'source': str(path)}
   if category not in categories:
     return None
   return {**{k: v for k, v in categories[category].items() if k in METRICS_KEPT}, 'source': str(path)}
@@ -194,7 +197,7 @@ def export(config, workdir: pathlib.Path) -> pathlib.Path:
     if jax.process_index() == 0:
       write(path)
     seconds[key] = round(time.perf_counter() - start, 2)
-  metrics = metrics_at_export(workdir, name, config.dataset.unified)
+  metrics = metrics_at_export(workdir, name, config.dataset.unified, int(meta['step']))
   if jax.process_index() == 0:
     (out / deploy.META_FILE).write_text(json.dumps(model_json(config, name, meta, metrics, seconds),
                                                    indent=2) + '\n')

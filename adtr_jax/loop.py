@@ -226,6 +226,6 @@ def make_runner(step_fn: Callable, mesh, feed: Feed, models_per_call: int = 0) -
 
 def models_per_call_for(value: int, platform: str) -> int:
   """train.models_per_call resolved: value if > 0; 0 = every model at once (one vmapped call) on
-  accelerators, one at a time on CPU, where the vmapped step ran at 0.72-0.84x of one model's images/s
-  (BENCHMARKS.md)."""
+  accelerators, one at a time on CPU, where the vmapped step gave fewer images/s than one model at a
+  time (BENCHMARKS.md)."""
   return value or (1 if platform == 'cpu' else 0)

@@ -55,6 +55,10 @@ def main(argv):
   from adtr_jax import errors
   try:
     run(_CONFIG.value, pathlib.Path(_WORKDIR.value), _MODE.value)
+  except errors.Diverged as e:   # the others trained and were evaluated: one line per diverged model
+    for line in e.lines:
+      print(f'adtr_jax: error: {line}', file=sys.stderr)
+    sys.exit(e.exit_status)
   except errors.UserError as e:
     if _TRACEBACK.value:
       raise
@@ -98,7 +102,7 @@ def run(config, workdir: pathlib.Path, mode: str):
   # Before anything is written or prepared: a bad value costs a second, not a dataset's preparation.
   validate.check(config, mode, workdir)
   workdir.mkdir(parents=True, exist_ok=True)
-  if jax.process_index() == 0:
+  if jax.process_index() == 0 and mode in ('train', 'train_and_eval'):   # how its models were trained
     (workdir / 'config.json').write_text(config.to_json_best_effort(indent=2) + '\n')
   if mode == 'predict':
     evaluate.predict(config, workdir, _PREDICT_DIR.value)

@@ -1,13 +1,14 @@
 """Exact anomaly-detection metrics: image/pixel AUROC, AP, F1-max and pixel AUPRO (numpy/scipy only).
 
 All pixel metrics come from two value sorts (normal pixels, anomalous pixels) instead of an argsort of
-every pixel: on AVX-512 machines `np.sort` of float32 is ~15x faster than `np.argsort`, and the counts a
+every pixel: on AVX-512 machines `np.sort` of float32 is far faster than `np.argsort`, and the counts a
 ranking curve needs at a threshold t (normals >= t, anomalous >= t, PRO weight >= t) are positions in
 those two sorted arrays (`np.searchsorted`). Every curve point is taken where the score changes, so ties
 are handled exactly like scikit-learn (`roc_auc_score`, `average_precision_score`,
 `precision_recall_curve`), and there is no threshold sweep. AUPRO is the exact trapezoid area of the
 PRO(FPR) curve through those points, summed per anomalous pixel (see `_aupro`), so beyond the sorted
-normal scores only arrays of the anomalous pixels' size are built. 150 maps of 256 x 256 take ~0.1 s.
+normal scores only arrays of the anomalous pixels' size are built (`python -m adtr_jax.benchmark
+--metrics` times it, BENCHMARKS.md).
 
 Conventions (all values are fractions in [0, 1]):
 - image metrics with a single class present raise ValueError;

@@ -83,7 +83,7 @@ def initialize(coordinator_address: str | None, num_processes: int | None, proce
 # --distributed_timeout_s (at most that fraction + one beat after the loss) and the peer did not leave
 # on purpose (main.py marks a finished or failed process).
 # Not covered: losing process 0 itself. It runs the coordination service, and the others' JAX
-# clients abort the interpreter the moment it goes (measured: 0.25 s), before any Python code runs.
+# clients abort the interpreter the moment it goes, before any Python code runs (docs/multihost.md).
 
 # Of --distributed_timeout_s. JAX's own check, given twice the timeout, fired 0.65 of its time after a
 # kill (measured), so about 1.3x the timeout: ours comes first.

@@ -5,6 +5,9 @@
   <workdir>/<category>/                    a model (or workdir/unified/: dataset.unified), or the
                                            evaluation of a category by the unified model
   <model dir>/checkpoints/<step>/          orbax checkpoints (checkpoint.py)
+  <model dir>/calibration.json             thresholds of steps calibrated after they were saved
+                                           (the best checkpoint; trained.py)
+  <model dir>/diverged.json                the step where its training loss stopped being finite
   <model dir>/export/                      --mode=export (export.py)
   <model dir>/predict/                     --mode=predict (evaluate.predict)
 """
@@ -35,3 +38,11 @@ def export_dir(model: pathlib.Path) -> pathlib.Path:
 
 def predict_dir(model: pathlib.Path) -> pathlib.Path:
   return pathlib.Path(model) / 'predict'
+
+
+def calibrations(model: pathlib.Path) -> pathlib.Path:
+  return pathlib.Path(model) / 'calibration.json'
+
+
+def diverged(model: pathlib.Path) -> pathlib.Path:
+  return pathlib.Path(model) / 'diverged.json'

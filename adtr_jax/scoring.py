@@ -48,7 +48,7 @@ def upsample_map(s: jax.Array, image_size: int, gaussian_sigma: float = 0.0) -> 
 
   Both steps are linear and act on rows and columns separately, so the map is A_h s A_w^T with the
   [S, h] and [S, w] matrices of upsample_matrix: two small matmuls, where a single-channel 33-tap
-  convolution of the [S, S] map ran over 100x slower on XLA:CPU (BENCHMARKS.md).
+  convolution of the [S, S] map is far slower on XLA:CPU (BENCHMARKS.md).
   """
   rows = upsample_matrix(s.shape[1], image_size, gaussian_sigma)
   cols = upsample_matrix(s.shape[2], image_size, gaussian_sigma)

@@ -10,7 +10,7 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
-from adtr_jax import sharding
+from adtr_jax import faults, sharding
 from adtr_jax.data import pipeline
 
 
@@ -44,6 +44,7 @@ def batches(source, mesh, *, batch_size: int, image_size: int, num_workers: int,
   for batch in tqdm(it, total=pipeline.num_batches(n, batch_size, drop_remainder=False), desc=desc,
                     unit='batch', leave=leave, disable=jax.process_index() != 0):
     batch['index'] = batch['index'].astype(np.int32)
+    faults.point(desc.split(' ')[0])   # 'feature', 'calibrate', 'eval', 'predict'
     yield batch
 
 

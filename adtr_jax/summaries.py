@@ -31,10 +31,10 @@ class ModelLog:
     if self.active:
       _truncate_jsonl(self.workdir / JSONL, start_step)
       from tensorboardX import SummaryWriter  # imported here: only process 0 writes events
-      # TensorBoard drops the events of steps >= purge_step written before: the resumed run logs
-      # from start_step + 1 on.
-      self._writer = SummaryWriter(str(self.workdir), purge_step=start_step + 1 if start_step else None,
-                                   flush_secs=30, filename_suffix=_unique_suffix())
+      # TensorBoard drops the events of steps >= purge_step written before: the run logs from
+      # start_step + 1 on, also a run started again from step 0 (killed before its first checkpoint).
+      self._writer = SummaryWriter(str(self.workdir), purge_step=start_step + 1, flush_secs=30,
+                                   filename_suffix=_unique_suffix())
 
   def write(self, step: int, **record) -> None:
     """One JSON line {step, **record}; every finite number of it as scalar 'train/<name>'."""

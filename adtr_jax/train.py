@@ -18,7 +18,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import math
 import pathlib
 import time
 
@@ -27,8 +26,8 @@ import numpy as np
 from absl import logging
 from tqdm.auto import tqdm
 
-from adtr_jax import (checkpoint, errors, evaluate, feature_cache, loop, members, paths, sharding, step,
-                      summaries, train_state, trained, validate)
+from adtr_jax import (checkpoint, errors, evaluate, faults, feature_cache, loop, members, paths, sharding,
+                      step, summaries, train_state, trained, validate)
 from adtr_jax.data import datasets
 from adtr_jax.models.adtr import SplitModel, build_model
 
@@ -74,9 +73,10 @@ class _Model:
   last_step: int
   numbers: dict
   mgr: object
-  latest: int | None
+  saved: list[int]
   log: summaries.ModelLog | None = None
   since_save: list = dataclasses.field(default_factory=list)
+  diverged: dict | None = None   # {'step', 'loss', 'checkpoint'} once its loss is not finite
 
   def meta(self, info: dict) -> dict:
     """What its checkpoint says about how it was made (the frozen backbone is recorded, not saved)."""
@@ -102,20 +102,29 @@ class _Group:
                             datasets.load_category(m.config, m.category))
       spe = _epoch_steps(len(data[m.category].train), cfg.batch_size, m.category)
       last = train_state.total_steps(m.config.train, spe)
-      mgr = checkpoint.manager(paths.checkpoints(m.workdir), m.config.train.max_checkpoints)
+      mgr = checkpoint.manager(paths.checkpoints(m.workdir))
       self.models.append(_Model(m, data[m.category], spe, last, members.numbers(
           m.config.train, steps_per_epoch=spe, last_step=last, num_rows=len(data[m.category].train),
-          data=list(data).index(m.category)), mgr, mgr.latest_step()))
+          data=list(data).index(m.category)), mgr, checkpoint.saved_steps(paths.checkpoints(m.workdir))))
     self.categories = list(data)
     self.total = max(x.last_step for x in self.models)
     self.kind = members.feed_kind(self.cfg)
 
   def resume_step(self) -> int | None:
-    """The group step every member saved (a member past its budget counts as saved); None: fresh."""
-    if any(x.latest is None for x in self.models):   # _groups keeps fresh members apart
+    """The latest group step s from which every member can resume: each holds the checkpoint of
+    min(s, its budget) (a kill between two members' saves leaves some a step ahead; _save keeps the
+    step before until all have saved). None: fresh."""
+    if any(not x.saved for x in self.models):   # _groups keeps fresh members apart
       return None
-    unfinished = [x.latest for x in self.models if x.latest < x.last_step]
-    return min(unfinished) if unfinished else self.total
+    for s in sorted({step for x in self.models for step in x.saved}, reverse=True):
+      if all(min(s, x.last_step) in x.saved for x in self.models):
+        return s
+    raise errors.MissingFileError('no checkpoint step from which every model of '
+                                  f'{[str(x.member.workdir) for x in self.models]} can resume: their '
+                                  f'checkpoints hold steps {[x.saved for x in self.models]}')
+
+  def active(self) -> list[_Model]:
+    return [x for x in self.models if not x.diverged]
 
 
 def _features(g: _Group, model: SplitModel, dtype: str) -> list[np.ndarray]:
@@ -190,10 +199,17 @@ def _feed(g: _Group, features, keys: jax.Array, hyper: dict) -> loop.Feed:
 
 def _save(g: _Group, run: _Run, state, group_step: int) -> None:
   """Each member's state at min(group_step, its budget) as its own checkpoint (once per step); a
-  finished member's carries its calibrated threshold."""
+  finished member's carries its calibrated threshold. A diverged member saves nothing more.
+
+  Older steps are pruned only here, when every member's previous save has finished: a kill during
+  this save (between two members, or inside one) leaves every member its previous step to resume from,
+  whatever train.max_checkpoints is."""
+  for x in g.models:
+    x.mgr.wait_until_finished()
+    checkpoint.prune(x.mgr, x.member.config.train.max_checkpoints)
   for i, x in enumerate(g.models):
     at = min(group_step, x.last_step)
-    if x.mgr.latest_step() == at:
+    if x.diverged or x.mgr.latest_step() == at:
       continue
     single = jax.tree.map(lambda a: a[0], members.take(state, [i], g.mesh))
     meta = x.meta(run.info)
@@ -202,31 +218,65 @@ def _save(g: _Group, run: _Run, state, group_step: int) -> None:
                                               SplitModel(run.graphdef, single.params, run.frozen), g.mesh)
     loss = float(np.mean(x.since_save)) if x.since_save else float('nan')
     checkpoint.save(x.mgr, at, single, meta, loss)
+    faults.point('save')
     x.log.flush()
     x.since_save = []
 
 
+def _calibrate_best(g: _Group, run: _Run, template) -> None:
+  """The threshold of each member's best checkpoint too, when it is not its last (eval.checkpoint='best'
+  then picks a calibrated step): written to <model>/calibration.json. template: a local state of the
+  model's structure."""
+  for x in g.active():
+    best = x.mgr.best_step()
+    if x.data.calib is None or best is None or best == x.last_step or trained.calibration(x.member.workdir, best):
+      continue
+    state, _ = checkpoint.load(x.mgr, best, template, run.info, g.mesh)
+    calibration = trained.calibrate(x.member.config, x.data.calib,
+                                    SplitModel(run.graphdef, state.params, run.frozen), g.mesh)
+    trained.write_calibration(x.member.workdir, best, calibration)
+
+
 def _log_chunk(g: _Group, group_step: int, n: int, metrics: dict, seconds: float) -> float:
-  """Writes each active member's chunk to its log; an error naming it if its loss is not finite.
-  Returns the mean loss of the chunk's active steps."""
+  """Writes each active member's chunk to its log; a member whose loss (or gradient) is no longer
+  finite is marked diverged at its first such step (see _diverge). Returns the mean loss of the chunk's
+  active finite steps."""
   cfg = g.cfg.train
   active = metrics['active']
+  finite = np.isfinite(metrics['loss']) & np.isfinite(metrics['grad_norm'])
   for i, x in enumerate(g.models):
-    if not active[:, i].any():
+    if x.diverged or not active[:, i].any():
       continue
     losses = metrics['loss'][active[:, i], i]
     at = min(group_step + n, x.last_step)
-    loss = float(np.mean(losses))
+    if not finite[active[:, i], i].all():
+      first = int(np.argmax(~finite[:, i] & active[:, i]))
+      x.diverged = {'step': group_step + first + 1, 'loss': float(metrics['loss'][first, i]),
+                    'checkpoint': x.mgr.latest_step()}
+      x.log.write(at, epoch=at / x.steps_per_epoch, diverged_at_step=x.diverged['step'])
+      continue
     x.since_save.extend(losses.tolist())
-    x.log.write(at, epoch=at / x.steps_per_epoch, loss=loss,
+    x.log.write(at, epoch=at / x.steps_per_epoch, loss=float(np.mean(losses)),
                 grad_norm=float(np.mean(metrics['grad_norm'][active[:, i], i])),
                 lr=float(train_state.learning_rate(x.numbers, at - 1, cfg.schedule)),
                 images_per_s=float(active[:, i].sum()) * cfg.batch_size / seconds,
                 **({'stacked': True} if len(g.models) > 1 else {}))
-    if not all(map(math.isfinite, losses.tolist())):
-      raise FloatingPointError(f'{x.member.workdir}: training loss became {loss} at step {at}: lower '
-                               f'train.learning_rate ({x.member.config.train.learning_rate})')
-  return float(np.mean(metrics['loss'][active]))
+  ok = active & finite
+  return float(np.mean(metrics['loss'][ok])) if ok.any() else float('nan')
+
+
+def _diverge(g: _Group, run: _Run, x: _Model) -> None:
+  """Stops a diverged member while the rest of its group trains on: its budget on the device becomes 0
+  (the runner leaves its state alone from now on), it saves nothing more, and its folder records the
+  step (diverged.json; the run ends with a line per diverged member, see train_and_evaluate)."""
+  numbers = members.stack([y.numbers for y in g.models])
+  for j, y in enumerate(g.models):
+    if y.diverged:
+      numbers['last_step'][j] = 0
+  run.hyper = sharding.put(numbers, sharding.model_sharded(g.mesh))
+  if jax.process_index() == 0:
+    paths.diverged(x.member.workdir).write_text(json.dumps(dict(x.diverged, config_learning_rate=float(
+        x.member.config.train.learning_rate))) + '\n')
 
 
 def _loop(g: _Group, run: _Run, state, start: int) -> None:
@@ -240,19 +290,25 @@ def _loop(g: _Group, run: _Run, state, start: int) -> None:
   bar = tqdm(total=g.total, initial=start, desc=f'train {name}', unit='step',
              disable=jax.process_index() != 0)
   group_step = start
-  while group_step < g.total:
-    n = min(cfg.log_every_steps - group_step % cfg.log_every_steps, g.total - group_step)
+  while group_step < (total := max((x.last_step for x in g.active()), default=group_step)):
+    n = min(cfg.log_every_steps - group_step % cfg.log_every_steps, total - group_step)
     t0 = time.perf_counter()
     state, metrics = run.runner(state, run.frozen, run.keys, run.hyper, group_step, n)
+    faults.point('chunk')
     metrics = jax.tree.map(sharding.to_host, metrics)   # [n, M]; waits for the chunk
     seconds = time.perf_counter() - t0
+    fine = g.active()
     loss = _log_chunk(g, group_step, n, metrics, seconds)
+    for x in fine:
+      if x.diverged:
+        _diverge(g, run, x)
     group_step += n
     bar.update(n)
     bar.set_postfix(loss=f'{loss:.4f}', img_s=f'{metrics["active"].sum() * cfg.batch_size / seconds:.1f}')
     if clock.due(group_step):
       _save(g, run, state, group_step)
       clock.saved(group_step)
+  _save(g, run, state, group_step)   # members that finished before a longer one diverged (else a no-op)
   bar.close()
   for x in g.models:
     x.log.close()
@@ -282,6 +338,9 @@ def _train_group(group: list[members.Member]) -> list[dict]:
     _loop(g, run, state, start)
   for x in g.models:
     x.mgr.wait_until_finished()
+    checkpoint.prune(x.mgr, x.member.config.train.max_checkpoints)
+  _calibrate_best(g, run, states[0])
+  for x in g.models:
     x.mgr.close()
   return [{'category': x.member.category, 'steps': x.last_step, 'stacked': len(group) > 1}
           for x in g.models]
@@ -289,7 +348,9 @@ def _train_group(group: list[members.Member]) -> list[dict]:
 
 def _groups(todo: list[members.Member], stack: bool):
   """members.plan's groups, each split into members that have checkpoints and members that have none
-  (runs added to a resumed sweep): a fresh member cannot step in lockstep with resumed ones."""
+  (runs added to a resumed sweep): a fresh member cannot step in lockstep with resumed ones. Members
+  that diverged before are left out: with the config they may not change, they would again."""
+  todo = [m for m in todo if not paths.diverged(m.workdir).is_file()]
   for group in members.plan(todo, stack):
     parts = {True: [], False: []}
     for m in group:
@@ -297,17 +358,34 @@ def _groups(todo: list[members.Member], stack: bool):
     yield from (part for part in parts.values() if part)
 
 
+def _raise_if_diverged(todo: list[members.Member]) -> None:
+  """After the others trained and were evaluated: errors.Diverged with one line per diverged model."""
+  lines = []
+  for m in todo:
+    if paths.diverged(m.workdir).is_file():
+      d = json.loads(paths.diverged(m.workdir).read_text())
+      kept = (f'its last finite checkpoint is step {d["checkpoint"]}' if d['checkpoint'] is not None
+              else 'it saved no checkpoint')
+      lines.append(f'{m.workdir} diverged at step {d["step"]} (training loss {d["loss"]}); {kept}. '
+                   f'Train it again in a new --workdir with a lower train.learning_rate (it had '
+                   f'{m.config.train.learning_rate})')
+  if lines:
+    raise errors.Diverged(lines)
+
+
 def train_and_evaluate(config, workdir: str | pathlib.Path, evaluate_after: bool = True) -> dict:
   """Trains every configured category in workdir/<category> (or, with dataset.unified, one model on
   all of them in workdir/unified), stacked when train.stacked, then (optionally) evaluates them."""
-  validate.check(config)
   workdir = pathlib.Path(workdir)
-  groups = list(_groups(members.members_of(config, workdir), config.train.stacked))
+  validate.check(config, 'train', workdir)
+  todo = members.members_of(config, workdir)
+  groups = list(_groups(todo, config.train.stacked))
   validate.check_groups(groups)
-  done = [s for group in groups for s in _train_group(group)]
-  if not evaluate_after:
-    return {'train': done}
-  return {'train': done, 'eval': evaluate.evaluate(config, workdir)}
+  done = {'train': [s for group in groups for s in _train_group(group)]}
+  if evaluate_after:
+    done['eval'] = evaluate.evaluate(config, workdir)
+  _raise_if_diverged(todo)
+  return done
 
 
 def train_runs(runs: list, stack: bool = True, evaluate_after: bool = True) -> None:
@@ -316,8 +394,8 @@ def train_runs(runs: list, stack: bool = True, evaluate_after: bool = True) -> N
   models, plus its evaluation) and 'stacked_models' (the size of its group); the experiments' one
   entry point. stack: members of different runs that can step together (members.plan) do.
   """
-  for _, config in runs:
-    validate.check(config)
+  for run_dir, config in runs:
+    validate.check(config, 'train', pathlib.Path(run_dir))
   todo = [m for run_dir, config in runs for m in members.members_of(config, pathlib.Path(run_dir))]
   minutes: dict[pathlib.Path, float] = {}
   stacked: dict[pathlib.Path, int] = {}
@@ -341,3 +419,4 @@ def train_runs(runs: list, stack: bool = True, evaluate_after: bool = True) -> N
       (run_dir / 'metrics.json').write_text(json.dumps(
           dict(report, minutes=minutes.get(run_dir, 0.0), stacked_models=stacked.get(run_dir, 1)),
           indent=2) + '\n')
+  _raise_if_diverged(todo)

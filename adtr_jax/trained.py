@@ -3,8 +3,11 @@ the decision threshold calibrated for it on held-out normal training images."""
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
 import pathlib
 
+import jax
 import numpy as np
 from absl import logging
 
@@ -24,12 +27,15 @@ class Restored:
 
 
 def restore(config, model_dir: pathlib.Path, mesh, category: str = '') -> Restored:
-  """The model trained in `model_dir`, at the checkpoint eval.checkpoint picks, replicated on mesh."""
+  """The model trained in `model_dir`, at the checkpoint eval.checkpoint picks, replicated on mesh.
+  meta['calibration']: the threshold calibrated for that step (when there is one)."""
   model, info = build_model(config)
   graphdef, state, frozen = train_state.init_state(model, config.train)
-  mgr = checkpoint.manager(paths.checkpoints(model_dir), config.train.max_checkpoints)
+  mgr = checkpoint.manager(paths.checkpoints(model_dir))
   state, meta = checkpoint.load(mgr, config.eval.checkpoint, state, info, mesh)
   mgr.close()
+  if 'calibration' not in meta and calibration(model_dir, meta['step']):
+    meta['calibration'] = calibration(model_dir, meta['step'])
   logging.info('restored %s step %d', model_dir, meta['step'])
   return Restored(SplitModel(graphdef, state.params, sharding.put_replicated(frozen, mesh)), meta,
                   pathlib.Path(model_dir), category)
@@ -44,8 +50,10 @@ def for_scoring(config, workdir: pathlib.Path, mesh, mode: str) -> Restored:
   model_dir = paths.model_dir(config, pathlib.Path(workdir), names[0])
   restored = restore(config, model_dir, mesh, names[0])
   if 'calibration' not in restored.meta:
-    raise errors.ConfigError(f'the checkpoint in {model_dir} has no calibrated threshold: it was trained with '
-                             'calibration.holdout_fraction=0 or did not finish; train with a held-out fraction')
+    raise errors.ConfigError(
+        f'step {restored.meta["step"]} of {paths.checkpoints(model_dir)} (eval.checkpoint='
+        f'{config.eval.checkpoint!r}) has no calibrated threshold: the model was trained with '
+        'calibration.holdout_fraction=0, or its training did not finish (run --mode=train again)')
   return restored
 
 
@@ -57,3 +65,22 @@ def calibrate(config, calib, model: SplitModel, mesh) -> dict:
   threshold = float(np.quantile(scores, 1.0 - target, method='higher'))
   return {'threshold': threshold, 'target_fpr': target, 'num_images': int(len(scores)),
           'heldout_fpr': float(np.mean(scores > threshold))}
+
+
+def calibration(model_dir: pathlib.Path, step: int) -> dict | None:
+  """The threshold calibrated for `step` after it was saved (the best checkpoint), or None."""
+  path = paths.calibrations(model_dir)
+  return json.loads(path.read_text()).get(str(step)) if path.is_file() else None
+
+
+def write_calibration(model_dir: pathlib.Path, step: int, values: dict) -> None:
+  """Adds step's threshold to <model_dir>/calibration.json (process 0; replaced whole, never half
+  written)."""
+  if jax.process_index() != 0:
+    return
+  path = paths.calibrations(model_dir)
+  table = json.loads(path.read_text()) if path.is_file() else {}
+  table[str(step)] = values
+  tmp = path.with_suffix('.tmp')
+  tmp.write_text(json.dumps(table, indent=2) + '\n')
+  os.replace(tmp, path)

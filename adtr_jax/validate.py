@@ -8,6 +8,7 @@ the modules that use them.
 """
 from __future__ import annotations
 
+import json
 import math
 import pathlib
 
@@ -106,6 +107,8 @@ def check(config: ml_collections.ConfigDict, mode: str = 'train_and_eval',
                             config.train.stacked, say=None))
   if workdir is not None:
     _check_checkpoints(config, mode, pathlib.Path(workdir))
+    if mode in ('train', 'train_and_eval'):
+      check_resume(config, pathlib.Path(workdir))
 
 
 def _get(config, field: str):
@@ -193,3 +196,45 @@ def _check_checkpoints(config, mode: str, workdir: pathlib.Path) -> None:
     for name in names:
       checkpoint.require(paths.checkpoints(pathlib.Path(config.init_from).expanduser() / name),
                          f'init_from={config.init_from!r}')
+
+
+def _flat(d: dict, prefix: str = '') -> dict:
+  """A config as JSON ({section: {field: value}}) -> {'section.field': value}."""
+  out = {}
+  for key, value in d.items():
+    if isinstance(value, dict):
+      out.update(_flat(value, f'{prefix}{key}.'))
+    else:
+      out[prefix + key] = value
+  return out
+
+
+def changed_on_resume(saved: dict, config) -> list[str]:
+  """'field old -> new' for every field that `config` changes from the config a checkpoint saved
+  (`saved`, meta['config']) and that may not change when a run resumes (defaults.RESUMABLE may). A
+  field the saved config lacks (added to adtr_jax since) counts at its default."""
+  old = {**_flat(json.loads(defaults.get_config().to_json_best_effort())), **_flat(saved)}
+  new = _flat(json.loads(config.to_json_best_effort()))
+  return [f'{field} {old.get(field)!r} -> {value!r}' for field, value in sorted(new.items())
+          if field not in defaults.RESUMABLE and old.get(field) != value]
+
+
+def check_resume(config, workdir: pathlib.Path) -> None:
+  """A run resumed in `workdir` trains what its checkpoints trained: one ConfigError names every field
+  of every model folder that changed but may not change on resume (before any data is prepared)."""
+  problems = []
+  for member in members.members_of(config, workdir):
+    steps = checkpoint.saved_steps(paths.checkpoints(member.workdir))
+    if not steps:
+      continue
+    mgr = checkpoint.manager(paths.checkpoints(member.workdir))
+    saved = checkpoint.read_meta(mgr, steps[-1]).get('config', {})
+    mgr.close()
+    changed = changed_on_resume(saved, member.config)
+    if changed:
+      problems.append(f'{member.workdir} (step {steps[-1]}): {", ".join(changed)}')
+  if problems:
+    raise errors.ConfigError(
+        'the checkpoints were trained with another config, and these fields may not change when a run '
+        f'resumes: {"; ".join(problems)}. Use the original values, or train longer or differently in a '
+        f'new --workdir with --config.init_from={workdir} (README, "Resume")')

@@ -21,7 +21,7 @@ from absl import logging
 from etils import epath
 from PIL import Image
 
-from adtr_jax import errors
+from adtr_jax import errors, faults
 from adtr_jax.data import mvtec, pipeline
 
 NAME = 'adtr_mvtec_layout'
@@ -130,6 +130,7 @@ class AdtrMvtecLayout(tfds.core.GeneratorBasedBuilder):
     rows = (row for group in pipeline.parallel_map(encode_record, groups, os.cpu_count() or 1)
             for row in group)
     for record, example in zip(records, rows):
+      faults.point('prepare')
       yield record['path'], example
 
 

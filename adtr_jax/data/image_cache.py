@@ -17,6 +17,7 @@ import numpy as np
 from absl import logging
 from tqdm.auto import tqdm
 
+from adtr_jax import faults
 from adtr_jax.data import pipeline
 
 
@@ -52,6 +53,7 @@ def _decode_all(source, image_size: int, num_workers: int, desc: str) -> tuple[d
   for i, example in rows:
     arrays['images'][i], arrays['masks'][i] = example['image'], example['mask']
     arrays['labels'][i], paths[i] = example['label'], example['path']
+    faults.point('resize')
     bar.update(1)
   bar.close()
   return arrays, paths

@@ -75,8 +75,9 @@ def _submission(root, obj='sheet_metal', threshold=0.5):
   rng = np.random.default_rng(3)
   for split, suffix in maps_io.AD2_PRIVATE_SPLITS.items():
     names = [f'{i:03d}_{suffix}' for i in range(n)][::-1]  # any order
-    maps_io.write_ad2_submission(root, obj, split, names, rng.random((n, 3, 4)).astype(np.float32),
-                                 [(5, 6)] * n, threshold)
+    maps = rng.random((n, 3, 4)).astype(np.float32)
+    maps[-6] = threshold + 1e-5  # image 005: above the threshold in float32, equal to it in float16
+    maps_io.write_ad2_submission(root, obj, split, names, maps, [(5, 6)] * n, threshold)
   return n
 
 
@@ -87,9 +88,11 @@ def test_ad2_submission_tree_passes_the_checkers_rules(tmp_path):
     tiffs = sorted((tmp_path / 'anomaly_images' / 'sheet_metal' / split).iterdir())
     pngs = sorted((tmp_path / 'anomaly_images_thresholded' / 'sheet_metal' / split).iterdir())
     assert len(tiffs) == len(pngs) == n and tiffs[0].name == f'000_{suffix}.tiff'
-    m, b = tifffile.imread(tiffs[7]), np.asarray(Image.open(pngs[7]))
-    assert m.dtype == np.float16 and m.shape == b.shape == (5, 6)
-    assert set(np.unique(b)) <= {0, 255} and np.array_equal(b == 255, m > 0.5)
+    for tiff, png in zip(tiffs, pngs):  # the PNG is the float16 map the server reads, binarised
+      m, b = tifffile.imread(tiff), np.asarray(Image.open(png))
+      assert m.dtype == np.float16 and m.shape == b.shape == (5, 6)
+      assert set(np.unique(b)) <= {0, 255} and np.array_equal(b == 255, m > 0.5)
+    assert not np.asarray(Image.open(pngs[5])).any()
   with pytest.raises(errors.DataError, match='anomaly_images: missing folders'):
     maps_io.check_ad2_submission(tmp_path)  # the real checker wants all eight objects
 

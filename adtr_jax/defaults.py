@@ -43,7 +43,10 @@ def _dataset() -> ml_collections.ConfigDict:
   # 'mvtec': an MVTec-AD layout folder <root>/<category>/{train,test,ground_truth};
   # 'elpv': the real solar-cell images of the `elpv-dataset` package, exported into that layout;
   # 'classes': folder-per-class data <root>/{train,test}/<class>/ (or a .tar.gz of it), one-class
-  # protocol: category <class> trains on that class, tests it against every other class.
+  # protocol: category <class> trains on that class, tests it against every other class;
+  # 'visa', 'realiad', 'mvtec_ad2', 'mvtec_loco': the benchmarks' extracted archives, read where they
+  # lie (adtr_jax/data/<source>.py; docs/benchmarks.md). MVTec AD 2 and LOCO calibrate the decision
+  # threshold on their validation split (calibration.holdout_fraction is then unused).
   dataset.source = 'mvtec'
   dataset.root = ''
   # One category, or several separated by commas (one model each; metrics.json reports their mean).
@@ -53,6 +56,15 @@ def _dataset() -> ml_collections.ConfigDict:
   dataset.unified = False
   dataset.image_size = 256
   dataset.elpv_cell_type = 'mono'
+  # VisA: the split file <root>/split_csv/<visa_split>.csv. '1cls' (normal training images only), or
+  # '2cls_highshot' / '2cls_fewshot', whose labelled training anomalies train the anomaly-aware losses
+  # (loss.type 'pixel' or 'image'; anomalies.labelled_use='exclude' trains on the normal ones only).
+  dataset.visa_split = '1cls'
+  # Real-IAD: images from <root>/realiad_<realiad_resolution>/, splits from <root>/<realiad_json>/
+  # ('realiad_jsons': multi-view, 'realiad_jsons_sv': single view, 'realiad_jsons_fuiad_<r>': noisy
+  # training sets).
+  dataset.realiad_resolution = '256'
+  dataset.realiad_json = 'realiad_jsons'
   # 'mvtec' source: every anomalous test image needs its ground_truth mask. False: a category with no
   # ground_truth/ folder at all is scored on image labels only (no pixel metrics), e.g. an exported
   # image-labelled set placed beside mask-labelled ones for the unified setting.

@@ -17,7 +17,7 @@ import ml_collections
 from adtr_jax import (checkpoint, defaults, errors, feature_cache, losses, members, metrics, paths,
                       scoring, sharding, step, train_state)
 from adtr_jax.baselines import nearest_neighbour
-from adtr_jax.data import datasets, elpv, mixing
+from adtr_jax.data import datasets, elpv, mixing, realiad, visa
 from adtr_jax.models import adtr, backbone, reconstructor, weights
 
 MODES = ('train', 'eval', 'train_and_eval', 'predict', 'show_anomalies', 'export')
@@ -71,6 +71,9 @@ RANGES = {
 CHOICES = {
     'dataset.source': datasets.SOURCES,
     'dataset.elpv_cell_type': elpv.CELL_TYPES,
+    'dataset.visa_split': visa.SPLITS,
+    'dataset.realiad_resolution': realiad.RESOLUTIONS,
+    'dataset.realiad_json': realiad.JSON_VARIANTS,
     'model.type': tuple(adtr.RECONSTRUCTORS),
     'model.target': ('features', 'pixels'),
     'model.feature_norm': adtr.FEATURE_NORMS,

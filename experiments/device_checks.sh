@@ -4,6 +4,9 @@
 #   bash experiments/device_checks.sh fetch        # here: the wheels the device image lacks -> .whl/
 #   bash experiments/device_checks.sh run [quick]  # there, e.g. through the `device` tool:
 #       run(command='bash experiments/device_checks.sh run', carry=['.whl'], timeout_s=540)
+#   bash experiments/device_checks.sh benchmarks   # the full VisA / Real-IAD / MVTec AD 2 / LOCO runs
+#       (docs/benchmarks.md), on a machine that holds the archives: $VISA_ROOT, $REALIAD_ROOT,
+#       $MVTEC_AD2_ROOT, $MVTEC_LOCO_ROOT (default /data/...); a missing root is skipped with a message.
 #
 # `run` prints one JSON line per check (the benchmark's line with a "check" name added) and keeps them in
 # $OUT/device_checks.jsonl, most wanted first (a call stopped at its limit still returns what is there).
@@ -46,16 +49,20 @@ check() {  # check NAME ARGS...: one benchmark line, named; a failure is reporte
   echo "$line" | tee -a "$OUT/device_checks.jsonl"
 }
 
+install_wheels() {  # what `fetch` brought, carried in .whl/, onto the device image's Python
+  if [[ -d .whl ]]; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+      --target /tmp/site .whl/*.whl || exit 1
+    export PYTHONPATH=/tmp/site:$PWD
+  fi
+}
+
 run() {
   local quick=${1:-}
   OUT=${OUT:-/tmp/device_checks}
   mkdir -p "$OUT"
   export PYTHONUNBUFFERED=1
-  if [[ $quick != quick && -d .whl ]]; then   # quick: the active venv as it is
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-      --target /tmp/site .whl/*.whl || exit 1
-    export PYTHONPATH=/tmp/site:$PWD
-  fi
+  [[ $quick != quick ]] && install_wheels   # quick: the active venv as it is
   command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
   python3 -c 'import jax, flax; print("jax", jax.__version__, "flax", flax.__version__, jax.devices())'
   # steps: timed steps per figure; sched: one category's 500 epochs at batch 16 (about 6,500 steps for
@@ -105,8 +112,41 @@ print(json.dumps({'check': 'score_agreement', f'{b}_vs_{a}': rel(b, a), f'{c}_vs
 PY
 }
 
+benchmark() {  # benchmark NAME ROOT ARGS...: one full benchmark run (train and eval) if ROOT exists
+  local name=$1 root=$2
+  shift 2
+  if [[ ! -d $root ]]; then
+    echo "{\"benchmark\": \"$name\", \"skipped\": \"dataset root $root is missing\"}" | tee -a "$OUT/benchmarks.jsonl"
+    return
+  fi
+  local workdir=${WORKDIRS:-workdirs}/$name
+  python3 -m adtr_jax.main "$@" --workdir="$workdir" --config.dataset.root="$root" \
+    --config.model.dtype=bfloat16 --config.model.attention=auto >> "$OUT/$name.log" 2>&1
+  local rc=$?
+  echo "{\"benchmark\": \"$name\", \"rc\": $rc, \"metrics\": \"$workdir/metrics.json\"}" \
+    | tee -a "$OUT/benchmarks.jsonl"
+  [[ $rc -eq 0 ]] && cp "$workdir/metrics.json" "$OUT/$name.metrics.json"
+}
+
+benchmarks() {  # the settings of docs/benchmarks.md, single-class and unified
+  OUT=${OUT:-/tmp/device_checks}
+  mkdir -p "$OUT"
+  install_wheels
+  local visa=${VISA_ROOT:-/data/VisA_20220922} realiad=${REALIAD_ROOT:-/data/Real-IAD}
+  local ad2=${MVTEC_AD2_ROOT:-/data/mvtec_ad_2} loco=${MVTEC_LOCO_ROOT:-/data/mvtec_loco_anomaly_detection}
+  benchmark visa_1cls "$visa" --config=configs/visa.py
+  benchmark visa_1cls_unified "$visa" --config=configs/visa.py --config.dataset.unified=True
+  benchmark visa_2cls_highshot "$visa" --config=configs/visa.py --config.dataset.visa_split=2cls_highshot \
+    --config.loss.type=pixel
+  benchmark realiad_multiview "$realiad" --config=configs/realiad.py
+  benchmark realiad_single_view "$realiad" --config=configs/realiad.py --config.dataset.realiad_json=realiad_jsons_sv
+  benchmark mvtec_ad2 "$ad2" --config=configs/mvtec_ad2.py
+  benchmark mvtec_loco "$loco" --config=configs/mvtec_loco.py
+}
+
 case ${1:-} in
   fetch) fetch ;;
   run) run "${2:-}" ;;
-  *) echo "usage: bash experiments/device_checks.sh fetch | run [quick]" >&2; exit 2 ;;
+  benchmarks) benchmarks ;;
+  *) echo "usage: bash experiments/device_checks.sh fetch | run [quick] | benchmarks" >&2; exit 2 ;;
 esac

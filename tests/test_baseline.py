@@ -1,4 +1,5 @@
 """The nearest-neighbour reference and the resized-image cache."""
+import functools
 import json
 
 import jax.numpy as jnp
@@ -6,7 +7,7 @@ import numpy as np
 import pytest
 
 from adtr_jax.baselines import nearest_neighbour as nn
-from adtr_jax.data import builder, datasets, image_cache
+from adtr_jax.data import builder, datasets, image_cache, mvtec
 from tests.conftest import tiny_config
 
 
@@ -47,7 +48,7 @@ def test_coreset_covers_better_than_random_rows():
 
 
 def test_image_cache_is_written_once_and_matches_decoding(toy_root, tmp_path, monkeypatch):
-  splits = builder.prepare(toy_root, 'toy', tmp_path / 'tfds')
+  splits = builder.prepare(functools.partial(mvtec.scan_category, toy_root, 'toy'), tmp_path / 'tfds')
   first = image_cache.cached(splits['test'], 32)
   assert first.arrays['images'].dtype == np.uint8 and first.arrays['images'].shape == (8, 32, 32, 3)
   ex = first[5]

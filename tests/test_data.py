@@ -1,5 +1,6 @@
 """Data: MVTec-layout scanning, the tfds builder, the ELPV export and the batch pipeline."""
 import collections
+import functools
 import json
 import pathlib
 import shutil
@@ -14,6 +15,10 @@ from adtr_jax import defaults
 from tests.conftest import make_toy_mvtec
 
 
+def _prepare(root, data_dir, category='toy', require_masks=True):
+  return builder.prepare(functools.partial(mvtec.scan_category, root, category, require_masks), data_dir)
+
+
 def _config(**dataset):
   config = defaults.get_config()
   config.dataset.update(**dataset)
@@ -22,7 +27,7 @@ def _config(**dataset):
 
 @pytest.fixture(scope='module')
 def toy_splits(toy_root, tmp_path_factory):
-  return builder.prepare(toy_root, 'toy', tmp_path_factory.mktemp('tfds'))
+  return _prepare(toy_root, tmp_path_factory.mktemp('tfds'))
 
 
 @pytest.fixture
@@ -61,7 +66,7 @@ def test_mask_binarised_at_128(own_toy, tmp_path):
   raw[:, 40:] = 128
   Image.fromarray(raw).save(mask_path)
   np.testing.assert_array_equal(mvtec.load_mask(mask_path), raw >= 128)
-  test = builder.prepare(own_toy, 'toy', tmp_path / 'tfds')['test']
+  test = _prepare(own_toy, tmp_path / 'tfds')['test']
   row = [test[i]['path'] for i in range(len(test))].index(str(own_toy / 'toy/test/square/000.png'))
   np.testing.assert_array_equal(test[row]['mask'], raw >= 128)
   batch = next(pipeline.batches(test, batch_size=8, image_size=64,
@@ -79,11 +84,11 @@ def test_decoding_colour_modes(tmp_path):
 
 
 def test_rebuilt_only_when_the_folder_changes(own_toy, tmp_path):
-  first = builder.prepare(own_toy, 'toy', tmp_path / 'tfds')['train']
-  again = builder.prepare(own_toy, 'toy', tmp_path / 'tfds')['train']
+  first = _prepare(own_toy, tmp_path / 'tfds')['train']
+  again = _prepare(own_toy, tmp_path / 'tfds')['train']
   assert again.data_dir == first.data_dir
   shutil.copy(own_toy / 'toy/train/good/000.png', own_toy / 'toy/train/good/new.png')
-  changed = builder.prepare(own_toy, 'toy', tmp_path / 'tfds')['train']
+  changed = _prepare(own_toy, tmp_path / 'tfds')['train']
   assert changed.data_dir != first.data_dir
   assert (len(first), len(changed)) == (18, 19)
   assert changed[18]['path'].endswith('new.png')
@@ -95,13 +100,13 @@ def test_rebuilt_only_when_the_folder_changes(own_toy, tmp_path):
 def test_missing_mask_names_image_and_mask(own_toy, tmp_path):
   (own_toy / 'toy/ground_truth/square/002_mask.png').unlink()
   with pytest.raises(errors.DataError, match=r'test/square/002\.png.*ground_truth/square/002_mask'):
-    builder.prepare(own_toy, 'toy', tmp_path / 'tfds')
+    _prepare(own_toy, tmp_path / 'tfds')
 
 
 def test_unreadable_image_names_the_file(own_toy, tmp_path):
   (own_toy / 'toy/test/good/bad.png').write_bytes(b'this is not a png')
   with pytest.raises(errors.DataError, match=r'cannot decode image .*test/good/bad\.png'):
-    builder.prepare(own_toy, 'toy', tmp_path / 'tfds')
+    _prepare(own_toy, tmp_path / 'tfds')
 
 
 def test_empty_test_split(own_toy):
@@ -131,7 +136,7 @@ def test_no_ground_truth_means_image_labels_only(own_toy, tmp_path):
   shutil.rmtree(own_toy / 'toy/ground_truth')
   with pytest.raises(errors.DataError, match='has no mask'):
     mvtec.scan_category(own_toy, 'toy')
-  test = builder.prepare(own_toy, 'toy', tmp_path / 'tfds', require_masks=False)['test']
+  test = _prepare(own_toy, tmp_path / 'tfds', require_masks=False)['test']
   assert not test.has_masks
   assert [test[i]['label'] for i in range(len(test))] == [0] * 4 + [1] * 4
   assert not any(test[i]['mask'].any() for i in range(len(test)))
@@ -145,7 +150,7 @@ def test_categories_and_config_errors(toy_root, tmp_path, monkeypatch):
     datasets.categories(_config(category=' , '))
   with pytest.raises(ValueError, match='--config.dataset.root=/path'):
     datasets.load_category(_config(category='toy'), 'toy')
-  with pytest.raises(ValueError, match='mvtec, elpv'):
+  with pytest.raises(ValueError, match='mvtec, elpv, classes, visa, realiad'):
     datasets.load_category(_config(source='kitti', root=str(toy_root)), 'toy')
   monkeypatch.setenv('ADTR_JAX_CACHE', str(tmp_path / 'env'))
   assert datasets.cache_dir(_config()) == tmp_path / 'env'
@@ -295,20 +300,20 @@ def test_elpv_loads_as_image_level_category(tmp_path):
 def test_magnetic_tile(shared_data, tmp_path):
   if not (shared_data / 'magnetic_tile').is_dir():
     pytest.skip(f'{shared_data}/magnetic_tile is missing')
-  records = mvtec.scan_category(shared_data, 'magnetic_tile')
+  records = mvtec.scan_category(shared_data, 'magnetic_tile').splits
   cat = shared_data / 'magnetic_tile'
   assert len(records['train']) == len(list((cat / 'train/good').glob('*.jpg')))
   assert len(records['test']) == len(list((cat / 'test').glob('*/*.jpg')))
   for r in records['test']:
     assert (r['label'] == 1) == (r['defect_type'] != 'good')
-    assert bool(r['mask_path']) == (r['label'] == 1)
-    assert not r['mask_path'] or pathlib.Path(r['mask_path']).is_file()
-  splits = builder.prepare(shared_data, 'magnetic_tile', tmp_path / 'tfds')
+    assert len(r['mask_paths']) == r['label']
+    assert all(pathlib.Path(m).is_file() for m in r['mask_paths'])
+  splits = _prepare(shared_data, tmp_path / 'tfds', 'magnetic_tile')
   assert (len(splits['train']), len(splits['test'])) == (len(records['train']), len(records['test']))
   for i in (0, len(records['test']) - 1):
     ex, r = splits['test'][i], records['test'][i]
     assert ex['path'] == r['path'] and ex['image'].shape == ex['mask'].shape + (3,)
-    np.testing.assert_array_equal(ex['mask'], mvtec.load_mask(r['mask_path']) if r['mask_path']
+    np.testing.assert_array_equal(ex['mask'], mvtec.load_mask(r['mask_paths'][0]) if r['mask_paths']
                                   else np.zeros(ex['mask'].shape, bool))
   batch = next(pipeline.batches(splits['test'], batch_size=8, image_size=64, drop_remainder=True))
   assert batch['image'].shape == (8, 64, 64, 3)

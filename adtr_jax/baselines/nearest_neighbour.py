@@ -79,8 +79,10 @@ def nearest_distance(bank: jax.Array, bank_sq: jax.Array, queries: jax.Array) ->
   return jnp.sqrt(jnp.maximum(jnp.min(d2, axis=-1), 0.0)).reshape(queries.shape[:3])
 
 
-def evaluate_category(config: ml_collections.ConfigDict, category: str) -> dict:
-  """The reference's metrics for one category (same splits, scoring and metrics as ADTR's)."""
+def score_test(config: ml_collections.ConfigDict, category: str) -> dict:
+  """The reference's scores of one category's test split: {'maps': [N, S, S], 'scores': [N], 'labels':
+  [N], 'masks': [N, S, S] or None, 'paths': [N] image files, 'bank_size'} (same splits and scoring as
+  ADTR's)."""
   mesh = sharding.make_mesh()
   data = datasets.load_category(config, category)
   model, _ = build_model(config)
@@ -101,12 +103,20 @@ def evaluate_category(config: ml_collections.ConfigDict, category: str) -> dict:
                              config.dataset.image_size, s.gaussian_sigma)
     maps.append(np.asarray(m))
     scores.append(np.asarray(scoring.image_score(m, s.image_score, s.avgpool_size, s.topk)))
-  maps, scores = np.concatenate(maps), np.concatenate(scores)
-  labels = np.asarray([data.test[i]['label'] for i in range(len(data.test))])
-  masks = np.stack([data.test[i]['mask'] for i in range(len(data.test))]) if data.has_masks else None
-  values = metrics.compute_all(scores, labels, maps if data.has_masks else None, masks,
-                               aupro_ties=config.eval.aupro_ties)
-  values.update(num_test_images=len(labels), bank_size=int(bank.shape[0]),
+  rows = [data.test[i] for i in range(len(data.test))]
+  return {'maps': np.concatenate(maps), 'scores': np.concatenate(scores),
+          'labels': np.asarray([r['label'] for r in rows]),
+          'masks': np.stack([r['mask'] for r in rows]) if data.has_masks else None,
+          'paths': [r['path'] for r in rows], 'bank_size': int(bank.shape[0])}
+
+
+def evaluate_category(config: ml_collections.ConfigDict, category: str) -> dict:
+  """The reference's metrics for one category (same splits, scoring and metrics as ADTR's)."""
+  t = score_test(config, category)
+  values = metrics.compute_all(t['scores'], t['labels'], t['maps'] if t['masks'] is not None else None,
+                               t['masks'], aupro_ties=config.eval.aupro_ties)
+  b = config.baseline
+  values.update(num_test_images=len(t['labels']), bank_size=t['bank_size'],
                 bank_fraction=b.bank_fraction, subsample=b.subsample)
   return values
 

@@ -1,8 +1,10 @@
-"""A tensorflow-datasets builder that prepares one MVTec-layout category into array_record files.
+"""A tensorflow-datasets builder that prepares one category (a records.Scan of any source) into
+array_record files.
 
 Images and masks are stored as encoded bytes in tfds.features.Image (the image file's own bytes; the
-mask's PNG, or an all-zero PNG made with PIL) and read back with `as_data_source` and PIL: encoding
-or decoding arrays inside tfds would need TensorFlow, which is not a dependency.
+mask as a 0/255 PNG: the union of the record's mask files binarised at the source's threshold, or all
+zero) and read back with `as_data_source` and PIL: encoding or decoding arrays inside tfds would need
+TensorFlow, which is not a dependency.
 """
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ import os
 import pathlib
 import re
 import shutil
+from typing import Callable
 
 import numpy as np
 import tensorflow_datasets as tfds
@@ -22,50 +25,44 @@ from etils import epath
 from PIL import Image
 
 from adtr_jax import errors, faults
-from adtr_jax.data import mvtec, pipeline
+from adtr_jax.data import mvtec, pipeline, records
 
 NAME = 'adtr_mvtec_layout'
-SPLITS = ('train', 'test')
 LABELS = ('good', 'anomalous')
 # Bump when what is stored changes: the version is part of every prepared dataset's path.
-FORMAT_VERSION = '1.0.0'
+FORMAT_VERSION = '2.0.0'
 
 
 @dataclasses.dataclass(eq=False)
 class CategoryConfig(tfds.core.BuilderConfig):
-  """One category folder (the manual_dir); `fingerprint` names its content (see fingerprint())."""
-  require_masks: bool = True
+  """One scanned category; `fingerprint` names its content (see fingerprint())."""
   fingerprint: str = ''
 
 
-def fingerprint(cat_dir: pathlib.Path, records: dict, require_masks: bool) -> str:
-  """sha256 of the absolute folder and every listed file's relative path, size and mtime.
-
-  A changed, added or removed image or mask gives a new fingerprint and so a new dataset.
-  """
-  h = hashlib.sha256(json.dumps([str(cat_dir), require_masks, FORMAT_VERSION]).encode())
-  for split in SPLITS:
-    for r in records[split]:
-      for path in filter(None, (r['path'], r['mask_path'])):
+def fingerprint(scan: records.Scan) -> str:
+  """sha256 of the scan's origin and mask threshold and of every listed file's split, path, label, size
+  and mtime. A changed, added or removed image or mask gives a new fingerprint and so a new dataset."""
+  h = hashlib.sha256(json.dumps([scan.origin, scan.mask_threshold, FORMAT_VERSION]).encode())
+  for split, rows in scan.splits.items():
+    for r in rows:
+      for path in (r['path'], *r['mask_paths']):
         st = os.stat(path)
-        rel = os.path.relpath(path, cat_dir)
-        h.update(json.dumps([split, rel, r['label'], st.st_size, st.st_mtime_ns]).encode())
+        h.update(json.dumps([split, path, r['label'], st.st_size, st.st_mtime_ns]).encode())
   return h.hexdigest()
 
 
-def config_for(cat_dir: pathlib.Path, records: dict, require_masks: bool) -> CategoryConfig:
+def config_for(scan: records.Scan) -> CategoryConfig:
   """A config named '<category>_<fingerprint prefix>' (tfds config names allow [\\w+.-] only)."""
-  fp = fingerprint(cat_dir, records, require_masks)
-  safe = re.sub(r'[^\w.+-]', '_', cat_dir.name)
-  return CategoryConfig(name=f'{safe}_{fp[:16]}', version=FORMAT_VERSION,
-                        description=f'{cat_dir} (require_masks={require_masks})',
-                        require_masks=require_masks, fingerprint=fp)
+  fp = fingerprint(scan)
+  safe = re.sub(r'[^\w.+-]', '_', scan.name)
+  return CategoryConfig(name=f'{safe}_{fp[:16]}', version=FORMAT_VERSION, description=scan.origin,
+                        fingerprint=fp)
 
 
-def _zero_png(height: int, width: int) -> bytes:
-  """An all-zero greyscale PNG: the mask of normal images (and of categories without masks)."""
+def _png(mask: np.ndarray) -> bytes:
+  """bool [H, W] -> a greyscale 0/255 PNG."""
   buffer = io.BytesIO()
-  Image.fromarray(np.zeros((height, width), np.uint8)).save(buffer, format='PNG')
+  Image.fromarray(mask.astype(np.uint8) * np.uint8(255)).save(buffer, format='PNG')
   return buffer.getvalue()
 
 
@@ -76,29 +73,30 @@ def _read(path: str) -> bytes:
     raise errors.DataError(f'cannot read {path}: {e}') from e
 
 
-def encode_record(record: dict) -> dict:
-  """A scan record -> a tfds example. Decodes the image and mask once so that bad files fail now,
+def encode_record(record: dict, mask_threshold: int = records.HALF) -> dict:
+  """A scan record -> a tfds example. Decodes the image and masks once so that bad files fail now,
   naming the path, rather than mid-training."""
   image_bytes = _read(record['path'])
   height, width = mvtec.decode_image(image_bytes, record['path']).shape[:2]
-  if record['mask_path']:
-    mask_bytes = _read(record['mask_path'])
-    shape = mvtec.decode_mask(mask_bytes, record['mask_path']).shape
-    if shape != (height, width):
-      raise errors.DataError(f'mask {record["mask_path"]} is {shape[1]}x{shape[0]} but image '
+  mask = np.zeros((height, width), bool)
+  for path in record['mask_paths']:
+    part = mvtec.decode_mask(_read(path), path, mask_threshold)
+    if part.shape != (height, width):
+      raise errors.DataError(f'mask {path} is {part.shape[1]}x{part.shape[0]} but image '
                              f'{record["path"]} is {width}x{height} (width x height)')
-  else:
-    mask_bytes = _zero_png(height, width)
-  return {'image': image_bytes, 'mask': mask_bytes, 'label': record['label'],
+    mask |= part
+  return {'image': image_bytes, 'mask': _png(mask), 'label': record['label'],
           'defect_type': record['defect_type'], 'path': record['path']}
 
 
 class AdtrMvtecLayout(tfds.core.GeneratorBasedBuilder):
-  """Splits 'train' and 'test' of one MVTec-layout category, passed as DownloadConfig.manual_dir."""
+  """The labelled splits of one scanned category. `rescan` (set before download_and_prepare) lists the
+  category again: what is stored is what the files hold while they are read."""
 
   name = NAME
   VERSION = tfds.core.Version(FORMAT_VERSION)
-  MANUAL_DOWNLOAD_INSTRUCTIONS = 'manual_dir is the category folder <root>/<category>.'
+  MANUAL_DOWNLOAD_INSTRUCTIONS = 'nothing to download: the category is read where it lies.'
+  rescan: Callable[[], records.Scan] | None = None
   # tfds 4.9.10 works this out with `importlib_resources`, which it does not install on Python 3.11;
   # it only uses it to look for a (here nonexistent) checksums file beside the code.
   code_path = epath.Path(__file__)
@@ -117,19 +115,19 @@ class AdtrMvtecLayout(tfds.core.GeneratorBasedBuilder):
     )
 
   def _split_generators(self, dl_manager):
-    cat_dir = pathlib.Path(dl_manager.manual_dir)
-    config = self.builder_config
-    records = mvtec.scan_category(cat_dir.parent, cat_dir.name, config.require_masks)
-    if fingerprint(cat_dir, records, config.require_masks) != config.fingerprint:
-      raise errors.DataError(f'{cat_dir} changed while it was being prepared; run again')
-    return {split: self._generate_examples(records[split]) for split in SPLITS}
+    scan = self.rescan()
+    if fingerprint(scan) != self.builder_config.fingerprint:
+      raise errors.DataError(f'{scan.origin} changed while it was being prepared; run again')
+    return {split: self._generate_examples(rows, scan.mask_threshold)
+            for split, rows in scan.splits.items()}
 
-  def _generate_examples(self, records: list[dict]):
+  def _generate_examples(self, rows: list[dict], mask_threshold: int):
     # Decoding for validation dominates preparation; PIL releases the GIL, so threads help.
-    groups = (records[i:i + 16] for i in range(0, len(records), 16))
-    rows = (row for group in pipeline.parallel_map(encode_record, groups, os.cpu_count() or 1)
-            for row in group)
-    for record, example in zip(records, rows):
+    groups = (rows[i:i + 16] for i in range(0, len(rows), 16))
+    encoded = (example for group in pipeline.parallel_map(lambda r: encode_record(r, mask_threshold),
+                                                          groups, os.cpu_count() or 1)
+               for example in group)
+    for record, example in zip(rows, encoded):
       faults.point('prepare')
       yield record['path'], example
 
@@ -139,13 +137,18 @@ class ExampleSource:
   [H, W], 'label': int (1 = anomalous), 'defect_type': str, 'path': str}.
 
   has_masks: the category's anomalous images have pixel masks (else every mask is all False).
+  records: the scan's records of the split (records.py), records[i] describing row i.
   """
 
-  def __init__(self, records, split: str, data_dir: str, has_masks: bool):
-    self._records = records  # tfds ArrayRecordDataSource yielding undecoded image/mask bytes
+  def __init__(self, rows, split: str, data_dir: str, has_masks: bool, records: list[dict]):
+    if len(rows) != len(records):
+      raise errors.DataError(f'{data_dir} holds {len(rows)} {split} rows but the scan lists '
+                             f'{len(records)}: delete {data_dir} and run again')
+    self._records = rows  # tfds ArrayRecordDataSource yielding undecoded image/mask bytes
     self.split = split
     self.data_dir = data_dir
     self.has_masks = has_masks
+    self.records = records
 
   def __len__(self) -> int:
     return len(self._records)
@@ -163,33 +166,34 @@ class ExampleSource:
     return f'ExampleSource({self.split!r}, {self.data_dir})'
 
 
-def _load(builder: AdtrMvtecLayout, has_masks: bool) -> dict[str, ExampleSource]:
+def _load(builder: AdtrMvtecLayout, scan: records.Scan) -> dict[str, ExampleSource]:
   skip = tfds.decode.SkipDecoding()
+  has_masks = any(r['mask_paths'] for r in scan.splits['test'])
   return {split: ExampleSource(builder.as_data_source(split, decoders={'image': skip, 'mask': skip}),
-                               split, os.fspath(builder.data_path), has_masks)
-          for split in SPLITS}
+                               split, os.fspath(builder.data_path), has_masks, rows)
+          for split, rows in scan.splits.items()}
 
 
-def prepare(root, category: str, data_dir, require_masks: bool = True) -> dict[str, ExampleSource]:
-  """Prepares <root>/<category> into `data_dir` (reused while its files are unchanged).
+def prepare(scan: Callable[[], records.Scan], data_dir, listed: records.Scan | None = None
+            ) -> dict[str, ExampleSource]:
+  """Prepares the category that `scan()` lists into `data_dir` (reused while its files are unchanged).
+  `listed`: scan()'s result, when the caller has it already.
 
-  Returns {'train': ExampleSource, 'test': ExampleSource}, rows in the scan's sorted order.
+  Returns {split: ExampleSource} for the scan's labelled splits, rows in the scan's order.
   """
-  cat_dir = pathlib.Path(root).expanduser().resolve() / category
-  records = mvtec.scan_category(cat_dir.parent, category, require_masks)
-  builder = AdtrMvtecLayout(data_dir=os.fspath(data_dir),
-                            config=config_for(cat_dir, records, require_masks))
+  listed = listed or scan()
+  builder = AdtrMvtecLayout(data_dir=os.fspath(data_dir), config=config_for(listed))
   if not builder.is_prepared():
-    counts = ', '.join(f'{len(records[s])} {s}' for s in SPLITS)
-    print(f'adtr_jax: preparing {cat_dir} ({counts} images) into {builder.data_path}', flush=True)
+    counts = ', '.join(f'{len(rows)} {split}' for split, rows in listed.splits.items())
+    print(f'adtr_jax: preparing {listed.origin} ({counts} images) into {builder.data_path}', flush=True)
     # tfds's nested per-split bars are noise next to our one line (preparing takes seconds).
     tfds.display_progress_bar(False)
+    builder.rescan = scan
     builder.download_and_prepare(
         file_format='array_record',
-        download_config=tfds.download.DownloadConfig(manual_dir=os.fspath(cat_dir),
-                                                     try_download_gcs=False))
+        download_config=tfds.download.DownloadConfig(try_download_gcs=False))
     _remove_stale(builder)
-  return _load(builder, any(r['mask_path'] for r in records['test']))
+  return _load(builder, listed)
 
 
 def _remove_stale(builder: AdtrMvtecLayout) -> None:

@@ -23,10 +23,12 @@ from adtr_jax.data import pipeline
 
 class ArraySource:
   """A split already at the model's size. [i] -> {'image': uint8 [S, S, 3], 'mask': bool [S, S],
-  'label': int, 'path': str}; `arrays` holds the whole split ('images', 'masks', 'labels')."""
+  'label': int, 'path': str}; `arrays` holds the whole split ('images', 'masks', 'labels');
+  records[i] is row i's scan record (records.py)."""
 
-  def __init__(self, arrays: dict, paths: list[str], has_masks: bool, name: str):
+  def __init__(self, arrays: dict, paths: list[str], has_masks: bool, name: str, records: list[dict]):
     self.arrays, self.paths, self.has_masks, self.name = arrays, paths, has_masks, name
+    self.records = records
 
   def __len__(self) -> int:
     return len(self.paths)
@@ -81,4 +83,4 @@ def cached(source, image_size: int, num_workers: int = 2) -> ArraySource:
   if len(paths) != len(source):
     raise RuntimeError(f'{folder} holds {len(paths)} images but {source} has {len(source)}: '
                        f'delete {folder} and run again')
-  return ArraySource(arrays, paths, source.has_masks, name)
+  return ArraySource(arrays, paths, source.has_masks, name, source.records)

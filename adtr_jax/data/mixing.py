@@ -1,7 +1,8 @@
 """Anomalies for anomaly-aware training, mixed into the normal training images.
 
 Three sources (any combination, from `config.anomalies`):
-- real labelled anomalies moved out of the test split (few-shot: `num_labelled` per defect type),
+- real labelled anomalies: moved out of the test split (few-shot: `num_labelled` per defect type), or
+  put into the training split by the benchmark's split file (VisA's 2cls splits, `dataset.visa_split`),
 - synthetic ones generated on the fly from normal training images (`synthetic`: confetti, cutpaste,
   perlin; several separated by commas),
 - external irrelevant images from a folder (`external_dir`), image-level anomalies.
@@ -18,7 +19,7 @@ import ml_collections
 import numpy as np
 
 from adtr_jax import errors
-from adtr_jax.data import anomalies
+from adtr_jax.data import anomalies, visa
 from adtr_jax.data.folder import FolderSource
 
 
@@ -33,9 +34,14 @@ def synthetic_names(cfg: ml_collections.ConfigDict) -> list[str]:
   return names
 
 
+def split_labels_anomalies(config: ml_collections.ConfigDict) -> bool:
+  """The benchmark's split file puts labelled anomalies into the training split (VisA 2cls)."""
+  return config.dataset.source == 'visa' and config.dataset.visa_split in visa.LABELLED_SPLITS
+
+
 def trains_on_labelled(config: ml_collections.ConfigDict) -> bool:
   a = config.anomalies
-  return a.num_labelled > 0 and a.labelled_use == 'train'
+  return (a.num_labelled > 0 or split_labels_anomalies(config)) and a.labelled_use == 'train'
 
 
 def uses_anomalies(config: ml_collections.ConfigDict) -> bool:
@@ -46,9 +52,14 @@ def uses_anomalies(config: ml_collections.ConfigDict) -> bool:
 def check(config: ml_collections.ConfigDict, has_masks: bool) -> None:
   """Config combinations that cannot train meaningfully are errors, naming the fields."""
   loss, a = config.loss.type, config.anomalies
+  if split_labels_anomalies(config) and a.num_labelled > 0:
+    raise errors.ConfigError(f'dataset.visa_split={config.dataset.visa_split!r} already puts labelled '
+                             'anomalies into training: leave anomalies.num_labelled=0')
   if uses_anomalies(config) and loss == 'mse':
-    raise errors.ConfigError('anomalies are configured (anomalies.num_labelled / synthetic / external_dir) but '
-                             "loss.type='mse' would train to reconstruct them: use loss.type='pixel' or 'image'")
+    raise errors.ConfigError('anomalies are configured (anomalies.num_labelled / synthetic / external_dir, or a '
+                             "split with labelled training anomalies) but loss.type='mse' would train to "
+                             "reconstruct them: use loss.type='pixel' or 'image' (or anomalies.labelled_use="
+                             "'exclude' to leave labelled ones out)")
   if loss != 'mse' and not uses_anomalies(config):
     raise errors.ConfigError(f'loss.type={loss!r} needs anomalies: set anomalies.num_labelled, anomalies.synthetic '
                              'or anomalies.external_dir')

@@ -13,6 +13,7 @@ import numpy as np
 from PIL import Image
 
 from adtr_jax import errors
+from adtr_jax.data import records
 
 IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.bmp', '.tif', '.tiff')
 GOOD = 'good'
@@ -45,22 +46,22 @@ def _missing_category(root: pathlib.Path, category: str) -> errors.DataError:
                           f'{", ".join(found) or "none (no <category>/train folders)"}')
 
 
-def _record(path: pathlib.Path, defect_type: str, mask_path: str = '') -> dict:
-  return {'path': str(path), 'label': int(defect_type != GOOD), 'defect_type': defect_type,
-          'mask_path': mask_path}
+def _record(path: pathlib.Path, defect_type: str, mask_paths=()) -> dict:
+  return records.record(path, defect_type != GOOD, defect_type, mask_paths)
 
 
-def _scan_train(cat: pathlib.Path) -> list[dict]:
-  train = cat / 'train'
-  if not train.is_dir():
-    raise errors.DataError(f'{train} does not exist: a category needs train/{GOOD}/ with normal images')
-  others = [p.name for p in _entries(train) if p.name != GOOD]
+def scan_good(folder: pathlib.Path) -> list[dict]:
+  """The normal images of `folder`/good (train/, or a validation/ split), which holds nothing else."""
+  if not folder.is_dir():
+    raise errors.DataError(f'{folder} does not exist: a category needs {folder.name}/{GOOD}/ with normal '
+                           'images')
+  others = [p.name for p in _entries(folder) if p.name != GOOD]
   if others:
-    raise errors.DataError(f'{train} may only contain {GOOD}/ (training is on normal images only), '
+    raise errors.DataError(f'{folder} may only contain {GOOD}/ (it holds normal images only), '
                            f'found: {", ".join(others)}')
-  images = images_in(train / GOOD) if (train / GOOD).is_dir() else []
+  images = images_in(folder / GOOD) if (folder / GOOD).is_dir() else []
   if not images:
-    raise errors.DataError(f'{train / GOOD} is missing or has no images ({", ".join(IMAGE_EXTENSIONS)})')
+    raise errors.DataError(f'{folder / GOOD} is missing or has no images ({", ".join(IMAGE_EXTENSIONS)})')
   return [_record(p, GOOD) for p in images]
 
 
@@ -71,20 +72,21 @@ def _masks_by_stem(folder: pathlib.Path) -> dict[str, pathlib.Path]:
   return {p.stem[:-len(MASK_SUFFIX)]: p for p in images_in(folder) if p.stem.endswith(MASK_SUFFIX)}
 
 
-def _scan_test(cat: pathlib.Path, require_masks: bool) -> list[dict]:
-  test, truth = cat / 'test', cat / 'ground_truth'
+def scan_test(test: pathlib.Path, truth: pathlib.Path, require_masks: bool) -> list[dict]:
+  """test/<type>/* with masks truth/<type>/<stem>_mask.* (a `truth` folder inside `test`, as MVTec AD 2
+  has, is not a type)."""
   if not test.is_dir():
-    raise errors.DataError(f'{test} does not exist: a category needs test/<type>/ folders')
+    raise errors.DataError(f'{test} does not exist: a category needs {test.name}/<type>/ folders')
   # Partial masks would silently count defects as normal pixels, so masks are all-or-nothing.
   need_masks = require_masks or truth.is_dir()
   records = []
-  for folder in (p for p in _entries(test) if p.is_dir()):
+  for folder in (p for p in _entries(test) if p.is_dir() and p != truth):
     masks = _masks_by_stem(truth / folder.name)
     for path in images_in(folder):
       if folder.name == GOOD:
         records.append(_record(path, GOOD))
       elif path.stem in masks:
-        records.append(_record(path, folder.name, str(masks[path.stem])))
+        records.append(_record(path, folder.name, [masks[path.stem]]))
       elif need_masks:
         expected = truth / folder.name / f'{path.stem}{MASK_SUFFIX}.png'
         raise errors.DataError(f'anomalous test image {path} has no mask {expected}' +
@@ -94,23 +96,31 @@ def _scan_test(cat: pathlib.Path, require_masks: bool) -> list[dict]:
       else:
         records.append(_record(path, folder.name))
   if not records:
-    raise errors.DataError(f'the test split {test} has no images in test/<type>/ folders')
+    raise errors.DataError(f'the test split {test} has no images in {test.name}/<type>/ folders')
   return records
 
 
-def scan_category(root, category: str, require_masks: bool = True) -> dict[str, list[dict]]:
-  """Lists a category's files: {'train': [...], 'test': [...]}, sorted by defect type then name.
-
-  Each record is {'path', 'label' (0 normal, 1 anomalous), 'defect_type', 'mask_path' ('' for
-  normal images, and for every image when the category has no ground_truth/ folder and
-  require_masks=False)}. Raises errors.DataError naming the path of whatever is missing or misplaced.
-  """
-  # Resolved like the prepared dataset's paths, so scan records and dataset rows name files alike.
+def category_dir(root, category: str) -> pathlib.Path:
+  """<root>/<category>, resolved (so that records and prepared rows name files alike); an error
+  listing the categories there when it is missing."""
   root = pathlib.Path(root).expanduser().resolve()
-  cat = root / category
-  if not category or not cat.is_dir():
+  if not category or not (root / category).is_dir():
     raise _missing_category(root, category)
-  return {'train': _scan_train(cat), 'test': _scan_test(cat, require_masks)}
+  return root / category
+
+
+def scan_category(root, category: str, require_masks: bool = True) -> records.Scan:
+  """Lists a category's files: splits 'train' and 'test', sorted by defect type then name.
+
+  Records (records.py) have no mask for normal images, nor for any image when the category has no
+  ground_truth/ folder and require_masks=False. Raises errors.DataError naming the path of whatever
+  is missing or misplaced.
+  """
+  cat = category_dir(root, category)
+  return records.Scan(
+      name=category, origin=f'mvtec {cat} (require_masks={require_masks})',
+      splits={'train': scan_good(cat / 'train'),
+              'test': scan_test(cat / 'test', cat / 'ground_truth', require_masks)})
 
 
 def _open(data: bytes, path) -> Image.Image:
@@ -149,10 +159,16 @@ def decode_image(data: bytes, path='<bytes>') -> np.ndarray:
   return np.asarray(image.convert('RGB'), dtype=np.uint8)
 
 
-def decode_mask(data: bytes, path='<bytes>') -> np.ndarray:
-  """Encoded mask -> bool [H, W], True where the grey value is >= 128 (JPEG-era masks are not 0/255)."""
+def decode_grey(data: bytes, path='<bytes>') -> np.ndarray:
+  """Encoded greyscale (or colour, converted) image -> uint8 [H, W]."""
   image = _to_uint8(_open(data, path), path)
-  return np.asarray(image.convert('L'), dtype=np.uint8) >= 128
+  return np.asarray(image.convert('L'), dtype=np.uint8)
+
+
+def decode_mask(data: bytes, path='<bytes>', threshold: int = records.HALF) -> np.ndarray:
+  """Encoded mask -> bool [H, W], True where the grey value is >= threshold (records.HALF: JPEG-era
+  masks are not exactly 0/255; records.NONZERO for masks of defect ids)."""
+  return decode_grey(data, path) >= threshold
 
 
 def load_image(path) -> np.ndarray:
@@ -160,6 +176,11 @@ def load_image(path) -> np.ndarray:
   return decode_image(_read(path), path)
 
 
-def load_mask(path) -> np.ndarray:
-  """bool [H, W] binarised at grey value 128; errors.DataError naming `path` if unreadable."""
-  return decode_mask(_read(path), path)
+def load_mask(path, threshold: int = records.HALF) -> np.ndarray:
+  """bool [H, W] binarised at grey value `threshold`; errors.DataError naming `path` if unreadable."""
+  return decode_mask(_read(path), path, threshold)
+
+
+def load_grey(path) -> np.ndarray:
+  """uint8 [H, W]; errors.DataError naming `path` if it cannot be read or decoded."""
+  return decode_grey(_read(path), path)

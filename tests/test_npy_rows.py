@@ -1,4 +1,5 @@
-"""adtr_jax.npy_rows: a feature cache written row by row on disk, renamed only when complete."""
+"""adtr_jax.npy_rows: a feature cache written row by row on disk, renamed only when complete, and
+read back row by row."""
 import ml_dtypes
 import numpy as np
 import pytest
@@ -16,13 +17,17 @@ def test_rows_land_at_their_indices(tmp_path, dtype):
     for start in range(0, 13, 4):
       index = order[start:start + 4]
       w.write(index, want[index])
-  got = npy_rows.open_rows(path, dtype)
-  assert isinstance(got, np.memmap) and got.dtype == want.dtype and got.shape == want.shape
+  rows = npy_rows.Rows(path, dtype)
+  assert rows.dtype == want.dtype and rows.shape == want.shape and len(rows) == 13
+  got = np.asarray(rows)
   np.testing.assert_array_equal(got.view(np.uint8), want.view(np.uint8))   # bit for bit
+  np.testing.assert_array_equal(np.load(path).view(want.dtype), want)      # a standard .npy file
+  for key in (4, -1, slice(2, 9), slice(None, None, 3), [7, 0, 7]):
+    np.testing.assert_array_equal(rows[key].view(np.uint8), want[key].view(np.uint8))
   assert sorted(p.name for p in tmp_path.iterdir()) == ['features.npy']
   if dtype == 'bfloat16':   # stored as uint16 bits: a reader asking for float32 is refused
     with pytest.raises(ValueError, match='stores uint16'):
-      npy_rows.open_rows(path, 'float32')
+      npy_rows.Rows(path, 'float32')
     assert np.load(path).dtype == np.uint16 and ml_dtypes.bfloat16 == got.dtype
 
 
@@ -49,4 +54,4 @@ def test_a_failed_or_killed_run_leaves_no_complete_looking_file(tmp_path):
     with npy_rows.RowWriter(path, rows.shape, 'float32') as w:
       w.write([1, 2], rows[:2])
       w.write([2], rows[:1])
-  np.testing.assert_array_equal(npy_rows.open_rows(path, 'float32'), rows)   # the old file stays
+  np.testing.assert_array_equal(npy_rows.Rows(path, 'float32'), rows)   # the old file stays

@@ -117,8 +117,9 @@ def check_unified(config: ml_collections.ConfigDict) -> None:
 
 
 def _prepare(config: ml_collections.ConfigDict, category: str) -> tuple[pathlib.Path, str, bool, dict]:
-  """(folder root, category folder name, whether masks are required, {split: resized-image source}),
-  exporting and preparing whatever the cache does not hold yet."""
+  """(folder root, category folder name, whether masks are required, {split: builder.ExampleSource}),
+  exporting and preparing whatever the cache does not hold yet (the tfds data, not the resized
+  images)."""
   check_source(config, category)
   source = config.dataset.source
   if source == 'mvtec':
@@ -130,20 +131,20 @@ def _prepare(config: ml_collections.ConfigDict, category: str) -> tuple[pathlib.
   else:
     root, category = classes.export_class(config.dataset.root, category, cache_dir(config) / 'classes')
     require_masks = False
-  splits = builder.prepare(root, category, cache_dir(config) / 'tfds', require_masks)
-  return root, category, require_masks, {
-      name: image_cache.cached(split, config.dataset.image_size, config.dataset.num_workers)
-      for name, split in splits.items()}
+  return root, category, require_masks, builder.prepare(root, category, cache_dir(config) / 'tfds',
+                                                        require_masks)
 
 
 def load_category(config: ml_collections.ConfigDict, category: str) -> CategoryData:
   """Prepares (or reuses) `category` of config.dataset.source in the cache's tfds data_dir.
 
-  On multi-host runs process 0 prepares the shared files (export, tfds data, resized images) while the
-  others wait; then they read them.
+  On multi-host runs process 0 prepares the shared files (export, tfds data) while the others wait;
+  then every process resizes its share of each split's images into the shared image cache.
   """
-  root, category, require_masks, splits = multihost.first_then_others(
+  root, category, require_masks, prepared = multihost.first_then_others(
       lambda: _prepare(config, category), f'prepare {category}')
+  splits = {name: image_cache.cached(split, config.dataset.image_size, config.dataset.num_workers)
+            for name, split in prepared.items()}
   train, calib = split_calibration(splits['train'], config.calibration.holdout_fraction, config.seed)
   test, has_masks = splits['test'], splits['test'].has_masks
   mixing.check(config, has_masks)

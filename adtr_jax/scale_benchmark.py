@@ -5,7 +5,8 @@ r"""How peak memory and time grow with the size of a split: the CLI's stages on 
 
 For each N, builds an MVTec-layout category of N training and N test images from the real category
 --scale_source: its training images, and its test images (normal and defective, with their masks),
-taken in turn until there are N of each. Each copy is made unique (the least significant bits of the
+taken in turn (the test images in a fixed shuffled order, so that any N holds both classes) until
+there are N of each. Each copy is made unique (the least significant bits of the
 first 24 pixels of its first row hold the copy's number), so the backbone's feature memo never finds
 an image it saw; images and masks are written at --image_size (PNG), so the build stays cheap and the
 stages' own costs are measured. Then runs the stages, each as a child process of the real CLI
@@ -91,9 +92,16 @@ def _sources(category: pathlib.Path) -> tuple[list[pathlib.Path], list[tuple[str
   return train, test
 
 
+def test_order(count: int) -> np.ndarray:
+  """The order in which the source's `count` test images are copied: a fixed permutation, so that the
+  first N hold normal and defective images alike (the source lists them by type)."""
+  return np.random.default_rng(0).permutation(count)
+
+
 def build_category(source: pathlib.Path, root: pathlib.Path, name: str, n: int, size: int) -> pathlib.Path:
-  """root/name: n training and n test images (with masks) copied from the category `source` in turn,
-  each made unique by `mark` (copy number = index // number of source images), at size x size.
+  """root/name: n training and n test images (with masks) copied from the category `source` in turn
+  (the test images in test_order), each made unique by `mark` (copy number = index // number of
+  source images), at size x size.
   Memory: one image at a time."""
   train, test = _sources(pathlib.Path(source))
   cat = pathlib.Path(root) / name
@@ -101,8 +109,9 @@ def build_category(source: pathlib.Path, root: pathlib.Path, name: str, n: int, 
   for i in range(n):
     Image.fromarray(mark(_rgb(train[i % len(train)], size), i // len(train))).save(
         cat / 'train' / 'good' / f'{i:06d}.png')
+  order = test_order(len(test))
   for i in range(n):
-    kind, image, mask = test[i % len(test)]
+    kind, image, mask = test[order[i % len(test)]]
     (cat / 'test' / kind).mkdir(parents=True, exist_ok=True)
     Image.fromarray(mark(_rgb(image, size), i // len(test))).save(cat / 'test' / kind / f'{i:06d}.png')
     if mask is not None:

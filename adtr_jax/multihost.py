@@ -242,6 +242,14 @@ def barrier(what: str) -> None:
     multihost_utils.sync_global_devices(f'adtr_jax {what}')
 
 
+def gather_flags(flag: bool) -> list[bool]:
+  """Every process's `flag`, by process index (a collective; [flag] on one process)."""
+  if jax.process_count() == 1:
+    return [bool(flag)]
+  from jax.experimental import multihost_utils
+  return [bool(x) for x in np.asarray(multihost_utils.process_allgather(np.asarray(int(flag), np.int32)))]
+
+
 def from_first(fn: Callable[[], int], what: str) -> int:
   """fn() on process 0, its result (an int in [0, 2**31)) returned on every process: e.g. whether a
   shared file exists and the name of the folder process 0 made for it, so that all processes take

@@ -84,17 +84,21 @@ def _free_port() -> int:
 
 @pytest.mark.slow
 @pytest.mark.multiprocess
-def test_two_processes_resize_half_each_into_the_one_process_cache(toy_root, tmp_path):
-  """Process p of 2 decodes exactly rows p, p + 2, ... of each split (each row once in all), and the
-  cache they write together equals, byte for byte, the cache one process writes alone."""
+@pytest.mark.parametrize('disks', ['shared', 'own'])
+def test_two_processes_resize_into_the_one_process_cache(toy_root, tmp_path, disks):
+  """shared: the two processes' cache folder is one; process p of 2 decodes exactly rows p, p + 2, ...
+  of each split (each row once in all). own: each process has its own cache folder (as hosts with
+  their own disks do) and decodes every row into it. Either way each cache equals, byte for byte, the
+  cache one process writes alone."""
   port, procs, outs = _free_port(), [], []
+  caches = [tmp_path / 'two'] * 2 if disks == 'shared' else [tmp_path / 'two0', tmp_path / 'two1']
   env = dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS='--xla_force_host_platform_device_count=1',
              PYTHONPATH=str(REPO))
   for p in range(2):
     outs.append(tmp_path / f'process{p}.json')
     log = (tmp_path / f'process{p}.log').open('w')
     procs.append(subprocess.Popen([sys.executable, '-m', 'tests.image_cache_worker', str(port), str(p),
-                                   str(toy_root), str(tmp_path / 'two'), str(outs[p])], cwd=REPO, env=env,
+                                   str(toy_root), str(caches[p]), str(outs[p])], cwd=REPO, env=env,
                                   stdout=log, stderr=subprocess.STDOUT))
   try:
     codes = [proc.wait(300) for proc in procs]
@@ -108,11 +112,17 @@ def test_two_processes_resize_half_each_into_the_one_process_cache(toy_root, tmp
   decoded = [json.loads(out.read_text())['decoded'] for out in outs]
   for name, split in splits.items():
     rows = [sorted(i for s, i in decoded[p] if s == name) for p in range(2)]
-    assert rows == [list(range(0, len(split), 2)), list(range(1, len(split), 2))], name
-  one = sorted(p.relative_to(tmp_path / 'one') for p in (tmp_path / 'one').rglob('resized_64/**/*')
-               if p.is_file())
-  two = sorted(p.relative_to(tmp_path / 'two') for p in (tmp_path / 'two').rglob('resized_64/**/*')
-               if p.is_file())
-  assert one == two and len(one) == 2 * 4   # train and test: images, masks, labels, paths.json
-  for path in one:
-    assert (tmp_path / 'one' / path).read_bytes() == (tmp_path / 'two' / path).read_bytes(), path
+    n = len(split)
+    want = ([list(range(0, n, 2)), list(range(1, n, 2))] if disks == 'shared' else [list(range(n))] * 2)
+    assert rows == want, name
+  one = _files(tmp_path / 'one')
+  assert len(one) == 2 * 4   # train and test: images, masks, labels, paths.json
+  for cache in set(caches):
+    assert _files(cache) == one
+    for path in one:
+      assert (tmp_path / 'one' / path).read_bytes() == (cache / path).read_bytes(), (cache, path)
+
+
+def _files(cache) -> list:
+  """The image cache's files under a cache folder, relative to it."""
+  return sorted(p.relative_to(cache) for p in cache.rglob('resized_64/**/*') if p.is_file())

@@ -9,7 +9,8 @@ Writing: process 0 makes the arrays, at their full size, in a temporary folder b
 process of the run decodes its share of the rows (process p of P: rows p, p + P, ...) and writes them
 in place, so memory is the decode queue's, not the split's, and P processes share the work. Once all
 have written, process 0 joins the paths and renames the folder: a killed run never leaves half a
-cache under its name.
+cache under its name. A process that does not see process 0's folder (hosts with their own disks)
+makes its own cache of the whole split the same way.
 """
 from __future__ import annotations
 
@@ -96,10 +97,10 @@ def _decode_all(source, tmp: pathlib.Path, rows: list[int], image_size: int, num
   (tmp / f'paths-{jax.process_index()}.json').write_text(json.dumps(done))
 
 
-def _finish(tmp: pathlib.Path, folder: pathlib.Path, n: int, parts: int) -> None:
-  """Process 0, once every process wrote its rows: paths.json from the parts, then the rename."""
+def _finish(tmp: pathlib.Path, folder: pathlib.Path, n: int, processes: list[int]) -> None:
+  """Once `processes` wrote their rows into tmp: paths.json from their parts, then the rename."""
   paths = [None] * n
-  for p in range(parts):
+  for p in processes:
     part = tmp / f'paths-{p}.json'
     done = json.loads(part.read_text())
     for i, path in zip(done['rows'], done['paths']):
@@ -110,34 +111,49 @@ def _finish(tmp: pathlib.Path, folder: pathlib.Path, n: int, parts: int) -> None
   (tmp / 'paths.json').write_text(json.dumps(paths))
   try:
     os.rename(tmp, folder)
-  except OSError:  # another run wrote it first: theirs is identical
+  except OSError:  # another process or run wrote it first: theirs is identical
     shutil.rmtree(tmp, ignore_errors=True)
   logging.info('cached %d resized images in %s', n, folder)
+
+
+def _complete(folder: pathlib.Path) -> bool:
+  return (folder / 'paths.json').is_file()
 
 
 def cached(source, image_size: int, num_workers: int = 2) -> ArraySource:
   """`source` (a builder.ExampleSource) at image_size, from the disk cache (made on first use).
 
-  A collective in a multi-process run: every process calls it for the same splits in the same order
-  (each resizes its share of the rows), and all return the same cache.
+  A collective in a multi-process run: every process calls it for the same splits in the same order.
+  The processes that see the files process 0 makes (one filesystem) share the resizing, each its
+  share of the rows; a process that does not (a host with its own disk) makes its own cache of the
+  whole split, as every process did before the work was shared.
   """
   folder = pathlib.Path(source.data_dir) / f'resized_{image_size}' / source.split
   name = f'{source.split} at {image_size} px, {folder}'
-  n = len(source)
-  token = multihost.from_first(lambda: 0 if (folder / 'paths.json').is_file()
-                               else _create(folder, n, image_size), f'resize {folder}')
-  if token:
-    tmp = _temporary(folder, token)
+  n, me = len(source), jax.process_index()
+  token = multihost.from_first(lambda: 0 if _complete(folder) else _create(folder, n, image_size),
+                               f'resize {folder}')
+  shared = _temporary(folder, token) if token else None
+  seen = multihost.gather_flags(shared.is_dir() if token else _complete(folder))
+  if token or not all(seen):   # the same on every process: all take part in the barriers below
+    group = [p for p, s in enumerate(seen) if s]   # process 0 and those sharing its filesystem
+    tmp = shared if seen[me] else None
     try:
-      _decode_all(source, tmp, list(range(jax.process_index(), n, jax.process_count())), image_size,
-                  num_workers, f'resize {source.split}')
-      multihost.barrier(f'resized {folder}')
-      if jax.process_index() == 0:
-        _finish(tmp, folder, n, jax.process_count())
+      if token and seen[me]:
+        _decode_all(source, tmp, list(range(group.index(me), n, len(group))), image_size, num_workers,
+                    f'resize {source.split}')
+      elif not seen[me] and not _complete(folder):
+        tmp = _temporary(folder, _create(folder, n, image_size))
+        _decode_all(source, tmp, list(range(n)), image_size, num_workers, f'resize {source.split}')
+        _finish(tmp, folder, n, [me])
+      multihost.barrier(f'resized {source.split} at {image_size} px')
+      if token and me == 0:
+        _finish(tmp, folder, n, group)
     except BaseException:
-      shutil.rmtree(tmp, ignore_errors=True)
+      if tmp is not None:
+        shutil.rmtree(tmp, ignore_errors=True)
       raise
-    multihost.barrier(f'cached {folder}')
+    multihost.barrier(f'cached {source.split} at {image_size} px')
   arrays = {key: npy_rows.Rows(folder / f'{key}.npy', dtype) for key, dtype in ARRAYS.items()}
   paths = json.loads((folder / 'paths.json').read_text())
   if len(paths) != n:

@@ -139,7 +139,8 @@ def load_category(config: ml_collections.ConfigDict, category: str) -> CategoryD
   """Prepares (or reuses) `category` of config.dataset.source in the cache's tfds data_dir.
 
   On multi-host runs process 0 prepares the shared files (export, tfds data) while the others wait;
-  then every process resizes its share of each split's images into the shared image cache.
+  then every process resizes its share of each split's images into the image cache (all of them when
+  its host does not share process 0's disk; see image_cache.cached).
   """
   root, category, require_masks, prepared = multihost.first_then_others(
       lambda: _prepare(config, category), f'prepare {category}')

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import bisect
 import json
-import math
 import os
 import pathlib
 import shutil
@@ -470,7 +469,7 @@ class PixelRuns:
       p_limit = p0 + (p1 - p0) * (limit - f0) / (f1 - f0)
       area += (limit - f0) * (p0 + p_limit) / 2.0
     else:   # trapezoids of width 1 / n_neg through PRO(> j-th highest normal), j < k, then the limit
-      length, k = s['length'], s['k']
+      k = s['k']
 
       def pro(j):
         return 1.0 if j == n_neg else (w_total - s['found_neg'][n_neg - 1 - j]) / w_total

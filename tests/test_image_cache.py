@@ -23,6 +23,7 @@ class Synthetic:
 
   def __init__(self, data_dir, n: int, split: str = 'test', bad: int = -1):
     self.data_dir, self.n, self.split, self.bad = str(data_dir), n, split, bad
+    self.records = [{'path': f'/data/{i:05d}.png', 'label': i % 2} for i in range(n)]   # as a scan's
 
   def __len__(self):
     return self.n

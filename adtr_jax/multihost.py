@@ -230,7 +230,34 @@ def first_then_others(fn: Callable[[], T], what: str) -> T:
   """
   first = jax.process_index() == 0
   result = fn() if first else None
+  barrier(what)
+  return result if first else fn()
+
+
+def barrier(what: str) -> None:
+  """Returns once every process got here (a collective: every process must call it, in the same
+  order). On one process it returns at once."""
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils
     multihost_utils.sync_global_devices(f'adtr_jax {what}')
-  return result if first else fn()
+
+
+def gather_flags(flag: bool) -> list[bool]:
+  """Every process's `flag`, by process index (a collective; [flag] on one process)."""
+  if jax.process_count() == 1:
+    return [bool(flag)]
+  from jax.experimental import multihost_utils
+  return [bool(x) for x in np.asarray(multihost_utils.process_allgather(np.asarray(int(flag), np.int32)))]
+
+
+def from_first(fn: Callable[[], int], what: str) -> int:
+  """fn() on process 0, its result (an int in [0, 2**31)) returned on every process: e.g. whether a
+  shared file exists and the name of the folder process 0 made for it, so that all processes take
+  the same branch. A collective (every process calls it; the others wait for process 0's fn)."""
+  value = int(fn()) if jax.process_index() == 0 else 0
+  if not 0 <= value < 2**31:   # on process 0, before the others are told anything
+    raise ValueError(f'{what}: from_first shares ints in [0, 2**31), got {value}')
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    value = int(multihost_utils.broadcast_one_to_all(np.asarray(value, np.int32)))
+  return value

@@ -20,6 +20,7 @@ import csv
 import json
 import os
 import pathlib
+import re
 import shutil
 import signal
 import socket
@@ -246,25 +247,29 @@ def test_heatmaps_and_predictions_pair_each_image_with_its_own_map(normal_runs, 
 
 def _own_files(path: str, process: int) -> bool:
   """Orbax's per-process parts of a checkpoint (array metadata, OCDBT shards) are named for the
-  process that writes them."""
-  return f'process_{process}' in path
+  process that writes them; a process writes its share of the resized images into the image cache's
+  temporary folder (<split>-<token>), and their paths into paths-<process>.json there."""
+  return f'process_{process}' in path or bool(re.search(
+      rf'/resized_\d+/\.(train|test)-[0-9a-f]{{8}}/((images|masks|labels)\.npy|paths-{process}\.json)$', path))
 
 
 def test_only_process_zero_writes_shared_files(normal_runs):
-  """(e) Process 0 wrote the tfds data, the resized-image cache, config.json, metrics.json, heatmaps,
-  curves, predictions and checkpoints' shared metadata, each once; process 1 wrote nothing but
-  orbax's files named for it (and still read the shared files: its run ended like process 0's)."""
+  """(e) Process 0 wrote the tfds data, config.json, metrics.json, heatmaps, curves, predictions and
+  checkpoints' shared metadata, each once, and made the resized-image cache; process 1 wrote nothing
+  but orbax's files named for it and its share of the resized images (and still read the shared
+  files: its run ended like process 0's)."""
   train, predict, run = normal_runs['2x2']
   writes = {p: [path for procs in (train, predict) for _, path in procs.audit(p)['writes']] for p in (0, 1)}
   assert all(_own_files(path, 1) for path in writes[1]), [w for w in writes[1] if not _own_files(w, 1)]
   assert any('ocdbt' in w or 'array_metadatas' in w for w in writes[1])  # the audit does see process 1
+  assert sum(w.endswith('images.npy') for w in writes[1]) == 2           # its rows of train and test
   mine = [os.path.relpath(w, run) for w in writes[0]]
   for expected in ('work/config.json', 'work/metrics.json', 'work/metrics.md', 'work/toy/image_roc.png',
                    'work/toy/predict/predictions.csv'):
     assert mine.count(expected) == (2 if expected == 'work/config.json' else 1), expected  # 2 commands
   assert sum('/heatmaps/' in w for w in mine) == 4 + 4            # evaluation's 4, predict's 4 images
   assert any(w.startswith('cache/tfds/') and w.endswith('dataset_info.json') for w in mine)
-  assert sum(w.startswith('cache/tfds/') and w.endswith('images.npy') for w in mine) == 2  # train, test
+  assert sum(w.startswith('cache/tfds/') and w.endswith('images.npy') for w in mine) == 4  # made, its rows
   assert any(w.startswith('work/toy/checkpoints/') and '_CHECKPOINT_METADATA' in w for w in mine)
   # The training log and its TensorBoard events (training's, then evaluation's) are process 0's too.
   assert mine.count('work/toy/train_log.jsonl') > 0

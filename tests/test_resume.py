@@ -44,7 +44,7 @@ def test_a_resume_refuses_every_changed_field_that_may_not_change(toy_root, tmp_
   assert 'cache_dir' not in message and '--config.init_from=' in message and '\n' not in message
   assert not (tmp_path / 'new_cache').exists() and helpers.steps(tmp_path / 'w' / 'toy') == steps
   allowed = config.copy_and_resolve_references()
-  allowed.train.checkpoint_every_steps, allowed.eval.checkpoint, allowed.eval.batch_size = 1, 'best', 4
+  allowed.train.checkpoint_every_steps, allowed.eval.checkpoint, allowed.eval.batch_size = 1, 'best', 16
   allowed.dataset.cache_dir = str(tmp_path / 'new_cache')
   validate.check(allowed, 'train', tmp_path / 'w')   # no error
   # Longer: a new workdir that starts from the trained weights.
@@ -66,10 +66,11 @@ def test_changed_on_resume_counts_missing_fields_at_their_default():
 
 
 def _best_not_last(toy_root, cache):
-  """A run whose best checkpoint is not its last: the learning rate x50 for its last epoch (the
-  'step' schedule) raises the training loss of the last checkpoint above an earlier one's."""
+  """A run whose best checkpoint is not its last: the learning rate x500 for its last epoch (the
+  'step' schedule) raises the training loss of the last checkpoint above an earlier one's (measured:
+  losses 143.9, 141.8 at steps 5-6, then 134.1, 194.0)."""
   return tiny_config(toy_root, cache, num_epochs=4, checkpoint_every_steps=2, max_checkpoints=1,
-                     lr_decay_epochs=(3,), lr_decay_factor=50.0)
+                     lr_decay_epochs=(3,), lr_decay_factor=500.0)
 
 
 def test_best_checkpoint_is_calibrated_and_exported_with_its_own_metrics(toy_root, tmp_path):

@@ -156,8 +156,8 @@ def check_unified(config: ml_collections.ConfigDict) -> None:
 
 
 def _prepare(config: ml_collections.ConfigDict, category: str) -> tuple[pathlib.Path, records.Scan, dict]:
-  """(the folder read, the category's scan, {split: resized-image source}), exporting and preparing
-  whatever the cache does not hold yet."""
+  """(the folder read, the category's scan, {split: builder.ExampleSource}), exporting and preparing
+  whatever the cache does not hold yet (the tfds data, not the resized images)."""
   listed = check_source(config, category)
   source = config.dataset.source
   if source == 'elpv':
@@ -170,10 +170,7 @@ def _prepare(config: ml_collections.ConfigDict, category: str) -> tuple[pathlib.
     root = pathlib.Path(config.dataset.root).expanduser()
     scan = _scanner(config, root, category)
   listed = listed or scan()
-  splits = builder.prepare(scan, cache_dir(config) / 'tfds', listed)
-  return root, listed, {
-      name: image_cache.cached(split, config.dataset.image_size, config.dataset.num_workers)
-      for name, split in splits.items()}
+  return root, listed, builder.prepare(scan, cache_dir(config) / 'tfds', listed)
 
 
 def load_category(config: ml_collections.ConfigDict, category: str) -> CategoryData:
@@ -184,11 +181,14 @@ def load_category(config: ml_collections.ConfigDict, category: str) -> CategoryD
   that the split itself puts into training (VisA's 2cls splits) are labelled anomalies for the
   anomaly-aware losses (data/mixing.py), never normal training images.
 
-  On multi-host runs process 0 prepares the shared files (export, tfds data, resized images) while the
-  others wait; then they read them.
+  On multi-host runs process 0 prepares the shared files (export, tfds data) while the others wait;
+  then every process resizes its share of each split's images into the image cache (all of them when
+  its host does not share process 0's disk; see image_cache.cached).
   """
-  root, scan, splits = multihost.first_then_others(lambda: _prepare(config, category),
-                                                   f'prepare {category}')
+  root, scan, prepared = multihost.first_then_others(lambda: _prepare(config, category),
+                                                     f'prepare {category}')
+  splits = {name: image_cache.cached(split, config.dataset.image_size, config.dataset.num_workers)
+            for name, split in prepared.items()}
   train_rows = splits['train'].records
   normal = [i for i, r in enumerate(train_rows) if r['label'] == 0]
   split_labelled = [i for i, r in enumerate(train_rows) if r['label'] == 1]

@@ -54,8 +54,12 @@ class FeatureNorm(nnx.Module):
   def fit(self, features) -> None:
     """Sets the statistics from training features [N, h, w, C] (numpy, any float dtype)."""
     flat = np.asarray(features, np.float32).reshape(-1, features.shape[-1])
-    mean = flat.mean(axis=0, dtype=np.float64)
-    std = flat.std(axis=0, dtype=np.float64)
+    self.set_statistics(flat.mean(axis=0, dtype=np.float64), flat.std(axis=0, dtype=np.float64))
+
+  def set_statistics(self, mean, std) -> None:
+    """Sets the statistics from the training features' per-channel mean [C] and population std [C]
+    (float64, e.g. from fit, or streamed batch by batch: adtr_jax.moments.Moments' mean and std)."""
+    std = np.asarray(std, np.float64)
     # A channel (nearly) constant on normal data must not turn rounding noise into huge scores.
     std = np.maximum(std, 1e-2 * float(np.median(std)) + 1e-6)
     self.mean[...] = jnp.asarray(mean, jnp.float32)

@@ -84,8 +84,18 @@ class _Model:
             'config': json.loads(self.member.config.to_json_best_effort())}
 
 
+def _training_set(category: str, train) -> tuple:
+  """What identifies a member's training set: its category and the files of its rows. A mixture of
+  normal images and anomalies (data/mixing.py) has no fixed file list; it trains alone (members.plan)."""
+  if not hasattr(train, 'records'):
+    return category, id(train)
+  return category, tuple(r['path'] for r in train.records)
+
+
 class _Group:
-  """Members that step together: their data (loaded once per category), models and states."""
+  """Members that step together: their data, models and states. Members whose training sets list the
+  same files (same category and hold-out) share one set of cached features (`sets`); a member's
+  numbers['data'] is its set's index."""
 
   def __init__(self, group: list[members.Member]):
     self.cfg = group[0].config
@@ -93,20 +103,23 @@ class _Group:
     self.mesh, why = sharding.group_mesh(cfg.model_axis, len(group))
     if len(group) % cfg.model_axis:
       print(f'adtr_jax: {len(group)} models step together on a {why}', flush=True)
-    data = {}
-    self.models = []
+    sets = {}   # (category, the training set's files) -> its index
+    self.models, self.sets = [], []
     for m in group:
       m.workdir.mkdir(parents=True, exist_ok=True)
-      if m.category not in data:
-        data[m.category] = (datasets.load_unified(m.config) if m.category == paths.UNIFIED else
-                            datasets.load_category(m.config, m.category))
-      spe = _epoch_steps(len(data[m.category].train), cfg.batch_size, m.category)
+      # Per member: its seed draws its calibration hold-out, so members of one category can differ.
+      data = (datasets.load_unified(m.config) if m.category == paths.UNIFIED else
+              datasets.load_category(m.config, m.category))
+      key = _training_set(m.category, data.train)
+      if key not in sets:
+        sets[key] = len(self.sets)
+        self.sets.append(data.train)
+      spe = _epoch_steps(len(data.train), cfg.batch_size, m.category)
       last = train_state.total_steps(m.config.train, spe)
       mgr = checkpoint.manager(paths.checkpoints(m.workdir))
-      self.models.append(_Model(m, data[m.category], spe, last, members.numbers(
-          m.config.train, steps_per_epoch=spe, last_step=last, num_rows=len(data[m.category].train),
-          data=list(data).index(m.category)), mgr, checkpoint.saved_steps(paths.checkpoints(m.workdir))))
-    self.categories = list(data)
+      self.models.append(_Model(m, data, spe, last, members.numbers(
+          m.config.train, steps_per_epoch=spe, last_step=last, num_rows=len(data.train), data=sets[key]),
+          mgr, checkpoint.saved_steps(paths.checkpoints(m.workdir))))
     self.total = max(x.last_step for x in self.models)
     self.kind = members.feed_kind(self.cfg)
 
@@ -128,9 +141,9 @@ class _Group:
 
 
 def _features(g: _Group, model: SplitModel, dtype: str) -> list[np.ndarray]:
-  """Each category's training features [N, h, w, C] (the frozen backbone once per image)."""
-  return [feature_cache.compute(next(x.data for x in g.models if x.member.category == cat).train, model,
-                                g.mesh, g.cfg, dtype) for cat in g.categories]
+  """Each training set's features [N, h, w, C] (the frozen backbone once per image: sets of one
+  category share images, which the feature memo embeds once)."""
+  return [feature_cache.compute(train, model, g.mesh, g.cfg, dtype) for train in g.sets]
 
 
 @dataclasses.dataclass
@@ -162,7 +175,7 @@ def _initial_states(g: _Group, start: int | None) -> tuple[_Run, list, list | No
   states = []
   for x, (model, _), fitted in zip(g.models, built, fits):
     if fitted:
-      model.feature_norm.fit(fit[g.categories.index(x.member.category)])
+      model.feature_norm.fit(fit[int(x.numbers['data'])])
     gd, state, _ = train_state.init_state(model, g.cfg.train)
     if gd != graphdef:
       raise errors.ConfigError(f'{x.member.workdir}: its model differs in structure from '
@@ -333,8 +346,8 @@ def _train_group(group: list[members.Member]) -> list[dict]:
                                 schedule=g.cfg.train.schedule)
     run.runner = loop.make_runner(step_fn, g.mesh, _feed(g, features, keys, members.stack(numbers)),
                                   g.cfg.train.models_per_call)
-    logging.info('training %d model(s) %s from %s on mesh %s', len(group), g.categories, g.kind,
-                 dict(g.mesh.shape))
+    logging.info('training %d model(s) on %d training set(s) from %s on mesh %s', len(group), len(g.sets),
+                 g.kind, dict(g.mesh.shape))
     _loop(g, run, state, start)
   for x in g.models:
     x.mgr.wait_until_finished()

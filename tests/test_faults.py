@@ -21,7 +21,7 @@ from tests.test_summaries import read_events
 
 SEED = 35
 # moment -> the largest occurrence to draw (each is reached at least that often in one life here).
-SINGLE = {'prepare': 20, 'resize': 16, 'feature': 2, 'chunk': 3, 'save': 1, 'calibrate': 1, 'eval': 1}
+SINGLE = {'prepare': 20, 'resize': 2, 'feature': 2, 'chunk': 3, 'save': 1, 'calibrate': 1, 'eval': 1}
 STACKED = {'feature': 2, 'chunk': 3, 'save': 1, 'calibrate': 1}
 FLAGS = ['--config.train.num_epochs=4', '--config.train.checkpoint_every_steps=2',
          '--config.train.max_checkpoints=1', '--mode=train_and_eval']

@@ -9,65 +9,51 @@ import ml_collections
 import numpy as np
 from sklearn import metrics as skm
 
-from adtr_jax import metrics, paths, predictions, sharding, summaries, trained, visualize
+from adtr_jax import (inference, metrics, multihost, paths, predictions, reducers, sharding, summaries, trained,
+                      visualize)
 from adtr_jax.data import datasets
 from adtr_jax.data.folder import FolderSource
-from adtr_jax.inference import score_split
 
 
-def save_heatmaps(config, source, result: dict, out_dir: pathlib.Path, has_masks: bool) -> dict:
-  """Overlays for the highest- and lowest-scoring anomalous and the highest-scoring normal images,
-  as PNGs in out_dir. Returns {'<kind>_<rank>': (path, panel uint8 [H, W, 3])}."""
-  n = config.eval.num_heatmaps
-  scores, labels = result['scores'], result['labels']
-  order = np.argsort(-scores, kind='stable')
-  anomalous = [i for i in order if labels[i] == 1]
-  normal = [i for i in order if labels[i] == 0]
-  picks = {'top_anomalous': anomalous[:max(n // 2, 1)],
-           'low_anomalous': anomalous[::-1][:max(n // 4, 1)],
-           'top_normal': normal[:max(n // 4, 1)]}
-  vmin, vmax = np.percentile(result['maps'], [1.0, 99.9])
+def save_heatmaps(config, source, picks: dict, scale, out_dir: pathlib.Path, has_masks: bool) -> dict:
+  """Overlays of the rows reducers.Heatmaps picked (the highest- and lowest-scoring anomalous and the
+  highest-scoring normal images) as PNGs in out_dir, coloured on scale = (vmin, vmax), the 1st and
+  99.9th percentile of all the split's maps. Process 0. Returns {'<kind>_<rank>': (path, panel uint8
+  [H, W, 3])}."""
+  vmin, vmax = scale
   written = {}
   for kind, rows in picks.items():
-    for rank, i in enumerate(rows):
-      example = datasets.load_example(source, int(result['index'][i]), config.dataset.image_size)
-      panel = visualize.overlay_panel(example['image'], result['masks'][i] if has_masks else None,
-                                      result['maps'][i], vmin, vmax)
-      path = out_dir / f'{kind}_{rank:02d}_score{scores[i]:.3f}_{pathlib.Path(example["path"]).stem}.png'
-      if jax.process_index() == 0:
-        visualize.save_png(panel, path)
+    for rank, row in enumerate(rows):
+      example = datasets.load_example(source, row['index'], config.dataset.image_size)
+      panel = visualize.overlay_panel(example['image'], row['mask'] if has_masks else None, row['map'],
+                                      vmin, vmax)
+      path = out_dir / f'{kind}_{rank:02d}_score{row["score"]:.3f}_{pathlib.Path(example["path"]).stem}.png'
+      visualize.save_png(panel, path)
       written[f'{kind}_{rank:02d}'] = (str(path), panel)
   return written
 
 
-def _thin(x: np.ndarray, y: np.ndarray, n: int = 4000):
-  """At most n points of a curve, for drawing (pixel-level curves have millions of points)."""
-  if len(x) <= n:
-    return x, y
-  keep = np.unique(np.linspace(0, len(x) - 1, n).round().astype(int))
-  return x[keep], y[keep]
-
-
-def save_curves(result: dict, out_dir: pathlib.Path, has_masks: bool, fpr_limit: float = 0.3) -> list:
-  """Image ROC and (with masks) pixel PRO up to fpr_limit, as PNGs in out_dir.
+def save_curves(scores: dict, pixels: dict, out_dir: pathlib.Path, has_masks: bool,
+                fpr_limit: float = 0.3) -> dict:
+  """Image ROC (from reducers.Scores' result) and, with masks, pixel PRO up to fpr_limit (from
+  reducers.Pixels'), as PNGs in out_dir. Process 0.
   Returns {'image_roc' | 'pixel_pro': (path, plot uint8 [H, W, 3])}."""
-  fpr, tpr, _ = skm.roc_curve(result['labels'], result['scores'])
+  fpr, tpr, _ = skm.roc_curve(scores['labels'], scores['scores'])
   auroc = skm.auc(fpr, tpr)
   plots = {'image_roc.png': visualize.line_plot(fpr, tpr, f'image ROC (AUROC {100 * auroc:.1f})',
                                                 'false positive rate', 'TPR')}
-  if has_masks and result['masks'].any():
-    fpr, pro = metrics.pro_curve(result['maps'], result['masks'], fpr_limit)
-    aupro = np.trapezoid(pro, fpr) / fpr_limit
+  if has_masks and pixels['pro_curve'] is not None:
+    fpr, pro = pixels['pro_curve']
     plots['pixel_pro.png'] = visualize.line_plot(
-        *_thin(fpr, pro), f'pixel PRO (AUPRO@{fpr_limit} {100 * aupro:.1f})', 'false positive rate',
-        'PRO', xmax=fpr_limit)
-  if jax.process_index() == 0:
-    for name, image in plots.items():
-      visualize.save_png(image, out_dir / name)
+        fpr, pro, f'pixel PRO (AUPRO@{fpr_limit} {100 * pixels["aupro_merged"]:.1f})',
+        'false positive rate', 'PRO', xmax=fpr_limit)
+  for name, image in plots.items():
+    visualize.save_png(image, out_dir / name)
   return {name.removesuffix('.png'): (str(out_dir / name), image) for name, image in plots.items()}
 
 
 TENSORBOARD_HEATMAPS = 4
+FPR_LIMIT = 0.3   # AUPRO's and the drawn PRO curve's
 
 
 def evaluate_category(config, category: str, workdir: pathlib.Path,
@@ -77,29 +63,47 @@ def evaluate_category(config, category: str, workdir: pathlib.Path,
   mesh = sharding.make_mesh()
   data = datasets.load_category(config, category)
   restored = trained.restore(config, trained_in or workdir, mesh, category)
-  result = score_split(config, data.test, restored.model, mesh, f'eval {category}')
+  result = score_test(config, data, restored.model, mesh, workdir, f'eval {category}')
   return category_report(config, data, result, workdir, int(restored.meta['step']))
 
 
-def category_report(config, data: datasets.CategoryData, result: dict, workdir: pathlib.Path,
+def score_test(config, data: datasets.CategoryData, model, mesh, workdir: pathlib.Path,
+               desc: str) -> dict | None:
+  """One pass over data.test, reduced (inference.reduce_split) in a scratch folder under workdir:
+  {'scores': reducers.Scores', 'pixels': reducers.Pixels', 'heatmaps': reducers.Heatmaps' result} on
+  process 0, None on the others."""
+  with multihost.scratch(workdir, 'eval') as folder:
+    results = inference.reduce_split(config, data.test, model, mesh, desc, [
+        reducers.Scores(folder, len(data.test), desc),
+        reducers.Pixels(folder / 'pixels', with_metrics=data.has_masks, fpr_limit=FPR_LIMIT,
+                        aupro_ties=config.eval.aupro_ties),
+        reducers.Heatmaps(folder, config.eval.num_heatmaps)])
+  return None if results is None else dict(zip(('scores', 'pixels', 'heatmaps'), results))
+
+
+def category_report(config, data: datasets.CategoryData, result: dict | None, workdir: pathlib.Path,
                     step: int) -> dict:
-  """Metrics, heatmaps and curves of one model's scores of data.test (score_split's result)."""
-  values = metrics.compute_all(result['scores'], result['labels'],
-                               result['maps'] if data.has_masks else None,
-                               result['masks'] if data.has_masks else None,
-                               aupro_ties=config.eval.aupro_ties)
-  heatmaps = save_heatmaps(config, data.test, result, workdir / 'heatmaps', data.has_masks)
-  curves = save_curves(result, workdir, data.has_masks)
-  # TensorBoard: the metrics, the curves and the first few heatmap panels (the top anomalous ones).
-  shown = {**{f'heatmaps/{k}': v for k, v in list(heatmaps.items())[:TENSORBOARD_HEATMAPS]}, **curves}
-  summaries.write_eval(workdir, step, values, {name: image for name, (_, image) in shown.items()})
-  values.update(num_test_images=int(len(result['labels'])),
-                num_anomalous=int(result['labels'].sum()), checkpoint_step=step,
-                heatmap_dir=str(workdir / 'heatmaps'), num_heatmaps=len(heatmaps),
-                curves=[path for path, _ in curves.values()],
-                labelled_anomalies_removed_from_test=list(data.labelled_files),
-                labelled_use=config.anomalies.labelled_use)
-  return values
+  """Metrics, heatmaps and curves of one model's scores of data.test (score_test's result), made and
+  written by process 0; every process returns the metrics."""
+  values = None
+  if result is not None:
+    scores = result['scores']
+    values = metrics.image_metrics(scores['scores'], scores['labels'])
+    if data.has_masks:
+      values.update(result['pixels']['metrics'])
+    heatmaps = save_heatmaps(config, data.test, result['heatmaps'], result['pixels']['percentiles'],
+                             workdir / 'heatmaps', data.has_masks)
+    curves = save_curves(scores, result['pixels'], workdir, data.has_masks, FPR_LIMIT)
+    # TensorBoard: the metrics, the curves and the first few heatmap panels (the top anomalous ones).
+    shown = {**{f'heatmaps/{k}': v for k, v in list(heatmaps.items())[:TENSORBOARD_HEATMAPS]}, **curves}
+    summaries.write_eval(workdir, step, values, {name: image for name, (_, image) in shown.items()})
+    values.update(num_test_images=int(len(scores['labels'])),
+                  num_anomalous=int(scores['labels'].sum()), checkpoint_step=step,
+                  heatmap_dir=str(workdir / 'heatmaps'), num_heatmaps=len(heatmaps),
+                  curves=[path for path, _ in curves.values()],
+                  labelled_anomalies_removed_from_test=list(data.labelled_files),
+                  labelled_use=config.anomalies.labelled_use)
+  return multihost.share_json(values, 'evaluation report')
 
 
 def summarise(per_category: dict) -> dict:
@@ -149,20 +153,29 @@ def write_report(per_category: dict, workdir: pathlib.Path) -> dict:
 def predict(config: ml_collections.ConfigDict, workdir: pathlib.Path, folder) -> pathlib.Path:
   """Scores every image of `folder` with the model trained in workdir/<category> (or workdir/unified).
 
-  Writes <category>/predict/predictions.csv (path, image_score, decision) and heatmap overlays; the
-  decision compares the score with the threshold calibrated at the end of training. Returns the CSV.
+  Writes <category>/predict/predictions.csv (path, image_score, decision; process 0, in the folder's
+  order) and a heatmap overlay per image (each process its own images', as they are scored, coloured
+  on the model's calibrated map_scale); the decision compares the score with the threshold calibrated
+  at the end of training. Returns the CSV.
   """
   mesh = sharding.make_mesh()
   source = FolderSource(folder)
   restored = trained.for_scoring(config, workdir, mesh, 'predict')
-  meta = restored.meta
-  threshold = meta['calibration']['threshold']
-  result = score_split(config, source, restored.model, mesh, f'predict {restored.category}')
-  csv_path = paths.predict_dir(restored.directory) / 'predictions.csv'
-  if jax.process_index() == 0:
-    predictions.write(csv_path.parent, source.paths, result['scores'], result['maps'], threshold,
-                      lambda i: datasets.load_example(source, i, config.dataset.image_size)['image'])
-  n_bad = int(np.sum(result['scores'] > threshold))
+  calibration = restored.meta['calibration']
+  threshold = calibration['threshold']
+  out_dir = paths.predict_dir(restored.directory)
+  desc = f'predict {restored.category}'
+  with multihost.scratch(restored.directory, 'predict') as scratch:
+    results = inference.reduce_split(config, source, restored.model, mesh, desc, [
+        reducers.Scores(scratch, len(source), desc),
+        reducers.Overlays(out_dir, lambda i: source.paths[i], threshold, calibration['map_scale'])])
+  n_bad = None
+  if results is not None:
+    scores = results[0]['scores']
+    predictions.write_csv(out_dir, source.paths, scores, threshold)
+    n_bad = int(np.sum(scores > threshold))
+  n_bad = multihost.share_json(n_bad, 'predictions')
+  csv_path = out_dir / 'predictions.csv'
   print(f'{n_bad} of {len(source)} images anomalous (threshold {threshold:.4g}, calibrated for '
-        f'{meta["calibration"]["target_fpr"]:.0%} false positives); {csv_path}')
+        f'{calibration["target_fpr"]:.0%} false positives); {csv_path}')
   return csv_path

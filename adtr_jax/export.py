@@ -6,7 +6,8 @@
                     score map, upsampling and blur, image score, all in one graph (jax2onnx).
   model.jax_export  the same function serialised by jax.export (StableHLO, N symbolic, lowered for CPU,
                     CUDA and TPU): jax.export.deserialize(bytearray(data)).call(images), no adtr_jax code.
-  model.json        the input size and resize, the calibrated threshold and target FPR, test metrics (when
+  model.json        the input size and resize, the calibrated threshold and target FPR, the overlays'
+                    colour scale (map_scale), test metrics (when
                     <workdir>/metrics.json has them), the backbone (arch, weights sha256), the config, the
                     adtr_jax version, the export time and the format version (adtr_jax.deploy reads it).
 The threshold is only in model.json, so it changes without exporting again.
@@ -165,6 +166,7 @@ def model_json(config, category: str, meta: dict, metrics: dict | None, seconds:
       'decision': 'anomalous if score > threshold; normalised score = score / threshold',
       'threshold': float(meta['calibration']['threshold']),
       'target_fpr': float(meta['calibration']['target_fpr']),
+      'map_scale': [float(v) for v in meta['calibration']['map_scale']],
       'calibration': meta['calibration'],
       'test_metrics': metrics,
       'backbone': meta['backbone'],

@@ -1,12 +1,14 @@
-"""Scoring with a trained model: score maps and image scores for a whole split, sharded on 'data'."""
+"""Scoring with a trained model: score maps and image scores of a split, sharded on 'data', handed
+batch by batch to reductions (reducers.py) on the process that scored them."""
 from __future__ import annotations
 
 import jax
+import numpy as np
 from absl import logging
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from adtr_jax import feature_cache, scoring, sharding, split_pass
+from adtr_jax import feature_cache, multihost, scoring, sharding, split_pass
 from adtr_jax.models.adtr import SplitModel
 
 
@@ -40,31 +42,36 @@ def jit_score_fn(mesh, graphdef, config, stacked: bool = False):
   return jax.jit(fn, in_shardings=(rep, rep, sharding.data_sharded(mesh)), out_shardings=(dat, dat))
 
 
-def score_split(config, source, model: SplitModel, mesh, desc: str) -> dict:
-  """Scores every example of `source` once (padding rows dropped). Returns numpy arrays:
+def reduce_split(config, source, model: SplitModel, mesh, desc: str, reducers: list) -> list | None:
+  """Scores every row of `source` once and hands each process's own valid rows of every batch to each
+  of `reducers` (reducers.Reducer: add(rows), then finish() on every process); returns each reducer's
+  result(parts) on process 0, from every process's finish() part, and None on the other processes.
 
-  'maps' [N, S, S] float32, 'scores' [N], 'labels' [N], 'masks' [N, S, S] bool, 'index' [N]; entry i
-  is row i of `source`, put there by each row's all-gathered source index (not by its position in
-  the batches), and a row scored twice or never is an error. The backbone does not run for images it
-  embedded before in this process (feature_cache.MEMO, up to backbone.feature_memo_mb).
+  Nothing is gathered across processes but the parts: a process holds one batch of maps at a time,
+  and only its own rows (split_pass deals each batch's rows to the processes in turn). Each row's
+  source index comes with its map from the same local batch, so rows stay paired with their images.
+  Where processes hold the same rows (a 'model' axis across processes), the first of them adds them.
+  The backbone does not run for images it embedded before in this process (feature_cache.MEMO, up to
+  backbone.feature_memo_mb).
   """
   fn = jit_score_fn(mesh, model.graphdef, config)
   embed = feature_cache.Embedder(model, mesh, config.backbone.feature_memo_mb)
-  out = {'maps': [], 'scores': [], 'labels': [], 'masks': [], 'index': []}
+  adds = sharding.reduces_rows(mesh)
   for batch in split_pass.batches(source, mesh, batch_size=config.eval.batch_size,
                                   image_size=config.dataset.image_size,
                                   num_workers=config.dataset.num_workers, desc=desc):
-    inputs = sharding.put_batch({k: batch[k] for k in ('mask', 'label', 'valid', 'index')}, mesh)
     maps, scores = fn(model.params, model.frozen, embed(batch['image']))
-    valid = sharding.to_host(inputs['valid'])
-    out['maps'].append(sharding.to_host(maps)[valid])
-    out['scores'].append(sharding.to_host(scores)[valid])
-    out['labels'].append(sharding.to_host(inputs['label'])[valid])
-    out['masks'].append(sharding.to_host(inputs['mask'])[valid] >= 0.5)
-    # Each row's source index travels with it (all-gathered like the maps): the pass deals rows to
-    # the processes in turn, so gathered position is not source row.
-    out['index'].append(sharding.to_host(inputs['index'])[valid])
-  result = split_pass.in_source_order(out, len(source), desc)
+    if not adds:
+      continue
+    valid = batch['valid']
+    rows = {'maps': sharding.local_rows(maps)[valid], 'scores': sharding.local_rows(scores)[valid],
+            'labels': batch['label'][valid].astype(np.int32), 'masks': batch['mask'][valid] >= 0.5,
+            'index': batch['index'][valid].astype(np.int64), 'images': batch['image'][valid]}
+    for reducer in reducers:
+      reducer.add(rows)
+  parts = multihost.gather_json([reducer.finish() for reducer in reducers], desc)
   if embed.hits:
     logging.info('%s: %d of %d batches embedded earlier (feature memo)', desc, embed.hits, embed.calls)
-  return result
+  if parts is None:
+    return None
+  return [reducer.result([p[i] for p in parts]) for i, reducer in enumerate(reducers)]

@@ -43,7 +43,7 @@ from adtr_jax import metrics
 CHUNK_PIXELS = 1 << 24     # scores buffered before a run is written (64 MiB of float32)
 BLOCK = 1 << 16            # records read from a run at a time
 FAN_IN = 16                # runs merged at once
-PERCENTILES = (1.0, 99.9)  # the heatmaps' colour scale (evaluate.save_heatmaps, predictions.write)
+PERCENTILES = (1.0, 99.9)  # the overlays' colour scale (evaluate.save_heatmaps, calibration's map_scale)
 
 
 def _pos_dtype(values: np.dtype) -> np.dtype:
@@ -485,7 +485,7 @@ class PixelRuns:
 
   def pro_curve(self, max_points: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """metrics.pro_curve(all maps, all masks, fpr_limit): (fpr [K], pro [K]) float64. max_points:
-    only the points evaluate.save_curves draws of it (its _thin: the K points' indices
+    only the points evaluate.save_curves draws of it (the K points' indices
     linspace(0, K - 1, max_points) rounded, when K > max_points). Reads the runs from the normal
     score at the FPR limit up."""
     if self.n_neg == 0 or self.n_pos == 0:

@@ -3,13 +3,18 @@ lost one, and shared files (one process writes them, the others wait and then re
 from __future__ import annotations
 
 import atexit
+import contextlib
 import hashlib
+import itertools
 import json
 import os
+import pathlib
+import secrets
+import shutil
 import socket
 import threading
 import time
-from typing import Callable, TypeVar
+from typing import Callable, Iterator, TypeVar
 
 import jax
 import numpy as np
@@ -261,3 +266,60 @@ def from_first(fn: Callable[[], int], what: str) -> int:
     from jax.experimental import multihost_utils
     value = int(multihost_utils.broadcast_one_to_all(np.asarray(value, np.int32)))
   return value
+
+
+# --- Small values between processes ----------------------------------------------------------------
+# The parts of a reduction (inference.reduce_split) and what process 0 makes of them (a threshold, a
+# report) are small JSON values: they travel through the coordinator's key-value store, never as
+# device arrays. Every process makes the same exchanges in the same order (like collectives), so the
+# n-th exchange has the same key everywhere.
+_EXCHANGES = itertools.count()
+_KV_TIMEOUT_MS = 60_000   # after the barrier every value is there: this only bounds a lost coordinator
+
+
+def _client():
+  from jax._src import distributed   # the client JAX connected (as the watchdog)
+  return distributed.global_state.client
+
+
+def gather_json(value, what: str) -> list | None:
+  """Every process's `value` (JSON-serialisable, small) on process 0, by process index; None on the
+  others. A collective: it returns once every process has given its value. [value] on one process."""
+  if jax.process_count() == 1:
+    return [value]
+  key = f'adtr_jax/exchange/{next(_EXCHANGES)}'
+  client = _client()
+  client.key_value_set(f'{key}/{jax.process_index()}', json.dumps(value))
+  barrier(what)
+  if jax.process_index() != 0:
+    return None
+  return [json.loads(client.blocking_key_value_get(f'{key}/{p}', _KV_TIMEOUT_MS))
+          for p in range(jax.process_count())]
+
+
+def share_json(value, what: str):
+  """Process 0's `value` (JSON-serialisable, small) on every process (the others' `value` is
+  ignored). A collective."""
+  if jax.process_count() == 1:
+    return value
+  key = f'adtr_jax/exchange/{next(_EXCHANGES)}'
+  if jax.process_index() == 0:
+    _client().key_value_set(key, json.dumps(value))
+  barrier(what)
+  return value if jax.process_index() == 0 else json.loads(
+      _client().blocking_key_value_get(key, _KV_TIMEOUT_MS))
+
+
+@contextlib.contextmanager
+def scratch(parent: pathlib.Path, what: str) -> Iterator[pathlib.Path]:
+  """A new, empty folder parent/scratch-<what>-<token>, the same on every process (parent must be
+  shared by them, as the workdir and the cache are), removed by process 0 when the block ends (also
+  on an error). A collective on entry (process 0 draws the token)."""
+  token = from_first(lambda: secrets.randbits(31), f'{what} scratch folder')
+  folder = pathlib.Path(parent) / f'scratch-{what}-{token:08x}'
+  folder.mkdir(parents=True, exist_ok=True)
+  try:
+    yield folder
+  finally:
+    if jax.process_index() == 0:
+      shutil.rmtree(folder, ignore_errors=True)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import csv
 import pathlib
-from typing import Callable, Sequence
+from typing import Sequence
 
 import numpy as np
 
@@ -19,27 +19,28 @@ def decide(score: float, threshold: float) -> str:
   return 'anomalous' if score > threshold else 'normal'
 
 
-def write(out_dir: pathlib.Path, paths: Sequence, scores: np.ndarray, maps: np.ndarray, threshold: float,
-          image_of: Callable[[int], np.ndarray], extra: dict[str, Sequence] | None = None,
-          unreadable: Sequence = ()) -> pathlib.Path:
-  """out_dir/predictions.csv (path, image_score, decision, then the `extra` columns) and
-  out_dir/heatmaps/<decision>_<stem>.png for each scored image. Returns the CSV's path.
+def write_overlay(out_dir: pathlib.Path, path, score: float, score_map: np.ndarray, threshold: float,
+                  image: np.ndarray, scale: Sequence[float]) -> pathlib.Path:
+  """out_dir/heatmaps/<decision>_<stem>.png: image uint8 [S, S, 3] as the model saw it, and its score
+  map [S, S] over it, coloured on the fixed scale (vmin, vmax) = the model's calibration 'map_scale'
+  (the 1st and 99.9th percentile of its held-out normal images' maps), so that overlays compare
+  across images and across runs, and each can be drawn as soon as its image is scored."""
+  vmin, vmax = scale
+  panel = visualize.overlay_panel(np.asarray(image, np.float32) / 255.0, None, score_map, vmin, vmax)
+  out = pathlib.Path(out_dir) / 'heatmaps' / f'{decide(score, threshold)}_{pathlib.Path(path).stem}.png'
+  visualize.save_png(panel, out)
+  return out
 
-  paths [N], scores [N], maps [N, S, S]: the scored images; image_of(i) -> float [S, S, 3] in [0, 1],
-  image i as the model saw it. Colours share one scale (the 1st-99.9th percentile of all maps), so
-  overlays compare across images. `unreadable` files get a row with no score and decision 'unreadable'.
-  """
+
+def write_csv(out_dir: pathlib.Path, paths: Sequence, scores: np.ndarray, threshold: float,
+              extra: dict[str, Sequence] | None = None, unreadable: Sequence = ()) -> pathlib.Path:
+  """out_dir/predictions.csv: path, image_score, decision, then the `extra` columns, one row per
+  scored image (paths [N], scores [N], in the CSV's order); `unreadable` files get a row with no score
+  and decision 'unreadable'. Returns the CSV's path."""
   out_dir = pathlib.Path(out_dir)
   extra = extra or {}
-  rows = []
-  if len(paths):
-    vmin, vmax = np.percentile(maps, [1.0, 99.9])
-  for i, path in enumerate(paths):
-    decision = decide(scores[i], threshold)
-    rows.append({'path': str(path), 'image_score': float(scores[i]), 'decision': decision,
-                 **{k: float(v[i]) for k, v in extra.items()}})
-    panel = visualize.overlay_panel(image_of(i), None, maps[i], vmin, vmax)
-    visualize.save_png(panel, out_dir / 'heatmaps' / f'{decision}_{pathlib.Path(path).stem}.png')
+  rows = [{'path': str(path), 'image_score': float(scores[i]), 'decision': decide(scores[i], threshold),
+           **{k: float(v[i]) for k, v in extra.items()}} for i, path in enumerate(paths)]
   rows += [{'path': str(p), 'decision': UNREADABLE} for p in unreadable]
   csv_path = out_dir / 'predictions.csv'
   out_dir.mkdir(parents=True, exist_ok=True)

@@ -16,6 +16,10 @@ stage's seconds and peak resident memory (the child's own ru_maxrss, from wait4)
 line per N, then one line with each stage's slope in bytes of peak RSS per image (between the
 smallest and the largest N). --scale_out also appends the lines to a file.
 
+--scale_processes=1,2 runs eval and predict once more as 2 processes of one run (jax.distributed on
+127.0.0.1, one CPU device each; --config.eval.batch_size must divide by 2): 'eval_x2' gives each
+process's peak and 'eval_x2_peak_ratio' the largest of them over the one-process peak.
+
 --scale_repo runs the stages of another checkout of adtr_jax (e.g. the main branch's, to compare).
 Extra --config fields go through --scale_override (repeatable), e.g.
 --scale_override=--config.train.batch_size=8. Timings on a shared machine are not measurements.
@@ -26,6 +30,7 @@ import json
 import os
 import pathlib
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -51,6 +56,8 @@ _REPO = flags.DEFINE_string('scale_repo', None, 'The adtr_jax checkout whose CLI
                             '(default: this one).')
 _OUT = flags.DEFINE_string('scale_out', None, 'Also append the JSON lines to this file.')
 _KEEP = flags.DEFINE_bool('scale_keep', False, 'Keep each N\'s data, cache and runs (default: deleted).')
+_PROCESSES = flags.DEFINE_list('scale_processes', ['1'], 'Numbers of processes that run eval and predict '
+                               '(each one run; e.g. 1,2: the per-process peaks of 2 processes beside 1).')
 
 
 def _rgb(path: pathlib.Path, size: int) -> np.ndarray:
@@ -120,25 +127,53 @@ def build_category(source: pathlib.Path, root: pathlib.Path, name: str, n: int, 
   return cat
 
 
-def run_stage(args: list[str], cwd: pathlib.Path, log: pathlib.Path) -> dict:
-  """`python -m adtr_jax.main *args` in cwd -> {'seconds', 'peak_rss_mib' (the child's ru_maxrss),
-  'exit'}; its output goes to `log`."""
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    return s.getsockname()[1]
+
+
+def run_stage(args: list[str], cwd: pathlib.Path, log: pathlib.Path, processes: int = 1) -> dict:
+  """`python -m adtr_jax.main *args` in cwd, as `processes` processes of one run (jax.distributed on
+  127.0.0.1, one CPU device each) -> {'seconds', 'peak_rss_mib' (the largest child's ru_maxrss),
+  'exit' (the first non-zero exit status, else 0)}, and with several processes
+  'peak_rss_mib_per_process'; the output of process i goes to `log` (i = 0) or log.<i>."""
   env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(cwd), os.environ.get('PYTHONPATH', '')]))
+  port = _free_port()
   start = time.perf_counter()
-  with log.open('w') as out:
-    child = subprocess.Popen([sys.executable, '-m', 'adtr_jax.main', *args], cwd=cwd, env=env,
-                             stdout=out, stderr=subprocess.STDOUT)
+  children, outs = [], []
+  for i in range(processes):
+    dist = ([f'--coordinator_address=127.0.0.1:{port}', f'--num_processes={processes}', f'--process_id={i}']
+            if processes > 1 else [])
+    outs.append((log if i == 0 else log.with_name(f'{log.name}.{i}')).open('w'))
+    children.append(subprocess.Popen([sys.executable, '-m', 'adtr_jax.main', *args, *dist], cwd=cwd, env=env,
+                                     stdout=outs[-1], stderr=subprocess.STDOUT))
+  peaks, codes = [], []
+  for child, out in zip(children, outs):
     _, status, usage = os.wait4(child.pid, 0)   # this child's own peak, not all children's
     child.returncode = os.waitstatus_to_exitcode(status)
-  return {'seconds': round(time.perf_counter() - start, 2), 'peak_rss_mib': round(usage.ru_maxrss / 1024, 1),
-          'exit': child.returncode}
+    out.close()
+    peaks.append(round(usage.ru_maxrss / 1024, 1))
+    codes.append(child.returncode)
+  out = {'seconds': round(time.perf_counter() - start, 2), 'peak_rss_mib': max(peaks),
+         'exit': next((c for c in codes if c), 0)}
+  if processes > 1:
+    out['peak_rss_mib_per_process'] = peaks
+  return out
+
+
+def stage_key(stage: str, processes: int) -> str:
+  """A stage's key in the JSON line: 'eval', or 'eval_x2' for the same stage on 2 processes."""
+  return stage if processes == 1 else f'{stage}_x{processes}'
 
 
 def measure(n: int, *, source, scratch, image_size: int, config: str, epochs: int = 1,
-            stages=STAGES, overrides=(), repo=None) -> dict:
+            stages=STAGES, overrides=(), repo=None, processes=(1,)) -> dict:
   """One N: builds the category under scratch/n<N>/ and runs the stages. Returns the JSON line's dict:
   {'n', 'image_size', 'config', 'build_seconds', '<stage>': run_stage's dict, ...}; a stage that
-  fails (exit != 0) ends the line with its output's last lines under 'error'."""
+  fails (exit != 0) ends the line with its output's last lines under 'error'. eval and predict run
+  once per number of `processes` (stage_key; training on one), each multi-process run with
+  '<stage>_x<P>_peak_ratio': its largest process's peak over the one-process peak."""
   repo = pathlib.Path(repo or pathlib.Path(__file__).resolve().parents[1])
   base = pathlib.Path(scratch).resolve() / f'n{n}'
   shutil.rmtree(base, ignore_errors=True)
@@ -152,10 +187,14 @@ def measure(n: int, *, source, scratch, image_size: int, config: str, epochs: in
   extra = {'train': ['--mode=train'], 'eval': ['--mode=eval'],
            'predict': ['--mode=predict', f'--predict_dir={cat / "train" / "good"}']}
   for stage in stages:
-    out[stage] = run_stage([*common, *extra[stage]], repo, base / f'{stage}.log')
-    if out[stage]['exit']:
-      out['error'] = (base / f'{stage}.log').read_text()[-2000:]
-      break
+    for p in (1,) if stage == 'train' else processes:
+      key = stage_key(stage, p)
+      out[key] = run_stage([*common, *extra[stage]], repo, base / f'{key}.log', p)
+      if out[key]['exit']:
+        out['error'] = (base / f'{key}.log').read_text()[-2000:]
+        return out
+      if p > 1 and stage in out:
+        out[f'{key}_peak_ratio'] = round(out[key]['peak_rss_mib'] / out[stage]['peak_rss_mib'], 3)
   return out
 
 
@@ -165,9 +204,10 @@ def slopes(lines: list[dict]) -> dict:
   if len(done) < 2:
     return {}
   lo, hi = min(done, key=lambda x: x['n']), max(done, key=lambda x: x['n'])
-  return {f'{stage}_bytes_per_image': round((hi[stage]['peak_rss_mib'] - lo[stage]['peak_rss_mib']) * 2**20
-                                            / (hi['n'] - lo['n']))
-          for stage in STAGES if stage in lo and stage in hi}
+  keys = [k for k in lo if k in hi and isinstance(lo[k], dict) and 'peak_rss_mib' in lo[k]]
+  return {f'{key}_bytes_per_image': round((hi[key]['peak_rss_mib'] - lo[key]['peak_rss_mib']) * 2**20
+                                          / (hi['n'] - lo['n']))
+          for key in keys}
 
 
 def main(argv):
@@ -182,7 +222,8 @@ def main(argv):
   for n in sorted(int(x) for x in _N.value):
     lines.append(measure(n, source=_SOURCE.value, scratch=_DIR.value, image_size=_SIZE.value,
                          config=_CONFIG.value, epochs=_EPOCHS.value, stages=_STAGES.value,
-                         overrides=_OVERRIDE.value, repo=_REPO.value))
+                         overrides=_OVERRIDE.value, repo=_REPO.value,
+                         processes=sorted({int(x) for x in _PROCESSES.value})))
     _emit(lines[-1])
     if not _KEEP.value:
       shutil.rmtree(pathlib.Path(_DIR.value) / f'n{n}', ignore_errors=True)

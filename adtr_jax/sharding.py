@@ -55,14 +55,20 @@ def model_sharded(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P('model'))
 
 
+def _data_positions(mesh: Mesh) -> dict[int, set]:
+  """{process index: the positions along 'data' of its devices}."""
+  positions: dict[int, set] = {}
+  for (_, j), device in np.ndenumerate(mesh.devices):
+    positions.setdefault(device.process_index, set()).add(j)
+  return positions
+
+
 def data_slice(mesh: Mesh) -> tuple[int, int]:
   """(which slice, how many slices) of every global batch this process reads: a batch sharded on 'data'
   is split between the groups of processes that hold different 'data' positions. Processes that hold
   the same positions (a 'model' axis across processes: stacked models, one per process) read the same
   rows, since make_array_from_process_local_data takes from each process the rows of its devices."""
-  positions: dict[int, set] = {}
-  for (_, j), device in np.ndenumerate(mesh.devices):
-    positions.setdefault(device.process_index, set()).add(j)
+  positions = _data_positions(mesh)
   blocks = sorted({tuple(sorted(p)) for p in positions.values()})
   if [j for b in blocks for j in b] != list(range(mesh.shape['data'])) or len({len(b) for b in blocks}) > 1:
     raise ValueError(f'each process must hold an equal, contiguous block of the "data" axis: {blocks}')
@@ -111,3 +117,21 @@ def to_host(x) -> np.ndarray:
     return np.asarray(x)
   from jax.experimental import multihost_utils
   return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+def local_rows(x) -> np.ndarray:
+  """This process's rows of a global array sharded on its leading axis over 'data' -> numpy: the rows
+  it fed with put_batch, in that order, and nothing of the other processes' (no gather). Devices that
+  hold the same rows (a 'model' axis) give them once."""
+  shards = {s.index[0].start or 0: s for s in x.addressable_shards}
+  return np.concatenate([np.asarray(shards[start].data) for start in sorted(shards)])
+
+
+def reduces_rows(mesh: Mesh) -> bool:
+  """Whether this process is the first of those that read its slice of every batch (data_slice): the
+  one that hands those rows on to the reductions. Processes that hold the same 'data' positions (a
+  'model' axis across processes) read the same rows, which must be counted once."""
+  data_slice(mesh)   # checks the layout
+  positions = _data_positions(mesh)
+  mine = positions[jax.process_index()]
+  return jax.process_index() == min(p for p, held in positions.items() if held == mine)

@@ -1,5 +1,5 @@
 """What several tests do with trained model folders: run the CLI, kill it after its first checkpoint,
-restore a model's parameters, and compare two runs' parameters."""
+restore a model's parameters, and compare two runs' parameters; and every row of a scored split."""
 import os
 import pathlib
 import signal
@@ -10,7 +10,7 @@ import time
 import jax
 import numpy as np
 
-from adtr_jax import checkpoint, paths, sharding, trained
+from adtr_jax import checkpoint, inference, paths, sharding, split_pass, trained
 from tests.conftest import REPO
 
 
@@ -53,3 +53,28 @@ def max_diff(a: dict, b: dict) -> float:
   """The largest absolute difference between two runs' parameters ({leaf path: array}, same leaves)."""
   assert a.keys() == b.keys()
   return max(float(np.max(np.abs(a[k] - b[k]))) for k in a)
+
+
+class Rows:
+  """A reducer (adtr_jax.reducers.Reducer) that keeps every row it is given, for tests on one process:
+  result() -> {'maps', 'scores', 'labels', 'masks', 'index'} with entry i = source row i."""
+
+  def __init__(self, num_rows: int):
+    self.num_rows = num_rows
+    self.rows = {k: [] for k in ('maps', 'scores', 'labels', 'masks', 'index')}
+
+  def add(self, rows: dict) -> None:
+    for key, value in self.rows.items():
+      value.append(np.array(rows[key]))
+
+  def finish(self) -> dict:
+    return {}
+
+  def result(self, parts: list) -> dict:
+    assert len(parts) == 1, 'Rows keeps the rows of one process'
+    return split_pass.in_source_order(self.rows, self.num_rows, 'rows')
+
+
+def score_rows(config, source, model, mesh, desc: str = 'rows') -> dict:
+  """Every row of `source` scored by inference.reduce_split, in memory (Rows' result)."""
+  return inference.reduce_split(config, source, model, mesh, desc, [Rows(len(source))])[0]

@@ -13,10 +13,11 @@ import pytest
 from PIL import Image
 from sklearn import metrics as skm
 
-from adtr_jax import deploy, errors, evaluate, export, inference, sharding, train, trained
+from adtr_jax import deploy, errors, evaluate, export, sharding, train, trained
 from adtr_jax.data import pipeline
 from adtr_jax.data.folder import FolderSource
 from adtr_jax.deploy import __main__ as deploy_cli
+from tests import helpers
 from tests.conftest import REPO, shared_data_dir, tiny_config
 
 # The export extra (requirements-export*.txt; CI installs it and fails on any skip).
@@ -74,12 +75,12 @@ def test_onnx_and_jax_export_match_predict_on_real_images(exported):
   config, work, out, folder, labels = exported
   meta = json.loads((out / 'model.json').read_text())
   threshold = meta['threshold']
-  # --mode=predict's scores (its CSV) and maps (the same score_split call on the same folder).
+  # --mode=predict's scores (its CSV) and maps (the same pass on the same folder).
   predicted = _csv(evaluate.predict(config, work, folder))
   mesh = sharding.make_mesh()
   source = FolderSource(folder)
   restored = trained.for_scoring(config, work, mesh, 'predict')
-  ref = inference.score_split(config, source, restored.model, mesh, 'reference')
+  ref = helpers.score_rows(config, source, restored.model, mesh, 'reference')
   np.testing.assert_array_equal([float(r['image_score']) for r in predicted], ref['scores'])
   y = np.array([labels[p.name] for p in source.paths])
   assert 0 < y.sum() < len(y) == 40
@@ -102,6 +103,11 @@ def test_onnx_and_jax_export_match_predict_on_real_images(exported):
   assert [r['decision'] for r in deployed] == [r['decision'] for r in predicted]
   assert sorted(q.name for q in (work / 'deployed' / 'heatmaps').iterdir()) == sorted(
       q.name for q in (work / CATEGORY / 'predict' / 'heatmaps').iterdir())
+  # ... and the same overlays: both colour the maps on the calibrated map_scale (model.json's), so
+  # they differ only by the maps' parity error (within 2 of 255 per pixel).
+  for q in (work / CATEGORY / 'predict' / 'heatmaps').iterdir():
+    got = np.asarray(Image.open(work / 'deployed' / 'heatmaps' / q.name)).astype(int)
+    assert np.abs(got - np.asarray(Image.open(q)).astype(int)).max() <= 2, q.name
 
 
 def test_model_json_holds_what_a_line_needs(exported):
@@ -111,6 +117,8 @@ def test_model_json_holds_what_a_line_needs(exported):
   assert meta['input']['size'] == config.dataset.image_size == meta['input']['shape'][1]
   assert meta['input']['resize'] == deploy.RESIZE
   assert meta['target_fpr'] == config.calibration.target_fpr and meta['threshold'] > 0
+  vmin, vmax = meta['map_scale']
+  assert meta['map_scale'] == meta['calibration']['map_scale'] and vmin < vmax
   assert meta['backbone']['arch'] == config.backbone.arch and len(meta['backbone']['weights_sha256']) == 64
   assert meta['config']['dataset']['category'] == CATEGORY and meta['adtr_jax_version'] == '0.1.0'
   assert meta['test_metrics'] is None            # trained without evaluation: no metrics.json
@@ -212,6 +220,9 @@ def test_deploy_names_a_missing_or_foreign_export_folder(exported, tmp_path, cap
   assert 'format_version' in line and str(other / 'model.json') in line
   (other / 'model.json').write_text(json.dumps(dict(meta, threshold=None)))
   assert '"threshold"' in _one_error_line(capsys, [f'--export={other}', f'--images={folder}'])
+  for scale in (None, [1.0], [2.0, 1.0], [0.0, 'x']):
+    (other / 'model.json').write_text(json.dumps(dict(meta, map_scale=scale)))
+    assert '"map_scale"' in _one_error_line(capsys, [f'--export={other}', f'--images={folder}']), scale
   assert '--images=' in _one_error_line(capsys, [f'--export={out}', f'--images={tmp_path / "none"}'])
 
 

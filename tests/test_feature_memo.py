@@ -6,11 +6,12 @@ import pytest
 from adtr_jax import feature_cache, inference, sharding, train_state
 from adtr_jax.data import datasets, pipeline
 from adtr_jax.models.adtr import SplitModel, build_model
+from tests import helpers
 from tests.conftest import tiny_config
 
 
 class Recorder(feature_cache.Embedder):
-  """An Embedder that keeps itself in `made`, to read its hit counts after score_split."""
+  """An Embedder that keeps itself in `made`, to read its hit counts after a pass."""
   made = []
 
   def __init__(self, *a, **kw):
@@ -31,7 +32,7 @@ def setup(toy_root, tmp_path, monkeypatch):
 
 
 def _score(config, source, graphdef, params, frozen, mesh):
-  result = inference.score_split(config, source, SplitModel(graphdef, params, frozen), mesh, 'memo split')
+  result = helpers.score_rows(config, source, SplitModel(graphdef, params, frozen), mesh, 'memo split')
   return result, Recorder.made[-1]
 
 

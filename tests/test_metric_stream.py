@@ -75,7 +75,7 @@ def assert_equal_to_in_memory(runs, maps, masks, limit):
   assert got_fpr.shape == fpr.shape
   np.testing.assert_allclose(got_fpr, fpr, rtol=0, atol=1e-12)
   np.testing.assert_allclose(got_pro, pro, rtol=0, atol=1e-12)
-  keep = np.unique(np.linspace(0, len(fpr) - 1, 9).round().astype(int))   # evaluate._thin(.., 9)
+  keep = np.unique(np.linspace(0, len(fpr) - 1, 9).round().astype(int))   # PixelRuns.pro_curve(max_points=9)
   thin_fpr, thin_pro = runs.pro_curve(max_points=9)
   np.testing.assert_allclose(thin_fpr, fpr[keep], rtol=0, atol=1e-12)
   np.testing.assert_allclose(thin_pro, pro[keep], rtol=0, atol=1e-12)

@@ -3,9 +3,10 @@ import jax
 import numpy as np
 import pytest
 
-from adtr_jax import inference, multihost, sharding, split_pass, train_state
+from adtr_jax import multihost, sharding, split_pass, train_state
 from adtr_jax.data import datasets
 from adtr_jax.models.adtr import SplitModel, build_model
+from tests import helpers
 from tests.conftest import tiny_config
 
 
@@ -30,12 +31,12 @@ def test_scores_are_paired_with_their_rows_by_index(toy_root, tmp_path, monkeypa
   model, _ = build_model(config)  # untrained: its scores still differ from image to image
   graphdef, state, frozen = train_state.init_state(model, config.train)
   model = SplitModel(graphdef, state.params, frozen)
-  ordered = inference.score_split(config, test, model, mesh, 'ordered')
+  ordered = helpers.score_rows(config, test, model, mesh, 'ordered')
   scrambled_order = np.random.default_rng(0).permutation(len(test))
   monkeypatch.setattr(split_pass, 'pass_order', lambda n, batch_size, parts: scrambled_order)
-  scrambled = inference.score_split(config, test, model, mesh, 'scrambled')
+  scrambled = helpers.score_rows(config, test, model, mesh, 'scrambled')
   assert not np.array_equal(scrambled_order, np.arange(len(test)))
-  for key in ('scores', 'labels', 'index'):
+  for key in ('scores', 'labels', 'index', 'masks'):
     np.testing.assert_array_equal(scrambled[key], ordered[key])
   np.testing.assert_allclose(scrambled['maps'], ordered['maps'], rtol=1e-5, atol=1e-6)
 

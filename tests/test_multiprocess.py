@@ -248,16 +248,20 @@ def test_heatmaps_and_predictions_pair_each_image_with_its_own_map(normal_runs, 
 def _own_files(path: str, process: int) -> bool:
   """Orbax's per-process parts of a checkpoint (array metadata, OCDBT shards) are named for the
   process that writes them; a process writes its share of the resized images into the image cache's
-  temporary folder (<split>-<token>), and their paths into paths-<process>.json there."""
+  temporary folder (<split>-<token>), and their paths into paths-<process>.json there; its parts of a
+  reduced pass into the pass's scratch folder, named for it (calibration, evaluation, predict).
+  (Predict's 4 images fill one padded batch's first half: process 0's. Each process writes the
+  overlays of its rows: tests/test_multiprocess_memory.py.)"""
   return f'process_{process}' in path or bool(re.search(
-      rf'/resized_\d+/\.(train|test)-[0-9a-f]{{8}}/((images|masks|labels)\.npy|paths-{process}\.json)$', path))
+      rf'/resized_\d+/\.(train|test)-[0-9a-f]{{8}}/((images|masks|labels)\.npy|paths-{process}\.json)$', path)
+      or re.search(rf'/scratch-[a-z]+-[0-9a-f]{{8}}/(.*/)?[^/]*{process:05d}[^/]*(/[^/]+)?$', path))
 
 
 def test_only_process_zero_writes_shared_files(normal_runs):
   """(e) Process 0 wrote the tfds data, config.json, metrics.json, heatmaps, curves, predictions and
   checkpoints' shared metadata, each once, and made the resized-image cache; process 1 wrote nothing
-  but orbax's files named for it and its share of the resized images (and still read the shared
-  files: its run ended like process 0's)."""
+  but orbax's files named for it, its share of the resized images and its parts of the reduced
+  passes (and still read the shared files: its run ended like process 0's)."""
   train, predict, run = normal_runs['2x2']
   writes = {p: [path for procs in (train, predict) for _, path in procs.audit(p)['writes']] for p in (0, 1)}
   assert all(_own_files(path, 1) for path in writes[1]), [w for w in writes[1] if not _own_files(w, 1)]

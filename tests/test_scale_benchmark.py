@@ -40,15 +40,23 @@ def test_built_category_holds_n_unique_copies_with_their_masks(toy_root, tmp_pat
 
 
 @pytest.mark.slow
+@pytest.mark.multiprocess
 def test_stages_run_and_are_measured(tmp_path):
   """N = 12 on the toy category with the tiny config: train, eval and predict each ran as a child of
-  the CLI and left its outputs; each has its own peak RSS (a JAX process: over 100 MiB)."""
+  the CLI and left its outputs; each has its own peak RSS (a JAX process: over 100 MiB); eval and
+  predict ran again as 2 processes of one run, each process's peak recorded."""
   root = make_toy_mvtec(tmp_path / 'toy_source')
   out = sb.measure(12, source=root / 'toy', scratch=tmp_path / 'scale', image_size=32,
-                   config=f'tests/tiny_config.py:{root}|{tmp_path / "unused"}')
+                   config=f'tests/tiny_config.py:{root}|{tmp_path / "unused"}', processes=(1, 2))
   assert 'error' not in out, out.get('error')
-  for stage in sb.STAGES:
+  for stage in (*sb.STAGES, 'eval_x2', 'predict_x2'):
     assert out[stage]['exit'] == 0 and out[stage]['seconds'] > 0 and out[stage]['peak_rss_mib'] > 100
+  for stage in ('eval', 'predict'):
+    peaks = out[f'{stage}_x2']['peak_rss_mib_per_process']
+    assert len(peaks) == 2 and max(peaks) == out[f'{stage}_x2']['peak_rss_mib'] and min(peaks) > 100
+    assert out[f'{stage}_x2_peak_ratio'] == round(max(peaks) / out[stage]['peak_rss_mib'], 3)
+  assert 'train_x2' not in out and set(sb.slopes([out, dict(out, n=24)])) == {
+      f'{k}_bytes_per_image' for k in ('train', 'eval', 'predict', 'eval_x2', 'predict_x2')}
   work = tmp_path / 'scale' / 'n12' / 'work'
   assert json.loads((work / 'metrics.json').read_text())['categories']['scale12']['num_test_images'] == 12
   rows = list(csv.DictReader((work / 'scale12' / 'predict' / 'predictions.csv').open()))

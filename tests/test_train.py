@@ -12,6 +12,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from adtr_jax import checkpoint, evaluate, members, sharding, step, train, train_state
+from adtr_jax import trained as trained_lib
 from adtr_jax.models.adtr import build_model
 from tests import helpers
 from tests.conftest import tiny_config
@@ -117,6 +118,27 @@ def test_predict_uses_the_threshold_calibrated_on_held_out_normals(trained, toy_
   assert decisions == ['anomalous' if v > calib['threshold'] else 'normal' for v in scores]
   assert decisions.count('anomalous') >= 3
   assert len(list((csv_path.parent / 'heatmaps').glob('*.png'))) == 4
+
+
+def test_a_calibration_without_map_scale_gets_it_from_the_held_out_images(trained, monkeypatch):
+  """A model calibrated before overlays had a fixed colour scale: predict and export compute it on
+  the held-out images, equal to the one calibration saved (same images, same model); the threshold
+  stays the saved one."""
+  config, workdir, _ = trained
+  mesh = sharding.make_mesh()
+  saved = trained_lib.for_scoring(config, workdir, mesh, 'predict').meta['calibration']
+  vmin, vmax = saved['map_scale']
+  assert vmin < vmax
+  restore = trained_lib.restore
+
+  def old_calibration(*args, **kw):
+    restored = restore(*args, **kw)
+    del restored.meta['calibration']['map_scale']
+    return restored
+
+  monkeypatch.setattr(trained_lib, 'restore', old_calibration)
+  again = trained_lib.for_scoring(config, workdir, mesh, 'predict').meta['calibration']
+  assert again == saved
 
 
 def test_checkpoint_excludes_frozen_backbone_and_records_its_hash(trained):

@@ -23,7 +23,7 @@ from adtr_jax.data import mvtec, pipeline
 
 # model.json's 'format' and 'format_version': a scorer refuses a folder written for another format.
 FORMAT = 'adtr_jax.export'
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2   # 2: map_scale, the overlays' fixed colour scale
 ONNX_FILE, JAX_EXPORT_FILE, META_FILE = 'model.onnx', 'model.jax_export', 'model.json'
 INPUT_NAME, OUTPUT_NAMES = 'images', ('score', 'anomaly_map')
 # How images reach the graph's size; model.json records it and the scorer checks it is this one.
@@ -59,6 +59,11 @@ def read_meta(export_dir) -> dict:
   threshold = meta.get('threshold')
   if not isinstance(threshold, (int, float)) or not threshold > 0:
     raise DeployError(f'{path}: field "threshold" must be a positive number, not {threshold!r}')
+  scale = meta.get('map_scale')
+  if (not isinstance(scale, list) or len(scale) != 2 or not all(isinstance(v, (int, float)) for v in scale)
+      or not np.isfinite(scale).all() or scale[0] > scale[1]):
+    raise DeployError(f'{path}: field "map_scale" must be [vmin, vmax], two finite numbers with vmin <= '
+                      f'vmax, not {scale!r}')
   return meta
 
 
@@ -77,7 +82,8 @@ class Scorer:
   """An export folder loaded into onnxruntime: images uint8 [N, S, S, 3] -> (scores [N], maps [N, S, S]).
 
   `threshold` is model.json's calibrated one unless given; `normalised(scores)` is scores / threshold,
-  so 1.0 is the decision boundary and a score reads as "times the threshold".
+  so 1.0 is the decision boundary and a score reads as "times the threshold". `map_scale`: model.json's
+  (vmin, vmax), the overlays' colour scale.
   """
 
   def __init__(self, export_dir, threshold: float | None = None, threads: int = 0):
@@ -89,6 +95,7 @@ class Scorer:
     if threshold is not None and not threshold > 0:
       raise DeployError(f'--threshold={threshold} must be positive (image scores are distances >= 0)')
     self.threshold = float(self.meta['threshold'] if threshold is None else threshold)
+    self.map_scale = tuple(float(v) for v in self.meta['map_scale'])
     options = ort.SessionOptions()
     options.log_severity_level = 3  # errors only: ORT's shape-merge notes are not the user's concern
     options.intra_op_num_threads = threads

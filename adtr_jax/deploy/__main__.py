@@ -26,26 +26,38 @@ PROG = 'adtr_jax.deploy'
 
 def score_folder(scorer: Scorer, folder, out_dir, batch_size: int = 8, normalised: bool = False,
                  warn=lambda message: print(message, file=sys.stderr)) -> pathlib.Path:
-  """Scores every image of `folder` (sorted, as --mode=predict lists them); returns predictions.csv."""
+  """Scores every image of `folder` (sorted, as --mode=predict lists them) batch by batch, writing each
+  batch's overlays (on model.json's map_scale) as it goes; returns predictions.csv. Memory: one batch
+  of images and maps, and a score per image."""
   folder = pathlib.Path(folder).expanduser()
   if not folder.is_dir():
     raise DeployError(f'--images={folder} is not a folder of images')
-  files = mvtec.images_in(folder)
-  paths, images, unreadable = [], [], []
-  for path in files:
+  out_dir = pathlib.Path(out_dir)
+  paths, scores, unreadable, batch = [], [], [], []
+
+  def score_batch():
+    s, m = scorer(np.stack([image for _, image in batch]))
+    for k, (path, image) in enumerate(batch):
+      predictions.write_overlay(out_dir, path, float(s[k]), m[k], scorer.threshold, image, scorer.map_scale)
+    paths.extend(path for path, _ in batch)
+    scores.append(s)
+    batch.clear()
+
+  for path in mvtec.images_in(folder):
     try:
-      images.append(read_image(path, scorer.image_size))
-      paths.append(path)
+      batch.append((path, read_image(path, scorer.image_size)))
     except DeployError as e:   # one bad file must not stop a line: name it, score the others
       warn(f'{PROG}: skipped {path}: {e}')
       unreadable.append(path)
+    if len(batch) == batch_size:
+      score_batch()
+  if batch:
+    score_batch()
   if not paths:
     raise DeployError(f'--images={folder} has no readable images ({", ".join(mvtec.IMAGE_EXTENSIONS)})')
-  out = [scorer(np.stack(images[i:i + batch_size])) for i in range(0, len(images), batch_size)]
-  scores, maps = (np.concatenate(parts) for parts in zip(*out))
+  scores = np.concatenate(scores)
   extra = {'normalised_score': scorer.normalised(scores)} if normalised else None
-  return predictions.write(pathlib.Path(out_dir), paths, scores, maps, scorer.threshold,
-                           lambda i: images[i].astype(np.float32) / 255.0, extra, unreadable)
+  return predictions.write_csv(out_dir, paths, scores, scorer.threshold, extra, unreadable)
 
 
 def parse(argv):

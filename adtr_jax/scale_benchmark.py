@@ -139,6 +139,9 @@ def run_stage(args: list[str], cwd: pathlib.Path, log: pathlib.Path, processes: 
   'exit' (the first non-zero exit status, else 0)}, and with several processes
   'peak_rss_mib_per_process'; the output of process i goes to `log` (i = 0) or log.<i>."""
   env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(cwd), os.environ.get('PYTHONPATH', '')]))
+  if processes > 1:   # one CPU device each (not the fake devices a test may have asked for)
+    env['XLA_FLAGS'] = ' '.join(f for f in env.get('XLA_FLAGS', '').split()
+                                if not f.startswith('--xla_force_host_platform_device_count'))
   port = _free_port()
   start = time.perf_counter()
   children, outs = [], []

@@ -19,6 +19,8 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from adtr_jax import errors   # no JAX: --help still answers at once
+
 _CONFIG = config_flags.DEFINE_config_file(
     'config', None, 'A config file (its get_config()), or the name of a shipped one (elpv, magnetic_tile, '
     'mvtec, mvtec_paper, default); override fields with --config.a.b=value.',
@@ -52,18 +54,10 @@ flags.mark_flags_as_required(['config', 'workdir'])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  from adtr_jax import errors
   try:
     run(_CONFIG.value, pathlib.Path(_WORKDIR.value), _MODE.value)
-  except errors.Diverged as e:   # the others trained and were evaluated: one line per diverged model
-    for line in e.lines:
-      print(f'adtr_jax: error: {line}', file=sys.stderr)
-    sys.exit(e.exit_status)
-  except errors.UserError as e:
-    if _TRACEBACK.value:
-      raise
-    print(f'adtr_jax: error: {e}', file=sys.stderr)
-    sys.exit(2)
+  except errors.UserError:
+    raise   # one line and its exit status (errors.reporting, see cli)
   except Exception:
     _lost_peer_first()
     raise
@@ -146,7 +140,7 @@ def cli():
   # not this module, so this module's flags are declared key flags of it too.
   for flag in flags.FLAGS.get_key_flags_for_module(sys.modules[__name__]):
     flags.FLAGS.register_key_flag_for_module(sys.argv[0], flag)
-  app.run(main)
+  app.run(errors.reporting(main, traceback=lambda: _TRACEBACK.value))
 
 
 if __name__ == '__main__':

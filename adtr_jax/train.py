@@ -273,12 +273,14 @@ def _train_group(group: list[members.Member]) -> list[dict]:
     step_fn = functools.partial(step.train_step, graphdef=graphdef, loss=step.make_loss(g.cfg.loss),
                                 schedule=g.cfg.train.schedule)
     runner = loop.make_runner(step_fn, g.mesh, _feed(g, features), g.cfg.train.models_per_call)
-    logging.info('training %d model(s) %s from %s on mesh %s', len(group), g.categories, g.kind,
-                 dict(g.mesh.shape))
+    # One-line events on the console (library logs go to the CLI's log file): what trains, where it is saved.
+    print(f'adtr_jax: training {len(group)} model(s) {g.categories} on mesh {dict(g.mesh.shape)}, '
+          f'feed {g.kind!r}', flush=True)
     _loop(g, runner, graphdef, state, frozen, keys, hyper, info, start)
   for x in g.models:
     x.mgr.wait_until_finished()
     x.mgr.close()
+    print(f'adtr_jax: {x.member.category} saved at step {x.last_step} in {x.mgr.directory}', flush=True)
   return [{'category': x.member.category, 'steps': x.last_step, 'stacked': len(group) > 1}
           for x in g.models]
 

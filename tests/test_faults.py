@@ -16,7 +16,7 @@ import pytest
 
 from tests import helpers
 from tests.conftest import make_toy_mvtec, tiny_config
-from tests.test_multiprocess import _config_args, launch, running
+from tests.multiprocess_runs import config_args, launch, running
 from tests.test_summaries import read_events
 
 SEED = 35
@@ -117,7 +117,7 @@ def test_two_processes_survive_a_kill_of_one_during_a_save(toy_root, tmp_path, m
   """Process 1 is killed inside its second checkpoint save (step 4; step 2 is complete); process 0
   ends with the one-line lost-peer error; both started again resume from step 2 and end as the
   uninterrupted two-process run."""
-  args = lambda work: _config_args(toy_root, tmp_path / 'cache', work, *FLAGS)
+  args = lambda work: config_args(toy_root, tmp_path / 'cache', work, *FLAGS)
   straight = launch(tmp_path, 'straight', '2x2', args(tmp_path / 'straight'), tmp_path)
   with running(straight):
     straight.check()

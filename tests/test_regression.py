@@ -39,6 +39,8 @@ import pytest
 
 from tests.conftest import REPO, make_toy_mvtec, tiny_config
 
+pytestmark = pytest.mark.slow   # every test trains a path to its end
+
 PINS = pathlib.Path(__file__).with_name('regression_pins.json')
 
 # name -> (categories, config overrides). Holdout calibration stays on (0.1) where the training set

@@ -2,27 +2,19 @@
 to resume from (issue 35): the resume contract, the best checkpoint's threshold, a diverging member,
 a kill between two members' saves, one mesh rule, TensorBoard after a restart, config.json."""
 import json
-import shutil
 
 import pytest
 
 from adtr_jax import checkpoint, errors, evaluate, export, paths, summaries, train, trained
 from adtr_jax import validate
 from tests import helpers
-from tests.conftest import make_toy_mvtec, tiny_config
+from tests.conftest import make_toy_mvtec, make_two_toys, tiny_config
 from tests.test_summaries import read_events
 
 
 @pytest.fixture(scope='module')
 def two_categories(tmp_path_factory):
-  """toy (18 training images) and toy2 (26)."""
-  tmp = tmp_path_factory.mktemp('resume')
-  root = tmp / 'data'
-  make_toy_mvtec(tmp / 'a')
-  make_toy_mvtec(tmp / 'b', n_train=26, seed=1)
-  shutil.copytree(tmp / 'a' / 'toy', root / 'toy')
-  shutil.copytree(tmp / 'b' / 'toy', root / 'toy2')
-  return root
+  return make_two_toys(tmp_path_factory.mktemp('resume'))
 
 
 @pytest.mark.slow

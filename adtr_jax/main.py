@@ -57,7 +57,7 @@ _TRACEBACK = flags.DEFINE_bool('traceback', False,
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
-def main(argv):
+def _main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   try:
@@ -69,6 +69,10 @@ def main(argv):
     _lost_peer_first()
     raise
   _finished_distributed()
+
+
+# The CLI's main: a user error ends with its one line(s) and exit status (--traceback: its traceback).
+main = errors.reporting(_main, traceback=lambda: _TRACEBACK.value)
 
 
 def _lost_peer_first() -> None:
@@ -200,7 +204,7 @@ def cli():
   # not this module, so this module's flags are declared key flags of it too.
   for flag in flags.FLAGS.get_key_flags_for_module(sys.modules[__name__]):
     flags.FLAGS.register_key_flag_for_module(sys.argv[0], flag)
-  app.run(errors.reporting(main, traceback=lambda: _TRACEBACK.value))
+  app.run(main)
 
 
 if __name__ == '__main__':

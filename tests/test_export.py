@@ -162,11 +162,14 @@ def test_version_is_the_projects():
 
 
 def test_metrics_json_is_copied_into_model_json(tmp_path):
-  metrics = {'image_auroc': 0.75, 'num_test_images': 630, 'heatmap_dir': '/x'}
+  """Only the metrics of the exported checkpoint step: metrics.json of another step is not copied."""
+  metrics = {'image_auroc': 0.75, 'num_test_images': 630, 'checkpoint_step': 40, 'heatmap_dir': '/x'}
   (tmp_path / 'metrics.json').write_text(json.dumps({'categories': {CATEGORY: metrics}, 'mean': {}}))
-  kept = export.metrics_at_export(tmp_path, CATEGORY, unified=False)
-  assert kept == {'image_auroc': 0.75, 'num_test_images': 630, 'source': str(tmp_path / 'metrics.json')}
-  assert export.metrics_at_export(tmp_path, 'other', unified=False) is None
+  kept = export.metrics_at_export(tmp_path, CATEGORY, unified=False, step=40)
+  assert kept == {'image_auroc': 0.75, 'num_test_images': 630, 'checkpoint_step': 40,
+                  'source': str(tmp_path / 'metrics.json')}
+  assert export.metrics_at_export(tmp_path, 'other', unified=False, step=40) is None
+  assert export.metrics_at_export(tmp_path, CATEGORY, unified=False, step=30) is None
 
 
 @pytest.mark.slow

@@ -245,6 +245,10 @@ def _eval() -> ml_collections.ConfigDict:
   # the MVTec AD evaluation code) or 'positional' (the MVTec 3D-AD code's: FPR advances by position
   # through a tie, PRO stays at its value above it). Equal on continuous maps; see adtr_jax/metrics.py.
   _resumable(evaluation, 'eval.aupro_ties', 'merged')
+  # True: also write each test image's anomaly map as a single-channel float32 TIFF at the image's
+  # original size, at its path under the benchmark root in <workdir>/maps/ (the layout the official
+  # evaluators read; docs/protocols.md). May change when a run resumes.
+  _resumable(evaluation, 'eval.save_maps', False)
   return evaluation
 
 

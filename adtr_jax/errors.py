@@ -1,9 +1,12 @@
-"""Errors a user can fix: bad config values, bad input data, unusable weight files.
+"""Errors a user can fix: bad config values, bad input data, unusable weight files, a diverged model.
 
-The command line prints these as one line (`adtr_jax: error: <message>`) and exits with status 2;
+The command line (and every experiment script, through `reporting`) prints these as one line
+(`adtr_jax: error: <message>`; a line per model for Diverged) and exits with status 2 (Diverged: 1);
 `--traceback` shows the traceback instead. Each also subclasses the builtin a caller would expect
 (ValueError, FileNotFoundError), so library code can catch them the usual way.
 """
+import functools
+import sys
 
 
 class UserError(Exception):
@@ -35,3 +38,25 @@ class Diverged(UserError, ArithmeticError):
   def __init__(self, lines: list[str]):
     super().__init__('\n'.join(lines))
     self.lines = list(lines)
+
+
+def report(error: UserError) -> int:
+  """Prints `error` as the command line does (stderr, one `adtr_jax: error:` line each) and returns
+  the exit status to end with."""
+  for line in getattr(error, 'lines', [str(error)]):
+    print(f'adtr_jax: error: {line}', file=sys.stderr)
+  return getattr(error, 'exit_status', 2)
+
+
+def reporting(main, traceback=lambda: False):
+  """An absl main that ends with `report`'s lines and exit status on a UserError (traceback(): raise
+  it instead, for --traceback), never with a traceback."""
+  @functools.wraps(main)
+  def wrapped(argv):
+    try:
+      return main(argv)
+    except UserError as e:
+      if traceback() and not isinstance(e, Diverged):
+        raise
+      sys.exit(report(e))
+  return wrapped

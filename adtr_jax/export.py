@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import importlib.metadata
+import io
 import json
 import logging as py_logging
 import pathlib
@@ -24,6 +25,7 @@ import time
 
 import jax
 import jax.numpy as jnp
+from absl import logging
 from flax import nnx
 
 from adtr_jax import deploy, errors, inference, metrics, paths, sharding, trained
@@ -91,15 +93,23 @@ def to_jax_export(fn, image_size: int, path: pathlib.Path) -> None:
 
 
 @contextlib.contextmanager
-def _quiet(name: str):
-  """jax2onnx logs a traceback for each optional plugin whose library (equinox, dm_pix...) is absent."""
-  logger = py_logging.getLogger(name)
-  level = logger.level
-  logger.setLevel(py_logging.ERROR)
+def _quiet_converter():
+  """jax2onnx logs a traceback for each optional plugin whose library is absent, onnx_ir a warning for
+  each intermediate value of unknown type it leaves out, and jax2onnx 0.12.5 prints a debug line per
+  convolution: errors only from those loggers, and the converter's prints go to the log."""
+  loggers = [py_logging.getLogger(name) for name in ('jax2onnx', 'onnx_ir')]
+  levels = [logger.level for logger in loggers]
+  printed = io.StringIO()
+  for logger in loggers:
+    logger.setLevel(py_logging.ERROR)
   try:
-    yield
+    with contextlib.redirect_stdout(printed):
+      yield
   finally:
-    logger.setLevel(level)
+    for logger, level in zip(loggers, levels):
+      logger.setLevel(level)
+    if printed.getvalue().strip():
+      logging.info('jax2onnx printed: %s', printed.getvalue().strip())
 
 
 def to_onnx(fn, image_size: int, path: pathlib.Path, what: str) -> None:
@@ -112,7 +122,7 @@ def to_onnx(fn, image_size: int, path: pathlib.Path, what: str) -> None:
     raise errors.ConfigError(f'--mode=export needs the export extra ({e.name} is missing): '
                              'pip install -r requirements-export.txt (see docs/deploy.md)') from e
   try:
-    with _quiet('jax2onnx'):
+    with _quiet_converter():
       proto = jax2onnx.to_onnx(fn, [input_spec(image_size, 'N')], model_name='adtr',
                                input_names=[deploy.INPUT_NAME], output_names=list(deploy.OUTPUT_NAMES))
   except Exception as e:  # noqa: BLE001 - jax2onnx raises many types; the user needs the op and the model

@@ -12,12 +12,20 @@ Any config field can be overridden with --config.<field>=<value>. Re-running a k
 with the same --workdir resumes from its latest checkpoint. Bad input (config values, data, weight files)
 ends with one line naming the field or file, `adtr_jax: error: ...`, and exit status 2; --traceback
 shows the traceback instead.
+
+The console shows progress bars, warnings, one-line events and results. Every log line (the libraries'
+INFO lines too: orbax, tfds, absl) goes to <workdir>/log.txt (process i > 0 of a multi-process run:
+log.process_<i>.txt); --verbosity=0 (absl's flag) shows them on the console as well.
 """
+import contextlib
+import logging as py_logging
 import pathlib
 import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
+
+from adtr_jax import errors   # no JAX: --help still answers at once
 
 _CONFIG = config_flags.DEFINE_config_file(
     'config', None, 'A config file (its get_config()), or the name of a shipped one (elpv, magnetic_tile, '
@@ -49,25 +57,22 @@ _TRACEBACK = flags.DEFINE_bool('traceback', False,
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
-def main(argv):
+def _main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
-  from adtr_jax import errors
   try:
-    run(_CONFIG.value, pathlib.Path(_WORKDIR.value), _MODE.value)
-  except errors.Diverged as e:   # the others trained and were evaluated: one line per diverged model
-    for line in e.lines:
-      print(f'adtr_jax: error: {line}', file=sys.stderr)
-    sys.exit(e.exit_status)
-  except errors.UserError as e:
-    if _TRACEBACK.value:
-      raise
-    print(f'adtr_jax: error: {e}', file=sys.stderr)
-    sys.exit(2)
+    with _quiet_console():
+      run(_CONFIG.value, pathlib.Path(_WORKDIR.value), _MODE.value)
+  except errors.UserError:
+    raise   # one line and its exit status (errors.reporting, see cli)
   except Exception:
     _lost_peer_first()
     raise
   _finished_distributed()
+
+
+# The CLI's main: a user error ends with its one line(s) and exit status (--traceback: its traceback).
+main = errors.reporting(_main, traceback=lambda: _TRACEBACK.value)
 
 
 def _lost_peer_first() -> None:
@@ -84,16 +89,57 @@ def _finished_distributed() -> None:
     sys.modules['adtr_jax.multihost'].leave(ok=True)
 
 
+class _TfdsNoise(py_logging.Filter):
+  """tfds warns at every preparation that our builder has a custom config and that a new folder has no
+  dataset_info.json yet: facts of how the data is prepared, not for the console (the log file has them)."""
+
+  def filter(self, record: py_logging.LogRecord) -> bool:
+    return record.levelno >= py_logging.ERROR or '/tensorflow_datasets/' not in record.pathname
+
+
+@contextlib.contextmanager
+def _quiet_console():
+  """While the CLI runs, the console (absl's handler) shows warnings and errors only, unless --verbosity
+  is given (absl's meaning then: 0 INFO, 1 DEBUG)."""
+  handler, noise = logging.get_absl_handler(), _TfdsNoise()
+  level = handler.level
+  if not flags.FLAGS['verbosity'].present:
+    handler.setLevel(py_logging.WARNING)
+    handler.addFilter(noise)
+  try:
+    yield
+  finally:
+    handler.setLevel(level)
+    handler.removeFilter(noise)
+
+
+def log_file(workdir: pathlib.Path, process: int) -> pathlib.Path:
+  """Where a CLI run's log lines go: <workdir>/log.txt; log.process_<i>.txt for process i > 0 (named, like
+  orbax's per-process files, for the process that writes it)."""
+  return workdir / ('log.txt' if process == 0 else f'log.process_{process}.txt')
+
+
+@contextlib.contextmanager
+def _logging_to(path: pathlib.Path):
+  """Every log record (at absl's --verbosity, INFO by default) appended to `path` while the block runs."""
+  handler = py_logging.FileHandler(path)
+  handler.setFormatter(logging.PythonFormatter())
+  py_logging.root.addHandler(handler)
+  try:
+    yield
+  finally:
+    py_logging.root.removeHandler(handler)
+    handler.close()
+
+
 def run(config, workdir: pathlib.Path, mode: str):
   """Runs one --mode of the CLI."""
   # Imported here so that --help answers without starting JAX.
   import jax
 
   _init_distributed(config, workdir, mode)
-  from adtr_jax import evaluate, train, validate
-  from adtr_jax.data import datasets, mixing
-  logging.info('JAX devices: %s (process %d of %d)', jax.devices(), jax.process_index(),
-               jax.process_count())
+  from adtr_jax import validate
+  from adtr_jax.data import mixing
   if mode == 'predict' and not _PREDICT_DIR.value:
     raise app.UsageError('--mode=predict needs --predict_dir=<folder of images>')
   if mode == 'show_anomalies' and not mixing.uses_anomalies(config):
@@ -102,6 +148,18 @@ def run(config, workdir: pathlib.Path, mode: str):
   # Before anything is written or prepared: a bad value costs a second, not a dataset's preparation.
   validate.check(config, mode, workdir)
   workdir.mkdir(parents=True, exist_ok=True)
+  with _logging_to(log_file(workdir, jax.process_index())):
+    logging.info('JAX devices: %s (process %d of %d)', jax.devices(), jax.process_index(),
+                 jax.process_count())
+    _run_mode(config, workdir, mode)
+
+
+def _run_mode(config, workdir: pathlib.Path, mode: str):
+  """run()'s work once the config is checked and the workdir exists."""
+  import jax
+
+  from adtr_jax import evaluate, train
+  from adtr_jax.data import datasets, mixing
   if jax.process_index() == 0 and mode in ('train', 'train_and_eval'):   # how its models were trained
     (workdir / 'config.json').write_text(config.to_json_best_effort(indent=2) + '\n')
   if mode == 'predict':

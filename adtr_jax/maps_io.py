@@ -106,37 +106,52 @@ def write_maps(out_dir, rel_image_paths: Sequence[str], maps, sizes: Sequence[tu
 
 def write_ad2_submission(out_dir, obj: str, split: str, names: Sequence[str], maps,
                          sizes: Sequence[tuple[int, int]], threshold: float) -> list[pathlib.Path]:
-  """One object's private split of MVTec AD 2's submission tree under out_dir: for each image name
-  (its file stem, e.g. '000_regular'), anomaly_images/<obj>/<split>/<name>.tiff (float16, original
-  size) and anomaly_images_thresholded/<obj>/<split>/<name>.png (uint8 0/255: the float16 map
-  binarised by `protocols.binarize` at `threshold`). Returns the TIFF paths. The file names and counts
-  must be the checker's (see `check_ad2_submission`), else ValueError before anything is written.
+  """One object's private split of MVTec AD 2's submission tree under out_dir: `write_ad2_files` for
+  each image name (its file stem, e.g. '000_regular'), map [h, w] and original size (H, W). Returns
+  the TIFF paths. The file names and counts must be the checker's (see `check_ad2_submission`), else
+  ValueError before anything is written.
   """
-  if obj not in AD2_PRIVATE_COUNTS:
-    raise ValueError(f'{obj!r} is not an MVTec AD 2 object {sorted(AD2_PRIVATE_COUNTS)}')
-  if split not in AD2_PRIVATE_SPLITS:
-    raise ValueError(f'{split!r} is not a private split {sorted(AD2_PRIVATE_SPLITS)}')
-  expected = _ad2_names(obj, split)
+  _check_ad2_split_name(obj, split)
+  expected = ad2_names(obj, split)
   if sorted(names) != sorted(expected) or len(names) != len(expected):
     raise ValueError(f'{obj}/{split}: the checker wants the {len(expected)} images {expected[0]}..'
                      f'{expected[-1]}, got {len(names)} names')
   if not len(names) == len(maps) == len(sizes):
     raise ValueError(f'{len(names)} names, {len(maps)} maps, {len(sizes)} sizes')
+  return [write_ad2_files(out_dir, obj, split, name, m, size, threshold)
+          for name, m, size in tqdm(zip(names, maps, sizes), total=len(names), desc=f'{obj}/{split}',
+                                    unit='map', leave=False)]
+
+
+def write_ad2_files(out_dir, obj: str, split: str, name: str, score_map: np.ndarray,
+                    size: tuple[int, int], threshold: float) -> pathlib.Path:
+  """One image of the submission tree: anomaly_images/<obj>/<split>/<name>.tiff (the map [h, w]
+  resized to its original size (H, W), float16) and anomaly_images_thresholded/<obj>/<split>/<name>.png
+  (uint8 0/255: the float16 map binarised by `protocols.binarize` at `threshold`). `name` must be one
+  the checker wants in that folder (e.g. '000_regular' .. for test_private), else ValueError."""
+  _check_ad2_split_name(obj, split)
+  if name not in ad2_names(obj, split):
+    raise ValueError(f'{obj}/{split}: {name!r} is not one of the images the checker wants '
+                     f'({ad2_names(obj, split)[0]}..{ad2_names(obj, split)[-1]})')
   out_dir = pathlib.Path(out_dir)
-  written = []
-  for name, m, size in tqdm(zip(names, maps, sizes), total=len(names), desc=f'{obj}/{split}',
-                            unit='map', leave=False):
-    full = resize_map(m, size)
-    path = write_tiff(out_dir / 'anomaly_images' / obj / split / f'{name}.tiff', full, np.float16)
-    png = out_dir / 'anomaly_images_thresholded' / obj / split / f'{name}.png'
-    png.parent.mkdir(parents=True, exist_ok=True)
-    # Binarise what the server reads (the float16 map), so the two files agree pixel for pixel.
-    Image.fromarray(protocols.binarize(full.astype(np.float16), threshold)).save(png)
-    written.append(path)
-  return written
+  full = resize_map(score_map, size)
+  path = write_tiff(out_dir / 'anomaly_images' / obj / split / f'{name}.tiff', full, np.float16)
+  png = out_dir / 'anomaly_images_thresholded' / obj / split / f'{name}.png'
+  png.parent.mkdir(parents=True, exist_ok=True)
+  # Binarise what the server reads (the float16 map), so the two files agree pixel for pixel.
+  Image.fromarray(protocols.binarize(full.astype(np.float16), threshold)).save(png)
+  return path
 
 
-def _ad2_names(obj: str, split: str) -> list[str]:
+def _check_ad2_split_name(obj: str, split: str) -> None:
+  if obj not in AD2_PRIVATE_COUNTS:
+    raise ValueError(f'{obj!r} is not an MVTec AD 2 object {sorted(AD2_PRIVATE_COUNTS)}')
+  if split not in AD2_PRIVATE_SPLITS:
+    raise ValueError(f'{split!r} is not a private split {sorted(AD2_PRIVATE_SPLITS)}')
+
+
+def ad2_names(obj: str, split: str) -> list[str]:
+  """The file stems MVTec's checker wants in <obj>/<split>/, sorted: 000_regular, 001_regular, ..."""
   return [f'{i:03d}_{AD2_PRIVATE_SPLITS[split]}' for i in range(AD2_PRIVATE_COUNTS[obj])]
 
 
@@ -149,26 +164,40 @@ def check_ad2_submission(root, objects: Sequence[str] = tuple(AD2_PRIVATE_COUNTS
   TIFFs single-channel float16, PNGs single-channel with values in {0, 255}. Raises DataError naming
   the first offending path."""
   root = pathlib.Path(root)
-  bases = {'anomaly_images': '.tiff'}
-  if thresholded:
-    bases['anomaly_images_thresholded'] = '.png'
+  bases = _ad2_bases(thresholded)
   _same_entries(root, set(bases), dirs=True)
-  for base, suffix in bases.items():
+  for base in bases:
     _same_entries(root / base, set(objects), dirs=True)
     for obj in objects:
       _same_entries(root / base / obj, set(AD2_PRIVATE_SPLITS), dirs=True)
-      for split in AD2_PRIVATE_SPLITS:
-        folder = root / base / obj / split
-        _same_entries(folder, {n + suffix for n in _ad2_names(obj, split)}, dirs=False)
-        for f in sorted(folder.iterdir()):
-          if suffix == '.tiff':
-            m = tifffile.imread(f)
-            if m.ndim != 2 or m.dtype != np.float16:
-              raise errors.DataError(f'{f}: expected a single-channel float16 map, got {m.dtype} {m.shape}')
-          else:
-            m = np.asarray(Image.open(f))
-            if m.ndim != 2 or not np.isin(np.unique(m), (0, 255)).all():
-              raise errors.DataError(f'{f}: expected a single-channel PNG with values 0 and 255')
+  for obj in objects:
+    for split in AD2_PRIVATE_SPLITS:
+      check_ad2_split(root, obj, split, thresholded)
+
+
+def check_ad2_split(root, obj: str, split: str, thresholded: bool = True) -> None:
+  """check_ad2_submission's checks of one object's split folder(s): anomaly_images/<obj>/<split>/
+  (and anomaly_images_thresholded/<obj>/<split>/) hold exactly the files the checker wants, TIFFs
+  single-channel float16, PNGs single-channel 0/255. DataError naming the first offending path."""
+  root = pathlib.Path(root)
+  bases = _ad2_bases(thresholded)
+  for base, suffix in bases.items():
+    folder = root / base / obj / split
+    _same_entries(folder, {n + suffix for n in ad2_names(obj, split)}, dirs=False)
+    for f in sorted(folder.iterdir()):
+      if suffix == '.tiff':
+        m = tifffile.imread(f)
+        if m.ndim != 2 or m.dtype != np.float16:
+          raise errors.DataError(f'{f}: expected a single-channel float16 map, got {m.dtype} {m.shape}')
+      else:
+        m = np.asarray(Image.open(f))
+        if m.ndim != 2 or not np.isin(np.unique(m), (0, 255)).all():
+          raise errors.DataError(f'{f}: expected a single-channel PNG with values 0 and 255')
+
+
+def _ad2_bases(thresholded: bool) -> dict[str, str]:
+  """The submission's top folders and their files' suffix."""
+  return {'anomaly_images': '.tiff', **({'anomaly_images_thresholded': '.png'} if thresholded else {})}
 
 
 def _same_entries(folder: pathlib.Path, wanted: set, dirs: bool) -> None:

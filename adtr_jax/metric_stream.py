@@ -11,7 +11,10 @@ all processes in one ascending pass of bounded blocks, grouped by distinct score
 `metrics.pixel_metrics` takes from its sorted arrays at the same positions: counts of normal and
 anomalous pixels below each score (AUROC, AP, F1-max), the normal score at the FPR limit and the
 anomalous weight above it (AUPRO, both tie conventions), the PRO curve's points, and the order
-statistics that `np.percentile` interpolates.
+statistics that `np.percentile` interpolates. `PixelStream.add_pixels` takes pixels already split and
+weighted (MVTec LOCO's sPRO weighs each defect's saturated pixels), and `PixelRuns` can merge a chosen
+set of parts (`parts`) and give the merged AUPRO at several FPR limits from its one pass
+(`aupro_limits`, `aupro_at`).
 
 Exactness against metrics.pixel_metrics / pro_curve / np.percentile (tests/test_metric_stream.py):
 - pixel_auroc (an integer sum), pixel_f1_max (the max of the same float expressions) and the
@@ -229,24 +232,39 @@ class PixelStream:
       return
     maps = metrics._scores_array(maps, 'score maps', 3)
     masks = metrics._binary_array(masks, 'masks', maps.shape)
-    if self.dtype is None:
-      self.dtype = maps.dtype.newbyteorder('<')
-    elif maps.dtype != self.dtype:
-      raise ValueError(f'score maps of dtype {maps.dtype} after batches of {self.dtype}: give one dtype')
-    inv_area = []
+    inv_area, num_regions = [np.zeros(0)], 0
     for m in masks[masks.any(axis=(1, 2))]:
       labels, num = ndimage.label(m, structure=np.ones((3, 3), bool))   # 8-connectivity
       ids = labels[m] - 1
       inv_area.append((1.0 / np.bincount(ids, minlength=num))[ids])   # as metrics._split_pixels
-      self.num_regions += num
-    neg, pos = maps[~masks], maps[masks]
-    self.num_images += len(maps)
-    self.n_neg += len(neg)
-    self.n_pos += len(pos)
-    self._neg.append(neg)
-    if len(pos):
-      self._pos.append((pos, np.concatenate(inv_area)))
-    self._buffered += maps.size
+      num_regions += num
+    self.add_pixels(maps[~masks], maps[masks], np.concatenate(inv_area), num_regions, len(maps))
+
+  def add_pixels(self, normal, anomalous, weights, num_regions: int, num_images: int) -> None:
+    """Pixels already split and weighted: normal scores [n] (they make the FPR), anomalous scores [m]
+    and their weights [m] >= 0, from `num_images` images holding `num_regions` ground-truth regions.
+    PRO(t) is the weight of the anomalous pixels scoring >= t over the weight of all of them: `add`
+    gives each pixel 1 / (area of its region); MVTec LOCO's sPRO gives each defect's S highest pixels
+    1 / S and the rest nothing (protocol_reducers.LocoReducer). Scores are one dtype, as in `add`."""
+    if self.finished:
+      raise RuntimeError('PixelStream.add_pixels after finish()')
+    normal, anomalous = np.asarray(normal).ravel(), np.asarray(anomalous).ravel()
+    weights = np.asarray(weights, np.float64).ravel()
+    if weights.shape != anomalous.shape or (len(weights) and weights.min() < 0):
+      raise ValueError(f'{len(anomalous)} anomalous scores need as many weights >= 0, got {weights.shape}')
+    for scores in (normal, anomalous):
+      if len(scores) and self.dtype is None:
+        self.dtype = scores.dtype.newbyteorder('<')
+      elif len(scores) and scores.dtype != self.dtype:
+        raise ValueError(f'scores of dtype {scores.dtype} after batches of {self.dtype}: give one dtype')
+    self.num_images += int(num_images)
+    self.num_regions += int(num_regions)
+    self.n_neg += len(normal)
+    self.n_pos += len(anomalous)
+    self._neg.append(normal)
+    if len(anomalous):
+      self._pos.append((anomalous, weights))
+    self._buffered += len(normal) + len(anomalous)
     if self._buffered >= self.chunk_pixels:
       self._flush()
 
@@ -335,22 +353,36 @@ def _positional_last(n: int, fpr_limit: float) -> tuple[int, int]:
 class PixelRuns:
   """Every part's runs in `folder` (process 0, after every process's PixelStream.finish()), merged.
 
-  num_parts: how many parts must be there (None: those found). fpr_limit: AUPRO's and the PRO
-  curve's limit; q: the percentiles asked of percentiles(). The one pass over the runs happens on the
-  first call and serves metrics() and percentiles(); pro_curve() reads the runs' top again. When more
-  than fan_in runs are found, they are first merged fan_in at a time into folder/merged/.
+  num_parts: how many parts must be there (None: those found). parts: merge only these part numbers
+  (each must be finished), e.g. the good and one anomaly type's images of MVTec LOCO, each type
+  streamed as its own part. fpr_limit: AUPRO's and the PRO curve's limit; aupro_limits: more limits
+  whose merged-ties AUPRO `aupro_at` gives from the same pass; q: the percentiles asked of
+  percentiles(). The one pass over the runs happens on the first call and serves metrics(),
+  aupro_at() and percentiles(); pro_curve() reads the runs' top again. When more than fan_in runs are
+  found, they are first merged fan_in at a time into folder/<scratch>/ (one scratch name per
+  PixelRuns alive on a folder).
   """
 
   def __init__(self, folder, *, fpr_limit: float = 0.3, q=PERCENTILES, num_parts: int | None = None,
-               fan_in: int = FAN_IN, block: int = BLOCK):
+               parts=None, aupro_limits=(), scratch: str = 'merged', fan_in: int = FAN_IN,
+               block: int = BLOCK):
     self.folder = pathlib.Path(folder)
     self.fpr_limit = metrics._check_fpr_limit(fpr_limit)
+    self.aupro_limits = tuple(dict.fromkeys([self.fpr_limit] + [metrics._check_fpr_limit(x)
+                                                                for x in aupro_limits]))
     self.q = tuple(float(x) for x in np.atleast_1d(q))
     self.block = block
-    parts = sorted(self.folder.glob('part-*.json'))
-    if num_parts is not None and len(parts) != num_parts:
-      raise RuntimeError(f'{self.folder} holds {len(parts)} finished parts of pixel scores, expected '
-                         f'{num_parts}: a process did not finish its PixelStream')
+    if parts is None:
+      parts = sorted(self.folder.glob('part-*.json'))
+      if num_parts is not None and len(parts) != num_parts:
+        raise RuntimeError(f'{self.folder} holds {len(parts)} finished parts of pixel scores, expected '
+                           f'{num_parts}: a process did not finish its PixelStream')
+    else:
+      parts = [_manifest(self.folder, int(p)) for p in parts]
+      missing = [p.name for p in parts if not p.is_file()]
+      if missing:
+        raise RuntimeError(f'{self.folder} lacks the finished parts {missing[:4]}: a process did not '
+                           'finish its PixelStream')
     if not parts:
       raise RuntimeError(f'{self.folder} holds no finished part of pixel scores')
     infos = [json.loads(p.read_text()) for p in parts]
@@ -361,7 +393,7 @@ class PixelRuns:
     for key in ('n_neg', 'n_pos', 'num_regions', 'num_images'):
       setattr(self, key, sum(int(i[key]) for i in infos))
     half = max(fan_in // 2, 1)
-    merged = self.folder / 'merged'
+    merged = self.folder / scratch
     shutil.rmtree(merged, ignore_errors=True)
     merged.mkdir()
     self.neg_runs = _reduce_runs([r for i in infos for r in i['neg_runs']], self.folder, merged,
@@ -388,14 +420,16 @@ class PixelRuns:
     wanted_total = np.unique(np.r_[lower, upper])
     found_total = {}
     s = dict(auroc2=0, ap=0.0, f1=-np.inf, area=0.0, pos_sum=0.0, cut=None, top_groups=0)
+    # Merged AUPRO per limit: the normal value whose piece holds the limit, and the area above it.
+    cuts = {lim: dict(i_cut=n_neg - metrics._normals_reaching(n_neg, lim), cut=None, area=0.0)
+            for lim in self.aupro_limits} if two_classes else {}
     if two_classes:
-      i_cut = n_neg - metrics._normals_reaching(n_neg, self.fpr_limit)
       length, k = _positional_last(n_neg, self.fpr_limit)
       # Positions j from the top (j < n_neg) whose PRO the positional area needs; j = n_neg is (1, 1).
       wanted_top = sorted({j for j in (0, k - 1, k) if 0 <= j < min(length, n_neg)})
       wanted_neg = np.array([n_neg - 1 - j for j in wanted_top][::-1], np.int64)   # ascending
       found_neg, lo = {}, n_neg - min(k, n_neg)   # ascending normals [lo, n_neg) are positions j < k
-      s.update(i_cut=i_cut, length=length, k=k, wanted_top=wanted_top, found_neg=found_neg)
+      s.update(length=length, k=k, wanted_top=wanted_top, found_neg=found_neg)
     neg_below = pos_below = 0
     w_below = 0.0
     for values, neg, pos, w in self._groups():
@@ -415,18 +449,20 @@ class PixelRuns:
         if len(tp):
           s['ap'] += float(np.sum(pos[has] * (tp / (tp + fp))))
           s['f1'] = max(s['f1'], float(np.max(2.0 * tp / (tp + fp + n_pos))))
-        if s['cut'] is None:
-          at = np.flatnonzero((nb <= s['i_cut']) & (s['i_cut'] < nb + neg))
-          if len(at):
-            g = int(at[0])
-            s['cut'] = dict(v=values[g], lo=int(nb[g]), hi=int(nb[g] + neg[g]), w_lt=float(w_lt[g]),
-                            w_le=float(w_le[g]), pos_below=int(pb[g]))
-        if s['cut'] is not None:
-          hi, v_cut = s['cut']['hi'], s['cut']['v']
-          lt = np.maximum(nb - hi, 0)
-          le = np.maximum(nb + neg - hi, 0)
-          s['area'] += float(np.sum(w * (lt + le)))
-          s['top_groups'] += int(np.count_nonzero((values >= v_cut) & (neg > 0)))
+        for lim, c in cuts.items():
+          if c['cut'] is None:
+            at = np.flatnonzero((nb <= c['i_cut']) & (c['i_cut'] < nb + neg))
+            if len(at):
+              g = int(at[0])
+              c['cut'] = dict(v=values[g], lo=int(nb[g]), hi=int(nb[g] + neg[g]), w_lt=float(w_lt[g]),
+                              w_le=float(w_le[g]), pos_below=int(pb[g]))
+          if c['cut'] is not None:
+            hi, v_cut = c['cut']['hi'], c['cut']['v']
+            lt = np.maximum(nb - hi, 0)
+            le = np.maximum(nb + neg - hi, 0)
+            c['area'] += float(np.sum(w * (lt + le)))
+            if lim == self.fpr_limit:
+              s['top_groups'] += int(np.count_nonzero((values >= v_cut) & (neg > 0)))
         # Positional: positions j < k are the ascending normals [lo, n_neg); each scores PRO (> v).
         inside = np.maximum(nb + neg - np.maximum(nb, lo), 0)
         s['pos_sum'] += float(np.sum(inside * w_le))
@@ -436,6 +472,8 @@ class PixelRuns:
       pos_below += int(pos.sum())
       w_below = float(cum_w[-1])
     s['w_total'] = w_below
+    s['cuts'] = cuts
+    s['cut'] = cuts[self.fpr_limit]['cut'] if two_classes else None
     a = np.array([found_total[int(i)] for i in lower], self.dtype)
     b = np.array([found_total[int(i)] for i in upper], self.dtype)
     s['percentiles'] = _lerp_like_numpy(a, b, gamma)
@@ -462,12 +500,7 @@ class PixelRuns:
     out = {'pixel_auroc': s['auroc2'] / (2.0 * n_pos * n_neg), 'pixel_ap': s['ap'] / n_pos,
            'pixel_f1_max': s['f1']}
     if aupro_ties == 'merged':
-      cut = s['cut']
-      area = s['area'] / w_total / (2.0 * n_neg)
-      f0, f1 = (n_neg - cut['hi']) / n_neg, (n_neg - cut['lo']) / n_neg
-      p0, p1 = (w_total - cut['w_le']) / w_total, (w_total - cut['w_lt']) / w_total
-      p_limit = p0 + (p1 - p0) * (limit - f0) / (f1 - f0)
-      area += (limit - f0) * (p0 + p_limit) / 2.0
+      out['pixel_aupro'] = self._merged_aupro(limit)
     else:   # trapezoids of width 1 / n_neg through PRO(> j-th highest normal), j < k, then the limit
       k = s['k']
 
@@ -480,8 +513,29 @@ class PixelRuns:
       if f_prev < limit:
         p_limit = pro(k - 1) + (pro(k) - pro(k - 1)) * (limit - f_prev) / (k / n_neg - f_prev)
         area += (limit - f_prev) * (pro(k - 1) + p_limit) / 2.0
-    out['pixel_aupro'] = float(min(area / limit, 1.0))
+      out['pixel_aupro'] = float(min(area / limit, 1.0))
     return out
+
+  def aupro_at(self, fpr_limit: float) -> float:
+    """The merged-ties AUPRO (metrics.pixel_metrics' 'merged') up to fpr_limit, one of fpr_limit and
+    aupro_limits; NaN, with a warning, for a single pixel class."""
+    if fpr_limit not in self.aupro_limits:
+      raise ValueError(f'fpr_limit={fpr_limit} is not among the limits of this pass {self.aupro_limits}')
+    if self.n_neg == 0 or self.n_pos == 0:
+      warnings.warn('AUPRO is undefined: no anomalous or no normal pixel; returning NaN', stacklevel=2)
+      return float('nan')
+    return self._merged_aupro(fpr_limit)
+
+  def _merged_aupro(self, limit: float) -> float:
+    """metrics._aupro from the pass's sums: the area above the cut, then the cut's piece to the limit."""
+    s = self._walk()
+    cut, area, n_neg, w_total = s['cuts'][limit]['cut'], s['cuts'][limit]['area'], self.n_neg, s['w_total']
+    area = area / w_total / (2.0 * n_neg)
+    f0, f1 = (n_neg - cut['hi']) / n_neg, (n_neg - cut['lo']) / n_neg
+    p0, p1 = (w_total - cut['w_le']) / w_total, (w_total - cut['w_lt']) / w_total
+    p_limit = p0 + (p1 - p0) * (limit - f0) / (f1 - f0)
+    area += (limit - f0) * (p0 + p_limit) / 2.0
+    return float(min(area / limit, 1.0))
 
   def pro_curve(self, max_points: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """metrics.pro_curve(all maps, all masks, fpr_limit): (fpr [K], pro [K]) float64. max_points:

@@ -10,6 +10,9 @@
   <model dir>/diverged.json                the step where its training loss stopped being finite
   <model dir>/export/                      --mode=export (export.py)
   <model dir>/predict/                     --mode=predict (evaluate.predict)
+  <workdir>/maps/<image path under the benchmark root>.tiff   eval.save_maps: the raw anomaly maps in
+                                           the official evaluators' layout (protocol_reducers.MapWriter)
+  <workdir>/ad2_submission/                MVTec AD 2's submission tree (protocol_reducers.Ad2Submission)
 """
 from __future__ import annotations
 
@@ -46,3 +49,15 @@ def calibrations(model: pathlib.Path) -> pathlib.Path:
 
 def diverged(model: pathlib.Path) -> pathlib.Path:
   return pathlib.Path(model) / 'diverged.json'
+
+
+def maps_dir(workdir: pathlib.Path) -> pathlib.Path:
+  """eval.save_maps' folder: one tree for every category of the run (their paths under the benchmark
+  root start with the category), the folder an official evaluator's --anomaly_maps_dir takes."""
+  return pathlib.Path(workdir) / 'maps'
+
+
+def ad2_submission_dir(workdir: pathlib.Path) -> pathlib.Path:
+  """MVTec AD 2's submission tree (anomaly_images/, anomaly_images_thresholded/): every object of the
+  run in one tree, the folder MVTec's check_and_prepare_data_for_upload.py checks."""
+  return pathlib.Path(workdir) / 'ad2_submission'

@@ -20,7 +20,6 @@ sample level (numpy only; docs/protocols.md says where each reference figure cam
 Every value is exact (ties as in `metrics`, ranks from sorted scores); image metrics come from
 `metrics.image_metrics`.
 """
-import math
 import re
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
@@ -28,7 +27,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from adtr_jax import errors, metrics
+from adtr_jax import errors, metrics, moments
 
 # ----------------------------------------------------------------------------------- MVTec LOCO AD
 LOCO_FPR_LIMITS = (0.01, 0.05, 0.1, 0.3, 1.0)  # the official evaluator's MAX_FPRS
@@ -137,21 +136,11 @@ def _spro_split(maps: Sequence[np.ndarray], channels: Sequence[Sequence[DefectCh
   if num_defects == 0:
     raise ValueError('sPRO needs at least one defect')
   for i, (score_map, chans) in enumerate(zip(maps, channels)):
-    score_map = metrics._scores_array(score_map, f'score map {i}', 2)
-    defect = np.zeros(score_map.shape, bool)
-    for ch in chans:
-      if ch.mask.shape != score_map.shape:
-        raise ValueError(f'image {i}: defect {ch.name!r} mask has shape {ch.mask.shape}, its score map '
-                         f'{score_map.shape}')
-      if ch.saturation_area < 1:
-        raise ValueError(f'image {i}: defect {ch.name!r} has saturation area {ch.saturation_area} < 1')
-      defect |= ch.mask
-      s = np.sort(score_map[ch.mask])[::-1]
-      w = np.zeros(len(s))
-      w[:ch.saturation_area] = 1.0 / (num_defects * ch.saturation_area)
-      pos.append(s)
-      weights.append(w)
-    neg.append(score_map[~defect])
+    normal, defect, w = spro_pixels(metrics._scores_array(score_map, f'score map {i}', 2), chans,
+                                    f'image {i}')
+    neg.append(normal)
+    pos.append(defect)
+    weights.append(w / num_defects)
   neg_asc = np.sort(np.concatenate(neg))
   if len(neg_asc) == 0:
     raise ValueError('sPRO needs at least one defect-free pixel (the FPR is undefined)')
@@ -164,6 +153,28 @@ def _spro_split(maps: Sequence[np.ndarray], channels: Sequence[Sequence[DefectCh
   w /= suffix[0]  # suffix[0] == 1 up to rounding; dividing keeps sPRO <= 1 and the sums monotone
   suffix /= suffix[0]
   return neg_asc, pos_asc, w, suffix
+
+
+def spro_pixels(score_map: np.ndarray, channels: Sequence[DefectChannel], where: str = 'image'):
+  """One image's pixels as sPRO counts them: (normal scores [n]: the pixels outside every defect,
+  which make the FPR; defect scores [m]: each defect's saturation_area highest scores; their weights
+  [m] float64: 1 / saturation_area). sPRO(t) is then the weight of the defect scores >= t over the
+  number of defects (see `_spro_split`); a defect's pixels beyond its S highest carry no weight and are
+  left out. A pixel in two defects counts once per defect. score_map [H, W]; ValueError naming `where`
+  for a defect mask of another shape or a saturation area < 1."""
+  defect = np.zeros(score_map.shape, bool)
+  pos, weights = [np.zeros(0, score_map.dtype)], [np.zeros(0)]
+  for ch in channels:
+    if ch.mask.shape != score_map.shape:
+      raise ValueError(f'{where}: defect {ch.name!r} mask has shape {ch.mask.shape}, its score map '
+                       f'{score_map.shape}')
+    if ch.saturation_area < 1:
+      raise ValueError(f'{where}: defect {ch.name!r} has saturation area {ch.saturation_area} < 1')
+    defect |= ch.mask
+    top = np.sort(score_map[ch.mask])[::-1][:ch.saturation_area]   # ties: any S of them, same values
+    pos.append(top)
+    weights.append(np.full(len(top), 1.0 / ch.saturation_area))
+  return score_map[~defect], np.concatenate(pos), np.concatenate(weights)
 
 
 def au_spro(maps: Sequence[np.ndarray], channels: Sequence[Sequence[DefectChannel]],
@@ -225,19 +236,19 @@ SEGF1_NUM_STD = 3.0
 def segf1_threshold(validation_maps: Iterable[np.ndarray], num_std: float = SEGF1_NUM_STD) -> float:
   """The SegF1 binarisation threshold: mean + num_std * std of every pixel score of the validation/good
   maps (population std), MVTec AD 2's suggested baseline. Taken on the maps at the resolution they are
-  binarised at. Accumulated map by map in float64 (Chan et al.'s pairwise update), so the maps are
-  never stacked."""
-  n, mean, m2 = 0, 0.0, 0.0
+  binarised at. Accumulated map by map in float64 (`moments.Moments`, Chan et al.'s pairwise
+  update), so the maps are never stacked."""
+  acc = moments.Moments(1)
   for i, score_map in enumerate(validation_maps):
-    x = metrics._scores_array(score_map, f'validation map {i}', 2).astype(np.float64)
-    k, mu = x.size, float(x.mean())
-    delta = mu - mean
-    m2 += float(np.sum(np.square(x - mu))) + delta * delta * n * k / (n + k)
-    mean += delta * k / (n + k)
-    n += k
-  if n == 0:
+    acc.add(metrics._scores_array(score_map, f'validation map {i}', 2)[..., None])
+  return threshold_of(acc, num_std)
+
+
+def threshold_of(pixel_moments: moments.Moments, num_std: float = SEGF1_NUM_STD) -> float:
+  """mean + num_std * std (population) of the pixel scores whose moments (one channel) are given."""
+  if pixel_moments.count == 0:
     raise ValueError('segf1_threshold needs at least one validation map')
-  return mean + num_std * math.sqrt(m2 / n)
+  return float(pixel_moments.mean[0] + num_std * pixel_moments.std[0])
 
 
 def binarize(score_map: np.ndarray, threshold: float) -> np.ndarray:
@@ -251,16 +262,28 @@ def segf1(maps: Sequence[np.ndarray], masks: Sequence[np.ndarray], threshold: fl
   NaN with a warning when there is nothing to find and nothing found (the F1 is undefined)."""
   if len(maps) != len(masks):
     raise ValueError(f'{len(maps)} score maps but {len(masks)} masks')
-  tp = fp = fn = 0
+  counts = np.zeros(3, np.int64)
   for i, (score_map, mask) in enumerate(zip(maps, masks)):
-    score_map = metrics._scores_array(score_map, f'score map {i}', 2)
-    mask = np.asarray(mask)
-    if mask.shape != score_map.shape:
-      raise ValueError(f'image {i}: mask shape {mask.shape} differs from its map {score_map.shape}')
-    pred, truth = score_map > threshold, mask > 0
-    tp += int(np.count_nonzero(pred & truth))
-    fp += int(np.count_nonzero(pred & ~truth))
-    fn += int(np.count_nonzero(~pred & truth))
+    counts += segf1_counts(metrics._scores_array(score_map, f'score map {i}', 2), mask, threshold,
+                           f'image {i}')
+  return f1_of_counts(*counts)
+
+
+def segf1_counts(maps: np.ndarray, masks: np.ndarray, threshold: float, where: str = 'maps') -> np.ndarray:
+  """int64 [3]: (TP, FP, FN) of maps [..., H, W] binarised at `threshold` (score > threshold) against
+  masks of the same shape (bool, or > 0 = anomalous). ValueError naming `where` for other shapes."""
+  masks = np.asarray(masks)
+  if masks.shape != np.shape(maps):
+    raise ValueError(f'{where}: mask shape {masks.shape} differs from its map {np.shape(maps)}')
+  pred, truth = np.asarray(maps) > threshold, masks > 0
+  return np.array([np.count_nonzero(pred & truth), np.count_nonzero(pred & ~truth),
+                   np.count_nonzero(~pred & truth)], np.int64)
+
+
+def f1_of_counts(tp: int, fp: int, fn: int) -> float:
+  """SegF1 = 2TP / (2TP + FP + FN) from counts summed over a split; NaN with a warning when there is
+  nothing to find and nothing found."""
+  tp, fp, fn = int(tp), int(fp), int(fn)
   if 2 * tp + fp + fn == 0:
     warnings.warn('SegF1 is undefined: no anomalous pixel in the masks and none predicted', stacklevel=2)
     return float('nan')

@@ -10,6 +10,9 @@ or is a bounded reduction (a few candidate maps for the heatmaps, the per-row sc
 - `Heatmaps`: the rows evaluate.save_heatmaps shows, with their maps and masks (at most a few per
   process, whatever the split's size).
 - `Overlays`: predict's overlay of each row, written by the process that scored it.
+
+The benchmarks' protocol reducers (adtr_jax/protocol_reducers.py: LOCO sPRO, AU-PRO@0.05, SegF1,
+Real-IAD's sample level, raw TIFF maps, the MVTec AD 2 submission) implement the same interface.
 """
 from __future__ import annotations
 
@@ -33,7 +36,7 @@ class Reducer(Protocol):
     """rows: this process's valid rows of one batch: 'maps' float32 [b, S, S] (S = dataset.image_size),
     'scores' float32 [b], 'labels' int32 [b], 'masks' bool [b, S, S], 'index' int64 [b] (the split's
     row numbers: source.records[index[k]] describes row k); also 'images' uint8 [b, S, S, 3], the
-    images as the model saw them (predict's overlays draw them without decoding them again)."""
+    images as the model saw them (predict's overlays draw them without decoding them again). b may be 0."""
 
   def finish(self) -> object:
     """This process's part, once every batch was added: small and JSON-serialisable (large state goes

@@ -1,14 +1,14 @@
 r"""How peak memory and time grow with the size of a split: the CLI's stages on N images, N = 1k..16k.
 
   python -m adtr_jax.scale_benchmark --scale_source=../shared/data/magnetic_tile \
-      --scale_n=1000,4000,16000 --image_size=256 --config=magnetic_tile --scale_dir=/tmp/scale
+      --scale_n=1000,4000,16000 --scale_image_size=256 --scale_config=magnetic_tile --scale_dir=/tmp/scale
 
 For each N, builds an MVTec-layout category of N training and N test images from the real category
 --scale_source: its training images, and its test images (normal and defective, with their masks),
 taken in turn (the test images in a fixed shuffled order, so that any N holds both classes) until
 there are N of each. Each copy is made unique (the least significant bits of the
 first 24 pixels of its first row hold the copy's number), so the backbone's feature memo never finds
-an image it saw; images and masks are written at --image_size (PNG), so the build stays cheap and the
+an image it saw; images and masks are written at --scale_image_size (PNG), so the build stays cheap and the
 stages' own costs are measured. Then runs the stages, each as a child process of the real CLI
 (`python -m adtr_jax.main`): --mode=train (data preparation, feature cache, --scale_epochs epochs,
 calibration), --mode=eval, and --mode=predict on the folder of the N training images. Records each
@@ -46,8 +46,8 @@ _N = flags.DEFINE_list('scale_n', ['1000', '4000', '16000'], 'Sizes N: N trainin
 _SOURCE = flags.DEFINE_string('scale_source', None, 'A real MVTec-layout category folder (train/good, '
                               'test/<type>, ground_truth/<type>) to copy from.')
 _DIR = flags.DEFINE_string('scale_dir', None, 'Scratch folder for the built categories, caches and runs.')
-_SIZE = flags.DEFINE_integer('image_size', 256, 'Image size (--config.dataset.image_size).')
-_CONFIG = flags.DEFINE_string('config', 'magnetic_tile', 'The CLI\'s --config (a file or a shipped name).')
+_SIZE = flags.DEFINE_integer('scale_image_size', 256, 'Image size (--config.dataset.image_size).')
+_CONFIG = flags.DEFINE_string('scale_config', 'magnetic_tile', 'The CLI\'s --config (a file or a shipped name).')
 _EPOCHS = flags.DEFINE_integer('scale_epochs', 1, 'Training budget in epochs (train.min_steps is 0).')
 _STAGES = flags.DEFINE_list('scale_stages', list(STAGES), f'Stages to run, of {",".join(STAGES)}.')
 _OVERRIDE = flags.DEFINE_multi_string('scale_override', [], 'An extra CLI flag for every stage, e.g. '

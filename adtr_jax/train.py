@@ -346,8 +346,9 @@ def _train_group(group: list[members.Member]) -> list[dict]:
                                 schedule=g.cfg.train.schedule)
     run.runner = loop.make_runner(step_fn, g.mesh, _feed(g, features, keys, members.stack(numbers)),
                                   g.cfg.train.models_per_call)
-    logging.info('training %d model(s) on %d training set(s) from %s on mesh %s', len(group), len(g.sets),
-                 g.kind, dict(g.mesh.shape))
+    # One-line events on the console (library logs go to the CLI's log file): what trains, where it is saved.
+    print(f'adtr_jax: training {len(group)} model(s) on {len(g.sets)} training set(s) on mesh '
+          f'{dict(g.mesh.shape)}, feed {g.kind!r}', flush=True)
     _loop(g, run, state, start)
   for x in g.models:
     x.mgr.wait_until_finished()
@@ -355,6 +356,8 @@ def _train_group(group: list[members.Member]) -> list[dict]:
   _calibrate_best(g, run, states[0])
   for x in g.models:
     x.mgr.close()
+    if not x.diverged:   # a diverged one is named at the end of the run
+      print(f'adtr_jax: {x.member.category} saved at step {x.last_step} in {x.mgr.directory}', flush=True)
   return [{'category': x.member.category, 'steps': x.last_step, 'stacked': len(group) > 1}
           for x in g.models]
 

@@ -33,7 +33,7 @@ from ml_collections import config_flags
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-from adtr_jax import paths  # noqa: E402
+from adtr_jax import errors, paths  # noqa: E402
 from experiments import paper_table, sweep  # noqa: E402
 
 VARIANTS = {
@@ -174,4 +174,4 @@ if __name__ == '__main__':
   _PAPER = flags.DEFINE_enum('paper', 'mvtec', list(paper_table.PAPER), 'The paper table whose setting '
                              'the deviations are listed against.')
   flags.mark_flags_as_required(['config', 'workdir'])
-  app.run(main)
+  app.run(errors.reporting(main))

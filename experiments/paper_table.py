@@ -17,7 +17,7 @@ from ml_collections import config_flags
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-from adtr_jax import config_files  # noqa: E402
+from adtr_jax import config_files, errors  # noqa: E402
 from experiments import sweep  # noqa: E402
 
 # The paper's figures (You et al. 2022). Only the means are transcribed here; per-category columns are
@@ -95,4 +95,4 @@ if __name__ == '__main__':
   flags.DEFINE_list('seeds', ['0', '1', '2'], 'Seeds.')
   flags.mark_flags_as_required(['table', 'config', 'workdir'])
   sys.argv = config_files.resolve_argv(sys.argv)
-  app.run(main)
+  app.run(errors.reporting(main))

@@ -26,6 +26,8 @@ from ml_collections import config_flags
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
+from adtr_jax import errors  # noqa: E402
+
 KEYS = ('image_auroc', 'pixel_auroc', 'pixel_aupro')
 REFERENCE = 'nearest_neighbour'
 
@@ -108,7 +110,11 @@ def run_sweep(base, workdir, points: list[dict], common: dict, seeds: list, refe
         (run_dir(name, seed) / 'metrics.json').write_text(json.dumps(report, indent=2) + '\n')
       else:
         pending.append((run_dir(name, seed), config))
-  train.train_runs(pending, stack=stack)
+  try:
+    train.train_runs(pending, stack=stack)
+    diverged = None
+  except errors.Diverged as e:   # the other runs trained and were evaluated: their table, then the lines
+    diverged = e
   rows = {}
   for name, _ in names:
     for seed in seeds:
@@ -125,6 +131,9 @@ def run_sweep(base, workdir, points: list[dict], common: dict, seeds: list, refe
   table = '\n'.join(lines) + '\n'
   (workdir / 'sweep.md').write_text(table)
   (workdir / 'sweep.json').write_text(json.dumps(rows, indent=2) + '\n')
+  if diverged:
+    print(table, end='')
+    raise diverged
   return table
 
 
@@ -144,4 +153,4 @@ if __name__ == '__main__':
   _REFERENCE = flags.DEFINE_bool('reference', True, 'Also run the nearest-neighbour reference.')
   _STACK = flags.DEFINE_bool('stack', True, 'Train runs that differ only in numbers as stacked models.')
   flags.mark_flags_as_required(['config', 'workdir'])
-  app.run(main)
+  app.run(errors.reporting(main))

@@ -21,6 +21,7 @@ from absl import app, flags
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
+from adtr_jax import errors  # noqa: E402
 from experiments import sweep  # noqa: E402
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -73,4 +74,4 @@ if __name__ == '__main__':
                                  'Folder that holds magnetic_tile/{train,test,ground_truth}.')
   _REFERENCE = flags.DEFINE_bool('reference', True, 'Also run the nearest-neighbour reference.')
   flags.mark_flags_as_required(['workdir'])
-  app.run(main)
+  app.run(errors.reporting(main))

@@ -99,13 +99,16 @@ def make_realiad(root: pathlib.Path, categories=('audiojack', 'pcb'), n_train_sa
 def make_mvtec_ad2(root: pathlib.Path, obj='vial', n_train=12, n_val=3, n_good=2, n_bad=3, n_private=3,
                    seed=0) -> pathlib.Path:
   """MVTec AD 2: train/good, validation/good, test_public/{good,bad} with
-  test_public/ground_truth/bad/<stem>_mask.png, and test_private/, test_private_mixed/ without labels."""
+  test_public/ground_truth/bad/<stem>_mask.png, and test_private/<NNN>_regular.png,
+  test_private_mixed/<NNN>_mixed.png without labels (n_private each; the submission checker wants
+  maps_io.AD2_PRIVATE_COUNTS[obj])."""
   rng = np.random.default_rng(seed)
   cat = root / obj
   for folder, n in (('train/good', n_train), ('validation/good', n_val), ('test_public/good', n_good),
                     ('test_private', n_private), ('test_private_mixed', n_private)):
+    suffix = 'mixed' if folder == 'test_private_mixed' else 'regular'
     for i in range(n):
-      _image(cat / folder / f'{i:03d}_regular.png', rng, (20, 20, 12) if folder.startswith('test_pr') and i
+      _image(cat / folder / f'{i:03d}_{suffix}.png', rng, (20, 20, 12) if folder.startswith('test_pr') and i
              else None)
   for i in range(n_bad):
     _image(cat / 'test_public/bad' / f'{i:03d}_regular.png', rng, (8 + 6 * i, 30, 14))

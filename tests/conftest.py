@@ -54,6 +54,17 @@ def make_toy_mvtec(root: pathlib.Path, n_train=18, n_good=4, n_bad=4, size=64, s
   return root
 
 
+def make_two_toys(tmp: pathlib.Path) -> pathlib.Path:
+  """A root with two toy categories: 'toy' (18 training images) and 'toy2' (26, another seed)."""
+  import shutil
+  root = tmp / 'data'
+  make_toy_mvtec(tmp / 'a')
+  make_toy_mvtec(tmp / 'b', n_train=26, seed=1)
+  shutil.copytree(tmp / 'a' / 'toy', root / 'toy')
+  shutil.copytree(tmp / 'b' / 'toy', root / 'toy2')
+  return root
+
+
 @pytest.fixture(scope='session')
 def toy_root(tmp_path_factory):
   return make_toy_mvtec(tmp_path_factory.mktemp('toy_mvtec'))

@@ -67,6 +67,7 @@ def test_bad_model_fields_are_named(toy_root, tmp_path):
     variants.apply(config, 'nope')
 
 
+@pytest.mark.slow
 def test_ablation_runner_writes_a_table(toy_root, tmp_path):
   """Two variants x two seeds: each variant's seeds train stacked (a variant changes shapes, so the
   variants form separate groups); the table gives each variant's mean ± std over its seeds."""

@@ -6,10 +6,13 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from adtr_jax.metrics import METRIC_KEYS
 from tests.conftest import REPO
+
+pytestmark = pytest.mark.slow   # each test runs the experiment's CLI end to end
 
 
 def _run(args, toy_root, cache):

@@ -93,6 +93,7 @@ def test_make_loss_uses_masks_or_labels():
   np.testing.assert_allclose(step.make_loss(cfg)(f[:1], f_hat[:1], normal), np.sqrt(2) - 1, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_init_from_a_normal_run_then_pixel_loss_with_synthetic_anomalies(toy_root, cache_dir, tmp_path):
   normal_dir = tmp_path / 'normal'
   train.train_and_evaluate(tiny_config(toy_root, cache_dir, num_epochs=2), normal_dir, evaluate_after=False)

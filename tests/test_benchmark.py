@@ -39,6 +39,7 @@ def stacked(tmp_path_factory):
   return config, out, calls
 
 
+@pytest.mark.slow
 def test_timed_calls_ran_the_steps_they_report(stacked):
   """The last call of each feed is the timed one: it advanced every model by the steps the line
   reports, and the reported time encloses it (so it cannot be the time of something shorter)."""
@@ -57,6 +58,7 @@ def test_timed_calls_ran_the_steps_they_report(stacked):
   assert out['one_model_train_images_per_s'] <= 8 * 2 / images[1]['seconds'] + 0.01
 
 
+@pytest.mark.slow
 def test_models_are_distinct(stacked):
   """--models=2 trains two models with their own data order and dropout (seeds 0 and 1): their
   parameters, equal at the start, differ after the benchmark's steps."""
@@ -68,6 +70,7 @@ def test_models_are_distinct(stacked):
   assert 'train_images_per_s' not in out and out['one_model_train_images_per_s'] > 0
 
 
+@pytest.mark.slow
 def test_cached_step_flops_exclude_the_backbone(stacked):
   """The image step's FLOPs minus the cached step's are the backbone's forward pass (XLA's count of
   the embedding alone), within 1% (measured 0.002%): the cached figure is the step without the
@@ -91,6 +94,8 @@ def test_breakdown_times_every_part(tmp_path):
   assert all(out[k] > 0 for k in parts)
 
 
+@pytest.mark.slow
+@pytest.mark.multiprocess
 def test_two_processes_time_one_step_together(tmp_path):
   """--num_processes=2 starts 2 local processes (2 fake CPU devices each) that time the step on one
   4-device mesh; process 0 prints the one JSON line, which names both processes' devices."""

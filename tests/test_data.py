@@ -297,6 +297,7 @@ def test_elpv_loads_as_image_level_category(tmp_path):
 
 # --- real data: Magnetic Tile Defects ------------------------------------------------------------
 
+@pytest.mark.realdata
 def test_magnetic_tile(shared_data, tmp_path):
   if not (shared_data / 'magnetic_tile').is_dir():
     pytest.skip(f'{shared_data}/magnetic_tile is missing')
@@ -364,6 +365,7 @@ def test_folder_per_class_errors_name_the_problem(tmp_path):
     datasets.load_category(config, 'dog')
 
 
+@pytest.mark.realdata
 def test_cifar10_archive_is_the_one_class_protocol(shared_data, tmp_path):
   """The real CIFAR-10 archive of ../shared/data, extracted into the cache: class 'cat' gives its 5,000
   training images as normal, its 1,000 test images as test/good and the other 9 x 1,000 as anomalous."""

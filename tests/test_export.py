@@ -1,11 +1,13 @@
 """--mode=export and the JAX-free scorer (adtr_jax.deploy) on real Magnetic Tile images: parity of the
 ONNX graph and of the jax.export artifact with --mode=predict, a run without JAX, and bad input."""
 import csv
+import functools
 import json
 import pathlib
 import shutil
 import subprocess
 import sys
+import tomllib
 
 import jax
 import numpy as np
@@ -13,15 +15,13 @@ import pytest
 from PIL import Image
 from sklearn import metrics as skm
 
-from adtr_jax import deploy, errors, evaluate, export, sharding, train, trained
-from adtr_jax.data import pipeline
-from adtr_jax.data.folder import FolderSource
+from adtr_jax import deploy, errors, evaluate, export, inference, sharding, train, trained
+from adtr_jax.data import datasets, image_cache, pipeline
 from adtr_jax.deploy import __main__ as deploy_cli
-from tests import helpers
 from tests.conftest import REPO, shared_data_dir, tiny_config
 
 # The export extra (requirements-export*.txt; CI installs it and fails on any skip).
-pytest.importorskip('jax2onnx', reason='pip install -r requirements-export.txt, then --no-deps -r requirements-export-nodeps.txt')
+pytest.importorskip('jax2onnx', reason='pip install -r requirements-export.txt')
 pytest.importorskip('onnxruntime', reason='pip install -r requirements-export.txt')
 
 CATEGORY = 'magnetic_tile'
@@ -71,31 +71,38 @@ def parity(reference: tuple, candidate: tuple, threshold: float, labels: np.ndar
   return {'score_rel': rel, 'map_abs': abs_map}
 
 
+@pytest.mark.slow
+@pytest.mark.realdata
 def test_onnx_and_jax_export_match_predict_on_real_images(exported):
+  """--mode=predict's CSV, the ONNX graph and the jax.export artifact against the trained model applied
+  directly (inference.score_fn, one jitted call on one device: no batching, padding, sharding, feature
+  memo or reordering by index) to the images as the JAX-free deploy scorer decodes them."""
   config, work, out, folder, labels = exported
   meta = json.loads((out / 'model.json').read_text())
   threshold = meta['threshold']
-  # --mode=predict's scores (its CSV) and maps (the same pass on the same folder).
   predicted = _csv(evaluate.predict(config, work, folder))
-  mesh = sharding.make_mesh()
-  source = FolderSource(folder)
-  restored = trained.for_scoring(config, work, mesh, 'predict')
-  ref = helpers.score_rows(config, source, restored.model, mesh, 'reference')
-  np.testing.assert_array_equal([float(r['image_score']) for r in predicted], ref['scores'])
-  y = np.array([labels[p.name] for p in source.paths])
+  paths = sorted(folder.iterdir())
+  y = np.array([labels[p.name] for p in paths])
   assert 0 < y.sum() < len(y) == 40
-  # The deploy scorer reads the very pixels training and predict use (greyscale JPEGs of many sizes).
-  images = np.stack([deploy.read_image(p, config.dataset.image_size) for p in source.paths])
-  for i in range(len(source)):
-    np.testing.assert_array_equal(images[i], pipeline.load_resized(source, i, config.dataset.image_size)['image'])
-  assert len({Image.open(p).size for p in source.paths}) > 1 and Image.open(source.paths[0]).mode == 'L'
+  images = np.stack([deploy.read_image(p, config.dataset.image_size) for p in paths])
+  assert len({Image.open(p).size for p in paths}) > 1 and Image.open(paths[0]).mode == 'L'
+  model = trained.restore(config, work / CATEGORY, sharding.make_mesh(jax.devices()[:1])).model
+  graphdef, params, frozen = model.graphdef, model.params, model.frozen
+  direct = jax.jit(functools.partial(inference.score_fn, graphdef=graphdef, scoring_cfg=config.scoring,
+                                     image_size=config.dataset.image_size))
+  ref = tuple(map(np.asarray, direct(params, frozen, images)))[::-1]      # (scores [N], maps [N, S, S])
+  # predict: each file's own score (8 devices and batches of 8 against one call: float32 rounding),
+  # and its decision at the calibrated threshold.
+  assert [r['path'] for r in predicted] == [str(p) for p in paths]
+  np.testing.assert_allclose([float(r['image_score']) for r in predicted], ref[0], rtol=1e-5)
+  assert [r['decision'] for r in predicted] == ['anomalous' if s > threshold else 'normal' for s in ref[0]]
 
   scorer = deploy.Scorer(out)
-  onnx_err = parity((ref['scores'], ref['maps']), scorer(images), threshold, y)
+  onnx_err = parity(ref, scorer(images), threshold, y)
   restored = jax.export.deserialize(bytearray((out / 'model.jax_export').read_bytes()))
   assert set(restored.platforms) == {'cpu', 'cuda', 'tpu'}
-  jax_err = parity((ref['scores'], ref['maps']), tuple(map(np.asarray, restored.call(images))), threshold, y)
-  print(f'parity vs --mode=predict: onnx {onnx_err}, jax.export {jax_err}')
+  jax_err = parity(ref, tuple(map(np.asarray, restored.call(images))), threshold, y)
+  print(f'parity vs the model: onnx {onnx_err}, jax.export {jax_err}')
 
   # The deploy CLI writes predict's CSV: same paths and decisions, scores within the parity bound.
   deployed = _csv(deploy_cli.score_folder(scorer, folder, work / 'deployed'))
@@ -110,6 +117,29 @@ def test_onnx_and_jax_export_match_predict_on_real_images(exported):
     assert np.abs(got - np.asarray(Image.open(q)).astype(int)).max() <= 2, q.name
 
 
+@pytest.mark.slow
+@pytest.mark.realdata
+def test_deploy_reads_the_pixels_training_and_evaluation_read(exported):
+  """The deploy scorer's decoding of the original files equals the rows of the prepared dataset (tfds
+  array_record, then the resized-image cache) that training and evaluation read: the 40 test images
+  (greyscale JPEGs of several sizes) and the first training rows."""
+  config, _, _, folder, _ = exported
+  size = config.dataset.image_size
+  data = datasets.load_category(config, CATEGORY)          # prepared by the fixture's training run
+  assert isinstance(data.test, image_cache.ArraySource)
+  rows = {pathlib.Path(path).relative_to((shared_data_dir() / CATEGORY / 'test').resolve()): i
+          for i, path in enumerate(data.test.paths)}
+  for copy in sorted(folder.iterdir()):
+    kind, name = copy.name.split('_', 1)
+    row = data.test[rows[pathlib.Path(kind) / name]]
+    np.testing.assert_array_equal(deploy.read_image(copy, size), row['image'], err_msg=copy.name)
+  for i in range(6):
+    row = data.train[i]
+    np.testing.assert_array_equal(deploy.read_image(row['path'], size), row['image'], err_msg=row['path'])
+
+
+@pytest.mark.slow
+@pytest.mark.realdata
 def test_model_json_holds_what_a_line_needs(exported):
   config, work, out, _, _ = exported
   meta = json.loads((out / 'model.json').read_text())
@@ -120,7 +150,7 @@ def test_model_json_holds_what_a_line_needs(exported):
   vmin, vmax = meta['map_scale']
   assert meta['map_scale'] == meta['calibration']['map_scale'] and vmin < vmax
   assert meta['backbone']['arch'] == config.backbone.arch and len(meta['backbone']['weights_sha256']) == 64
-  assert meta['config']['dataset']['category'] == CATEGORY and meta['adtr_jax_version'] == '0.1.0'
+  assert meta['config']['dataset']['category'] == CATEGORY and meta['adtr_jax_version'] == export.version()
   assert meta['test_metrics'] is None            # trained without evaluation: no metrics.json
   assert meta['export_seconds']['onnx'] > 0 and meta['exported_at']
   # The threshold is not in the graph: no initializer of the ONNX file holds its value.
@@ -133,15 +163,24 @@ def test_model_json_holds_what_a_line_needs(exported):
   assert not any(v.size == 1 and np.isclose(float(v.ravel()[0]), meta['threshold'], rtol=1e-6) for v in values)
 
 
-def test_metrics_json_is_copied_into_model_json(exported, tmp_path):
-  _, work, _, _, _ = exported
-  metrics = {'image_auroc': 0.75, 'num_test_images': 630, 'heatmap_dir': '/x'}
+def test_version_is_the_projects():
+  """model.json's adtr_jax_version: the version pyproject.toml declares (this checkout, or installed)."""
+  assert export.version() == tomllib.loads((REPO / 'pyproject.toml').read_text())['project']['version']
+
+
+def test_metrics_json_is_copied_into_model_json(tmp_path):
+  """Only the metrics of the exported checkpoint step: metrics.json of another step is not copied."""
+  metrics = {'image_auroc': 0.75, 'num_test_images': 630, 'checkpoint_step': 40, 'heatmap_dir': '/x'}
   (tmp_path / 'metrics.json').write_text(json.dumps({'categories': {CATEGORY: metrics}, 'mean': {}}))
-  kept = export.metrics_at_export(tmp_path, CATEGORY, unified=False)
-  assert kept == {'image_auroc': 0.75, 'num_test_images': 630, 'source': str(tmp_path / 'metrics.json')}
-  assert export.metrics_at_export(tmp_path, 'other', unified=False) is None
+  kept = export.metrics_at_export(tmp_path, CATEGORY, unified=False, step=40)
+  assert kept == {'image_auroc': 0.75, 'num_test_images': 630, 'checkpoint_step': 40,
+                  'source': str(tmp_path / 'metrics.json')}
+  assert export.metrics_at_export(tmp_path, 'other', unified=False, step=40) is None
+  assert export.metrics_at_export(tmp_path, CATEGORY, unified=False, step=30) is None
 
 
+@pytest.mark.slow
+@pytest.mark.realdata
 def test_threshold_changes_without_exporting_again(exported, tmp_path, capsys):
   _, _, out, folder, _ = exported
   scores = np.array([float(r['image_score']) for r in _csv(deploy_cli.score_folder(
@@ -157,6 +196,8 @@ def test_threshold_changes_without_exporting_again(exported, tmp_path, capsys):
       capsys.readouterr().out)
 
 
+@pytest.mark.slow
+@pytest.mark.realdata
 def test_deploy_scores_a_folder_without_jax(exported, tmp_path):
   """The deploy CLI in a fresh interpreter: it scores the folder and never imports JAX or flax."""
   _, _, out, folder, _ = exported
@@ -170,6 +211,8 @@ def test_deploy_scores_a_folder_without_jax(exported, tmp_path):
   assert len(_csv(tmp_path / 'predictions.csv')) == 40
 
 
+@pytest.mark.slow
+@pytest.mark.realdata
 def test_deploy_converts_resizes_and_skips_unreadable_files(exported, tmp_path, capsys):
   """Greyscale, RGBA and other-size images are prepared as training does; a corrupt file is named on
   stderr and listed as unreadable while the rest are scored."""
@@ -208,6 +251,8 @@ def _one_error_line(capsys, argv) -> str:
   return lines[0]
 
 
+@pytest.mark.slow
+@pytest.mark.realdata
 def test_deploy_names_a_missing_or_foreign_export_folder(exported, tmp_path, capsys):
   _, _, out, folder, _ = exported
   missing = tmp_path / 'nowhere'
@@ -226,6 +271,8 @@ def test_deploy_names_a_missing_or_foreign_export_folder(exported, tmp_path, cap
   assert '--images=' in _one_error_line(capsys, [f'--export={out}', f'--images={tmp_path / "none"}'])
 
 
+@pytest.mark.slow
+@pytest.mark.realdata
 def test_export_names_the_model_it_cannot_convert(exported, monkeypatch, tmp_path):
   """jax2onnx failing on an op (as it would on a backbone with an op it lacks) ends in a ConfigError
   naming the backbone and the op, not a traceback from inside the converter; the folder is left
@@ -256,6 +303,8 @@ def test_deploy_imports_no_jax():
   assert run.stdout.strip() == 'False', run.stderr
 
 
+@pytest.mark.slow
+@pytest.mark.realdata
 def test_benchmark_times_jax_and_onnxruntime(exported):
   from adtr_jax import benchmark
   _, _, out, _, _ = exported

@@ -9,14 +9,13 @@ from a seeded generator (SEED), and the test prints the moments it hit. One mode
 two processes (process 1 killed during a save) are covered.
 """
 import json
-import shutil
 
 import numpy as np
 import pytest
 
 from tests import helpers
-from tests.conftest import make_toy_mvtec, tiny_config
-from tests.test_multiprocess import _config_args, launch, running
+from tests.conftest import make_two_toys, tiny_config
+from tests.multiprocess_runs import config_args, launch, running
 from tests.test_summaries import read_events
 
 SEED = 35
@@ -85,11 +84,7 @@ def test_one_model_survives_a_kill_at_every_moment(toy_root, tmp_path, monkeypat
 
 @pytest.mark.slow
 def test_a_stacked_pair_survives_a_kill_at_every_moment(tmp_path, monkeypatch, capsys):
-  root = tmp_path / 'data'
-  make_toy_mvtec(tmp_path / 'a')
-  make_toy_mvtec(tmp_path / 'b', n_train=26, seed=1)
-  shutil.copytree(tmp_path / 'a' / 'toy', root / 'toy')
-  shutil.copytree(tmp_path / 'b' / 'toy', root / 'toy2')
+  root = make_two_toys(tmp_path)
   stacked = ['--config.dataset.category=toy,toy2', '--config.train.stacked=True']
   args = [f'--config=tests/tiny_config.py:{root}|{tmp_path / "cache"}', f'--workdir={tmp_path / "run"}',
           *FLAGS, *stacked]
@@ -117,7 +112,7 @@ def test_two_processes_survive_a_kill_of_one_during_a_save(toy_root, tmp_path, m
   """Process 1 is killed inside its second checkpoint save (step 4; step 2 is complete); process 0
   ends with the one-line lost-peer error; both started again resume from step 2 and end as the
   uninterrupted two-process run."""
-  args = lambda work: _config_args(toy_root, tmp_path / 'cache', work, *FLAGS)
+  args = lambda work: config_args(toy_root, tmp_path / 'cache', work, *FLAGS)
   straight = launch(tmp_path, 'straight', '2x2', args(tmp_path / 'straight'), tmp_path)
   with running(straight):
     straight.check()

@@ -38,25 +38,38 @@ def _imported(node: ast.AST, module: str, is_package: bool) -> list[str]:
   return [base] + [f'{base}.{alias.name}' for alias in node.names]
 
 
+def imports_of(tree: ast.AST, module: str, is_package: bool, files: dict,
+               skip=lambda node: False) -> set[str]:
+  """The modules of `files` that the parsed module `module` imports (see the module docstring), but
+  not those inside a node for which `skip(node)` holds."""
+  deps = set()
+  for node in _walk(tree, skip):
+    if not isinstance(node, (ast.Import, ast.ImportFrom)):
+      continue
+    names = [n for n in _imported(node, module, is_package) if n in files]
+    if isinstance(node, ast.ImportFrom):
+      # `from pkg import sub` imports pkg.sub; `from pkg import attr` imports pkg's __init__.
+      submodules = names[1:]
+      deps.update(submodules if len(submodules) == len(node.names) else names)
+    else:
+      deps.update(names)
+  return deps - {module}
+
+
+def _walk(node: ast.AST, skip):
+  """ast.walk, without the subtrees of nodes for which skip(node) holds."""
+  yield node
+  for child in ast.iter_child_nodes(node):
+    if not skip(child):
+      yield from _walk(child, skip)
+
+
 def import_graph(package_dir: pathlib.Path) -> dict[str, set[str]]:
   """Module -> the package's modules it imports (see the module docstring for the rules)."""
   files = module_files(package_dir)
-  graph = {}
-  for module, path in files.items():
-    is_package = path.name == '__init__.py'
-    deps = set()
-    for node in ast.walk(ast.parse(path.read_text(), str(path))):
-      if not isinstance(node, (ast.Import, ast.ImportFrom)):
-        continue
-      names = [n for n in _imported(node, module, is_package) if n in files]
-      if isinstance(node, ast.ImportFrom):
-        # `from pkg import sub` imports pkg.sub; `from pkg import attr` imports pkg's __init__.
-        submodules = names[1:]
-        deps.update(submodules if len(submodules) == len(node.names) else names)
-      else:
-        deps.update(names)
-    graph[module] = deps - {module}
-  return graph
+  return {module: imports_of(ast.parse(path.read_text(), str(path)), module, path.name == '__init__.py',
+                             files)
+          for module, path in files.items()}
 
 
 def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
@@ -122,3 +135,80 @@ def test_a_cycle_is_found_and_package_inits_are_not_one(tmp_path):
   assert cycles(graph) == [['pkg.a', 'pkg.b']]
   (pkg / 'b.py').write_text('VALUE = 2\n')
   assert cycles(import_graph(pkg)) == []
+
+
+def _is_slow_mark(node: ast.AST) -> bool:
+  """`pytest.mark.slow` (or `mark.slow`), called or not."""
+  node = node.func if isinstance(node, ast.Call) else node
+  return isinstance(node, ast.Attribute) and node.attr == 'slow'
+
+
+def imports_by_test_file(tests_dir: pathlib.Path, package_dir: pathlib.Path) -> dict[str, tuple[bool, set]]:
+  """Test file name -> (whether the fast tier, `-m 'not slow'`, runs a test of it, the package's modules
+  it imports or runs (`python -m`) outside its slow tests). The fast tier runs a `test_*` function
+  without a slow mark in a file whose `pytestmark` is not slow."""
+  files = module_files(package_dir)
+  out = {}
+  for path in sorted(tests_dir.glob('test_*.py')):
+    tree = ast.parse(path.read_text(), str(path))
+    file_marks = [n.value for n in tree.body if isinstance(n, ast.Assign)
+                  and any(isinstance(t, ast.Name) and t.id == 'pytestmark' for t in n.targets)]
+    slow_file = any(_is_slow_mark(m) or any(_is_slow_mark(e) for e in getattr(m, 'elts', ()))
+                    for m in file_marks)
+    tests = [n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name.startswith('test')]
+    fast = not slow_file and any(not any(_is_slow_mark(d) for d in t.decorator_list) for t in tests)
+    slow_test = lambda n: n in tests and any(_is_slow_mark(d) for d in n.decorator_list)
+    # A module the file runs as a program (`python -m adtr_jax.main`: the string 'adtr_jax.main') counts.
+    run = {n.value for n in _walk(tree, slow_test) if isinstance(n, ast.Constant) and n.value in files}
+    out[path.name] = (fast, imports_of(tree, f'tests.{path.stem}', False, files, skip=slow_test) | run)
+  return out
+
+
+def untouched_by_fast_tier(tests_dir: pathlib.Path, package_dir: pathlib.Path) -> set[str]:
+  """The package's modules with code that the fast tier does not touch. A module that some test file
+  imports must be imported by a fast-tier file; a module that no test file imports (a helper tested
+  through its callers, e.g. visualize through evaluate) must be imported by a module that a fast-tier
+  file imports."""
+  files = module_files(package_dir)
+  graph = import_graph(package_dir)
+  by_tests = imports_by_test_file(tests_dir, package_dir)
+  tested = set().union(*(mods for _, mods in by_tests.values()))
+  fast = set().union(*(mods for is_fast, mods in by_tests.values() if is_fast))
+  through = fast | set().union(*(graph[m] for m in fast))
+  return {m for m, path in files.items() if _has_code(path)
+          and m not in (fast if m in tested else through)}
+
+
+def _has_code(path: pathlib.Path) -> bool:
+  """A module with a definition or statement of its own (a package __init__ may hold only imports)."""
+  body = ast.parse(path.read_text()).body
+  return any(not isinstance(n, (ast.Import, ast.ImportFrom, ast.Expr)) for n in body)
+
+
+def test_the_fast_tier_imports_every_module():
+  """Every module of adtr_jax that holds code is imported by a test file the fast tier runs, so a
+  change anywhere in the package is exercised by `pytest -m 'not slow'`, not only by the full suite."""
+  missing = untouched_by_fast_tier(PACKAGE.parent / 'tests', PACKAGE)
+  assert not missing, f'the fast tier does not import {sorted(missing)}: unmark or add a fast test'
+
+
+def test_modules_only_slow_tests_import_are_reported(tmp_path):
+  """Control: a module whose tests are all slow (a slow function, a slow file) is reported; a helper
+  that no test imports counts when a fast-tier file imports a module that imports it."""
+  pkg = _write(tmp_path, {'pkg/__init__.py': '', 'pkg/a.py': 'from pkg import helper\nA = 1\n',
+                          'pkg/helper.py': 'H = 1\n', 'pkg/b.py': 'B = 1\n', 'pkg/c.py': 'C = 1\n',
+                          'pkg/d.py': 'D = 1\n'})
+  tests = tmp_path / 'tests'
+  _write(tmp_path, {
+      'tests/test_one.py': ('import pytest\nfrom pkg import a\n\n\n@pytest.mark.slow\n'
+                            'def test_slow():\n  import pkg.b\n\n\ndef test_fast():\n  import pkg.c\n'
+                            "  run(['-m', 'pkg.d'])\n"),
+      'tests/test_two.py': 'import pytest\nfrom pkg import c\npytestmark = [pytest.mark.slow]\n\n\n'
+                           'def test_y():\n  pass\n',
+  })
+  # test_one's fast test puts its module-level imports in the tier (a, and through it helper), its own
+  # (c) and the module it runs (d); its slow test's b, and test_two's c, do not count.
+  assert untouched_by_fast_tier(tests, pkg) == {'pkg.b'}
+  (tests / 'test_one.py').write_text('import pytest\nfrom pkg import a\n\n\n@pytest.mark.slow\n'
+                                     'def test_slow():\n  pass\n')
+  assert untouched_by_fast_tier(tests, pkg) == {'pkg.a', 'pkg.helper', 'pkg.b', 'pkg.c', 'pkg.d'}

@@ -1,5 +1,6 @@
 """The feeds of the train step: cached features == images, device == host cache, 8 devices == 1,
 the on-device data order, the schedule, and bfloat16 against float32."""
+import copy
 import functools
 
 import jax
@@ -50,6 +51,7 @@ def _feed(name, config, data, features, mesh):
                      fields=('image', 'valid'), num_workers=1)
 
 
+@pytest.mark.slow
 def test_cached_features_give_the_same_loss_and_gradients_as_images(setup):
   """The backbone is frozen: training from its stored (float32) output is the same computation."""
   config, data, _ = setup
@@ -99,6 +101,7 @@ def _assert_params_close(a, b, atol):
     np.testing.assert_allclose(x, y, atol=atol, rtol=0)
 
 
+@pytest.mark.slow
 def test_device_cache_host_cache_and_images_train_identically(setup):
   """Same rows in the same order from every feed (5 steps crossing an epoch boundary, 2 per call)."""
   config, data, features = setup
@@ -113,6 +116,7 @@ def test_device_cache_host_cache_and_images_train_identically(setup):
   assert results['device'][0][-1] < results['device'][0][0]
 
 
+@pytest.mark.slow
 def test_device_cache_on_8_devices_matches_1_device(setup):
   """The cache sharded over 8 devices (rows gathered across them) == everything on one device.
   float32; losses agree to 1e-5 and, after 4 AdamW steps, parameters to 1e-4: the reduction order
@@ -170,12 +174,14 @@ def test_min_steps_is_a_floor_on_the_budget():
   assert train_state.total_steps(cfg, 40) == 1200     # a large set: the epochs decide
 
 
+@pytest.mark.slow
 def test_bfloat16_compute_stays_close_to_float32(setup):
   """bfloat16 matmuls (float32 parameters, float32 loss): loss within 2% and image scores within 2%
   of float32 on the same parameters (bfloat16 keeps 8 bits of mantissa, ~0.4% per rounding)."""
-  config, data, features = setup
+  _, data, features = setup
   out = {}
   for dtype in ('float32', 'bfloat16'):
+    config = copy.deepcopy(setup[0])    # the module fixture's config stays as it is, whatever happens
     config.model.dtype = dtype
     model, _ = build_model(config)
     graphdef, state, frozen = train_state.init_state(model, config.train)
@@ -188,12 +194,12 @@ def test_bfloat16_compute_stays_close_to_float32(setup):
         np.stack([pipeline.load_resized(data.train, r, 64)['image'] for r in range(8)])),
         graphdef=graphdef, scoring_cfg=config.scoring, image_size=64)
     out[dtype] = (float(loss), np.asarray(scores))
-  config.model.dtype = 'float32'
   np.testing.assert_allclose(out['bfloat16'][0], out['float32'][0], rtol=0.02)
   np.testing.assert_allclose(out['bfloat16'][1], out['float32'][1], rtol=0.02)
   assert out['bfloat16'][0] != out['float32'][0]   # it really computed in bfloat16
 
 
+@pytest.mark.slow
 def test_default_bfloat16_cache_trains_like_images(setup):
   """The default cache stores features in bfloat16 (train.feature_cache_dtype): each feature is rounded
   to 8 significant bits (relative error <= 2^-9). The losses of the same 5 steps stay within 1e-3

@@ -6,6 +6,7 @@ import warnings
 
 import numpy as np
 import pytest
+from scipy import ndimage
 
 from adtr_jax import metric_stream, metrics
 from tests.test_metrics import blobby_case
@@ -112,6 +113,60 @@ def test_two_processes_merge_to_the_one_process_result(tmp_path):
   assert_equal_to_in_memory(both, maps, masks, 0.3)
   with pytest.raises(RuntimeError, match='expected 3'):
     metric_stream.PixelRuns(tmp_path / 'shared', num_parts=3)
+
+
+def test_several_limits_and_some_parts_from_one_pass(tmp_path):
+  """aupro_at gives metrics.pixel_metrics' merged AUPRO at every limit asked, from one pass; parts=
+  merges only the parts named (as MVTec LOCO merges the good images' part with one anomaly type's);
+  two PixelRuns alive on one folder keep their merged runs apart (scratch)."""
+  maps, masks = blobby_case(np.random.default_rng(5), n=12, size=20, levels=5)
+  rows = np.arange(len(maps))
+  for p in range(3):
+    stream(tmp_path, maps, masks, rows[p::3], part=p, seed=p)
+  limits = (0.01, 0.05, 0.3, 1.0)
+  a = metric_stream.PixelRuns(tmp_path, parts=[0, 2], fpr_limit=0.3, aupro_limits=limits, scratch='a',
+                              fan_in=4, block=40)
+  b = metric_stream.PixelRuns(tmp_path, parts=[1, 2], fpr_limit=0.05, scratch='b', fan_in=4, block=40)
+  assert all(r.startswith('a/') for r in a.neg_runs + a.pos_runs)   # a's runs were merged into a/
+  keep = np.sort(np.r_[rows[0::3], rows[2::3]])
+  for lim in limits:
+    want = metrics.pixel_metrics(maps[keep], masks[keep], fpr_limit=lim)['pixel_aupro']
+    assert a.aupro_at(lim) == pytest.approx(want, abs=1e-12), lim
+  assert_equal_to_in_memory(a, maps[keep], masks[keep], 0.3)
+  keep = np.sort(np.r_[rows[1::3], rows[2::3]])
+  want = metrics.pixel_metrics(maps[keep], masks[keep], fpr_limit=0.05)['pixel_aupro']
+  assert b.aupro_at(0.05) == pytest.approx(want, abs=1e-12)
+  with pytest.raises(ValueError, match='not among the limits'):
+    a.aupro_at(0.2)
+  with pytest.raises(RuntimeError, match='lacks the finished parts'):
+    metric_stream.PixelRuns(tmp_path, parts=[1, 3])
+
+
+def test_add_pixels_with_region_weights_is_add(tmp_path):
+  """add_pixels, given each anomalous pixel's 1 / (area of its 8-connected region), is add."""
+  maps, masks = blobby_case(np.random.default_rng(6), n=7, size=20, levels=7)
+  stream(tmp_path / 'add', maps, masks)
+  s = metric_stream.PixelStream(tmp_path / 'pixels', **TINY)
+  regions = 0
+  for m, mask in zip(maps, masks):
+    labels, num = ndimage.label(mask, structure=np.ones((3, 3), bool))
+    ids = labels[mask] - 1
+    s.add_pixels(m[~mask], m[mask], 1.0 / np.bincount(ids, minlength=num)[ids], num, 1)
+    regions += num
+  s.finish()
+  want = metric_stream.PixelRuns(tmp_path / 'add', fan_in=4, block=40)
+  got = metric_stream.PixelRuns(tmp_path / 'pixels', fan_in=4, block=40)
+  assert (got.n_neg, got.n_pos, got.num_regions, got.num_images) == \
+         (want.n_neg, want.n_pos, want.num_regions, want.num_images) == \
+         (np.count_nonzero(~masks), np.count_nonzero(masks), regions, len(maps))
+  assert regions > 0
+  for ties in metrics.AUPRO_TIES:
+    assert got.metrics(ties) == pytest.approx(want.metrics(ties), abs=1e-12, rel=0)
+  bad = metric_stream.PixelStream(tmp_path / 'bad')
+  with pytest.raises(ValueError, match='as many weights >= 0'):
+    bad.add_pixels(maps[0].ravel(), maps[1].ravel()[:3], np.ones(2), 1, 1)
+  with pytest.raises(ValueError, match='as many weights >= 0'):
+    bad.add_pixels(maps[0].ravel(), maps[1].ravel()[:2], -np.ones(2), 1, 1)
 
 
 def test_single_class_and_bad_input(tmp_path):

@@ -1,8 +1,11 @@
 """experiments/paper_table.py: per-category mean ± std over seeds, the paper's mean, the deviations."""
+import pytest
+
 from experiments import paper_table
 from tests.conftest import tiny_config
 
 
+@pytest.mark.slow
 def test_table_lists_categories_paper_mean_and_deviations(toy_root, tmp_path):
   config = tiny_config(toy_root, tmp_path / 'cache', num_epochs=1)
   text = paper_table.run(config, 'mvtec', tmp_path / 'w', seeds=[0, 1])

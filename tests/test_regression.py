@@ -29,7 +29,6 @@ into steps. Steps and image counts must be equal.
 """
 import json
 import pathlib
-import shutil
 import subprocess
 import sys
 
@@ -37,7 +36,9 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from tests.conftest import REPO, make_toy_mvtec, tiny_config
+from tests.conftest import REPO, make_two_toys, tiny_config
+
+pytestmark = pytest.mark.slow   # every test trains a path to its end
 
 PINS = pathlib.Path(__file__).with_name('regression_pins.json')
 
@@ -53,16 +54,6 @@ PATHS = {
     'image_labels': ('toy', {'anomalies.num_labelled': 1, 'loss.type': 'image'}),
 }
 SKIP_METRICS = ('heatmap_dir', 'curves', 'labelled_anomalies_removed_from_test', 'labelled_use')
-
-
-def make_root(tmp: pathlib.Path) -> pathlib.Path:
-  """toy (18 training images) and toy2 (26), as conftest draws them."""
-  root = tmp / 'data'
-  make_toy_mvtec(tmp / 'a')
-  make_toy_mvtec(tmp / 'b', n_train=26, seed=1)
-  shutil.copytree(tmp / 'a' / 'toy', root / 'toy')
-  shutil.copytree(tmp / 'b' / 'toy', root / 'toy2')
-  return root
 
 
 def _config(root, cache, categories: str, overrides: dict):
@@ -158,7 +149,7 @@ def same_counts(got: dict, pinned: dict, name: str) -> None:
 
 @pytest.fixture(scope='module')
 def root(tmp_path_factory):
-  return make_root(tmp_path_factory.mktemp('regression'))
+  return make_two_toys(tmp_path_factory.mktemp('regression'))
 
 
 @pytest.mark.parametrize('name', list(PATHS))
@@ -190,7 +181,7 @@ def record(out: pathlib.Path = PINS) -> None:
   import tempfile
   with tempfile.TemporaryDirectory() as tmp:
     tmp = pathlib.Path(tmp)
-    root = make_root(tmp)
+    root = make_two_toys(tmp)
     paths = {name: run_path(name, tmp, root) for name in PATHS}
   commit = subprocess.run(['git', 'rev-parse', 'HEAD'], cwd=REPO, capture_output=True,
                           text=True).stdout.strip()

@@ -2,29 +2,22 @@
 to resume from (issue 35): the resume contract, the best checkpoint's threshold, a diverging member,
 a kill between two members' saves, one mesh rule, TensorBoard after a restart, config.json."""
 import json
-import shutil
 
 import pytest
 
 from adtr_jax import checkpoint, errors, evaluate, export, paths, summaries, train, trained
 from adtr_jax import validate
 from tests import helpers
-from tests.conftest import make_toy_mvtec, tiny_config
+from tests.conftest import make_toy_mvtec, make_two_toys, tiny_config
 from tests.test_summaries import read_events
 
 
 @pytest.fixture(scope='module')
 def two_categories(tmp_path_factory):
-  """toy (18 training images) and toy2 (26)."""
-  tmp = tmp_path_factory.mktemp('resume')
-  root = tmp / 'data'
-  make_toy_mvtec(tmp / 'a')
-  make_toy_mvtec(tmp / 'b', n_train=26, seed=1)
-  shutil.copytree(tmp / 'a' / 'toy', root / 'toy')
-  shutil.copytree(tmp / 'b' / 'toy', root / 'toy2')
-  return root
+  return make_two_toys(tmp_path_factory.mktemp('resume'))
 
 
+@pytest.mark.slow
 def test_a_resume_refuses_every_changed_field_that_may_not_change(toy_root, tmp_path):
   """Item 1: trained with one config, resumed with a longer budget, another learning rate and 4
   heads: one error names the three fields with their old and new values before any data is prepared
@@ -73,6 +66,7 @@ def _best_not_last(toy_root, cache):
                      lr_decay_epochs=(3,), lr_decay_factor=500.0)
 
 
+@pytest.mark.slow
 def test_best_checkpoint_is_calibrated_and_exported_with_its_own_metrics(toy_root, tmp_path):
   """Item 2: with eval.checkpoint='best' (not the last step), evaluation, predict and export use the
   best step, which has its own threshold; model.json names that step and copies test metrics only
@@ -117,6 +111,7 @@ def _sweep(root, tmp, rates):
   return runs
 
 
+@pytest.mark.slow
 def test_a_diverging_member_stops_alone(two_categories, tmp_path):
   """Item 3: a stacked sweep of 3 where one learning rate is absurd: that member stops at the step its
   loss stopped being finite, keeps its last finite checkpoint and says so (diverged.json,
@@ -144,6 +139,7 @@ def test_a_diverging_member_stops_alone(two_categories, tmp_path):
     train.train_runs(runs, stack=True)
 
 
+@pytest.mark.slow
 def test_a_single_model_that_diverges_ends_with_one_line(toy_root, tmp_path):
   proc = helpers.cli([f'--config=tests/tiny_config.py:{toy_root}|{tmp_path / "cache"}',
                       f'--workdir={tmp_path / "w"}', '--config.train.learning_rate=1e12'])
@@ -153,6 +149,7 @@ def test_a_single_model_that_diverges_ends_with_one_line(toy_root, tmp_path):
   assert len(lines) == 1 and 'diverged at step' in lines[0] and 'train.learning_rate' in lines[0]
 
 
+@pytest.mark.slow
 def test_a_kill_between_two_members_saves_resumes(two_categories, tmp_path, monkeypatch):
   """Item 4: with max_checkpoints=1, a stacked pair killed after the first member saved a step and
   before the second did still resumes (from the step before, which the first kept until both had
@@ -194,6 +191,7 @@ def test_a_kill_between_two_members_saves_resumes(two_categories, tmp_path, monk
     assert helpers.max_diff(p_killed, p_straight) == 0.0
 
 
+@pytest.mark.slow
 def test_validation_checks_the_mesh_each_group_trains_on(two_categories, tmp_path):
   """Item 5: three stacked members with train.model_axis=2 train on a 1 x 8 mesh (2 does not divide
   3), where batch 4 does not split over 8 devices: refused before anything trains, naming
@@ -226,6 +224,7 @@ def test_a_run_started_again_from_step_0_shows_each_step_once(tmp_path):
   assert [json.loads(r)['step'] for r in (tmp_path / summaries.JSONL).read_text().splitlines()] == [1, 2, 3, 4]
 
 
+@pytest.mark.slow
 def test_config_json_records_the_training_config_only(toy_root, tmp_path):
   """Item 7: --mode=eval with other (allowed) eval fields leaves config.json as training wrote it."""
   common = [f'--config=tests/tiny_config.py:{toy_root}|{tmp_path / "cache"}', f'--workdir={tmp_path / "w"}']

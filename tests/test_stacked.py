@@ -73,6 +73,7 @@ def _stacked(root, tmp, model_axis, per_call):
   return [(config, run_dir / spec[0]) for (run_dir, config), spec in zip(runs, MEMBERS)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('layout', list(LAYOUTS))
 def test_stacked_models_train_as_they_would_alone(root, alone, tmp_path, layout, capsys):
   """Same seeds, float32 features and parameters. Losses agree to 1e-6 relative and parameters to
@@ -93,6 +94,7 @@ def test_stacked_models_train_as_they_would_alone(root, alone, tmp_path, layout,
     np.testing.assert_allclose([v for _, v in scalars['train/loss']], losses, rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_the_comparison_catches_swapped_member_keys(root, alone, tmp_path, monkeypatch):
   """Control for the 1e-4 tolerance above: a stacking bug that hands each member another member's
   PRNG key (data order and dropout; reversed here) fails it by more than 10x."""
@@ -141,6 +143,7 @@ def test_members_with_and_without_checkpoints_step_apart(root, tmp_path):
       [todo[1].workdir], [todo[0].workdir]]
 
 
+@pytest.mark.slow
 def test_killed_stacked_cli_run_resumes_exactly(root, tmp_path):
   """SIGKILL `--config.train.stacked=True` on two categories after its first checkpoint; the same
   command resumes both models from the step both saved and ends where an uninterrupted run ends

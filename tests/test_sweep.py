@@ -11,6 +11,8 @@ from adtr_jax.data import datasets
 
 from tests.conftest import REPO
 
+pytestmark = pytest.mark.slow   # each test runs a sweep end to end
+
 
 def test_sweep_stacks_runs_by_shape_and_tabulates_seeds(toy_root, tmp_path):
   workdir = tmp_path / 'sweep'

@@ -43,6 +43,7 @@ def _one_step_twice(config, devices, batch):
   return losses, jax.tree.map(np.asarray, jax.device_get(state.params))
 
 
+@pytest.mark.slow
 def test_sharded_step_matches_single_device(toy_root, cache_dir):
   """8-way data parallel == 1 device: same loss and parameters (float32; atol 1e-5 after 2 AdamW steps)."""
   assert jax.device_count() == 8
@@ -79,6 +80,7 @@ def trained(toy_root, cache_dir, tmp_path_factory):
   return config, workdir, report
 
 
+@pytest.mark.slow
 def test_loss_decreases(trained):
   _, workdir, _ = trained
   records = [json.loads(line) for line in (workdir / 'toy' / 'train_log.jsonl').read_text().splitlines()]
@@ -90,6 +92,7 @@ def test_loss_decreases(trained):
   assert rates and all(r > 0 for r in rates)
 
 
+@pytest.mark.slow
 def test_injected_defects_score_above_normals(trained):
   """Dark squares pasted on the striped texture: never seen in training, they must stand out."""
   _, workdir, report = trained
@@ -105,6 +108,7 @@ def test_injected_defects_score_above_normals(trained):
   assert all(pathlib.Path(p).stat().st_size > 1000 for p in toy['curves'])
 
 
+@pytest.mark.slow
 def test_predict_uses_the_threshold_calibrated_on_held_out_normals(trained, toy_root):
   config, workdir, _ = trained
   mgr = checkpoint.manager(workdir / 'toy' / 'checkpoints')
@@ -120,6 +124,7 @@ def test_predict_uses_the_threshold_calibrated_on_held_out_normals(trained, toy_
   assert len(list((csv_path.parent / 'heatmaps').glob('*.png'))) == 4
 
 
+@pytest.mark.slow
 def test_a_calibration_without_map_scale_gets_it_from_the_held_out_images(trained, monkeypatch):
   """A model calibrated before overlays had a fixed colour scale: predict and export compute it on
   the held-out images, equal to the one calibration saved (same images, same model); the threshold
@@ -141,6 +146,7 @@ def test_a_calibration_without_map_scale_gets_it_from_the_held_out_images(traine
   assert again == saved
 
 
+@pytest.mark.slow
 def test_checkpoint_excludes_frozen_backbone_and_records_its_hash(trained):
   config, workdir, _ = trained
   mgr = checkpoint.manager(workdir / 'toy' / 'checkpoints')
@@ -154,6 +160,7 @@ def test_checkpoint_excludes_frozen_backbone_and_records_its_hash(trained):
   assert not any('backbone' in p or 'cnn' in p for p in paths)
 
 
+@pytest.mark.slow
 def test_resume_mid_epoch_is_exact(toy_root, cache_dir, tmp_path):
   """A run restarted from its step-3 checkpoint (mid-epoch: 2 steps per epoch) ends bit-identical to
   the uninterrupted run (same process, same devices: the same arithmetic). Negative controls: the
@@ -208,6 +215,7 @@ def test_resume_mid_epoch_is_exact(toy_root, cache_dir, tmp_path):
     assert helpers.max_diff(restart('other_order'), p_straight) > 1e-3
 
 
+@pytest.mark.slow
 def test_killed_cli_run_resumes_from_its_checkpoint(toy_root, cache_dir, tmp_path):
   """SIGKILL a CLI training run (images, checkpoint every 3 steps) after its first checkpoint; the
   same command says which step it resumed from (the last checkpoint), logs from the step after it, and
@@ -259,9 +267,12 @@ def test_killed_cli_run_resumes_from_its_checkpoint(toy_root, cache_dir, tmp_pat
   ev = helpers.cli([args[0], args[-1], '--mode=eval'])
   out, _ = ev.communicate(timeout=600)
   assert ev.returncode == 0, out[-3000:]
-  report = json.loads((workdir / 'metrics.json').read_text())
-  assert 0.0 <= report['categories']['toy']['image_auroc'] <= 1.0
-  assert report['categories']['toy']['checkpoint_step'] == 24
+  toy = json.loads((workdir / 'metrics.json').read_text())['categories']['toy']
+  # Dark 16 px squares (grey 20) on a bright striped texture (grey 64-191): the resumed model ranks
+  # every defective image above every normal one and nearly every defect pixel above the normal
+  # ones (measured 1.0 and 0.999 after 4 steps already), as test_injected_defects_score_above_normals.
+  assert toy['image_auroc'] >= 0.9 and toy['pixel_auroc'] >= 0.9, toy
+  assert toy['checkpoint_step'] == 24
 
 
 def test_eval_without_checkpoint_is_a_clear_error(toy_root, cache_dir, tmp_path):

@@ -26,6 +26,7 @@ def two_categories(toy_root, tmp_path_factory):
   return root
 
 
+@pytest.mark.slow
 def test_unified_model_is_trained_once_and_evaluated_per_category(two_categories, tmp_path):
   config = tiny_config(two_categories, tmp_path / 'cache', num_epochs=20)
   config.dataset.category = 'toy,toy2'

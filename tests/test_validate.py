@@ -1,6 +1,8 @@
 """A bad config, or a mode without the checkpoint it reads, fails in about a second, before any data is
 prepared: one line naming the field or folder, exit status 2, nothing written under the cache or the
-workdir."""
+workdir. The cases run through the CLI's main() in one process (tests/main_in_process.py: absl parses
+the same flags); two of them run the command itself."""
+import json
 import os
 import subprocess
 import sys
@@ -29,41 +31,74 @@ BAD = [
 ]
 
 
-def _run(args, devices=4):
-  env = dict(os.environ, JAX_PLATFORMS='cpu',
-             XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}')
+def _subprocess(args) -> tuple[int, str]:
+  """`python -m adtr_jax.main <args>` on 4 fake CPU devices -> (exit status, stdout + stderr)."""
+  env = dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS='--xla_force_host_platform_device_count=4')
   proc = subprocess.run([sys.executable, '-m', 'adtr_jax.main', *args], cwd=REPO, env=env,
                         capture_output=True, text=True, timeout=300)
   return proc.returncode, proc.stdout + proc.stderr
 
 
-def _assert_refused_before_work(args, expected, tmp_path):
-  cache, workdir = tmp_path / 'cache', tmp_path / 'w'
-  rc, out = _run([*args, f'--workdir={workdir}'])
-  last = out.strip().splitlines()[-1]
-  assert rc == 2 and 'Traceback' not in out, out[-2000:]
-  assert last.startswith('adtr_jax: error: ') and expected in last, last
-  assert not cache.exists() and not workdir.exists()   # nothing prepared, nothing written
-
-
-@pytest.mark.parametrize('overrides,expected', BAD, ids=[b[1][:40] for b in BAD])
-def test_bad_config_is_refused_before_any_work(toy_root, tmp_path, overrides, expected):
-  config = f'--config=tests/tiny_config.py:{toy_root}|{tmp_path / "cache"}'
-  _assert_refused_before_work([config, *overrides], expected, tmp_path)
-
-
-@pytest.mark.parametrize('line,expected', [
+TYPOS = [
     ('config.train.num_epoch = 3', 'unknown config field train.num_epoch'),
     # ConfigDict keeps a field's type, except that None replaces anything.
     ('config.train.schedule = None', 'train.schedule=None must be of type str'),
-])
-def test_config_file_typos_are_refused(toy_root, tmp_path, line, expected):
-  """A config file may add fields (ConfigDicts are open there): a misspelt one is an error, not ignored."""
-  path = tmp_path / 'my_config.py'
-  path.write_text('from tests import tiny_config\n\n\ndef get_config():\n'
-                  f'  config = tiny_config.make({str(toy_root)!r}, {str(tmp_path / "cache")!r})\n'
-                  f'  {line}\n  return config\n')
-  _assert_refused_before_work([f'--config={path}'], expected, tmp_path)
+]
+
+
+@pytest.fixture(scope='module')
+def refused(toy_root, tmp_path_factory):
+  """Every case of BAD and TYPOS through main() in one process (tests/main_in_process.py), each with its
+  own cache and workdir -> [(folder, (exit status, stderr))], BAD's then TYPOS'."""
+  folders, cases = [], []
+  for overrides, _ in BAD:
+    folders.append(tmp_path_factory.mktemp('bad'))
+    cases.append([_tiny(toy_root, folders[-1]), *overrides, f'--workdir={folders[-1] / "w"}'])
+  for line, _ in TYPOS:
+    # A config file may add fields (ConfigDicts are open there): a misspelt one is an error, not ignored.
+    folders.append(tmp_path_factory.mktemp('typo'))
+    path = folders[-1] / 'my_config.py'
+    path.write_text('from tests import tiny_config\n\n\ndef get_config():\n'
+                    f'  config = tiny_config.make({str(toy_root)!r}, {str(folders[-1] / "cache")!r})\n'
+                    f'  {line}\n  return config\n')
+    cases.append([f'--config={path}', f'--workdir={folders[-1] / "w"}'])
+  env = dict(os.environ, JAX_PLATFORMS='cpu', XLA_FLAGS='--xla_force_host_platform_device_count=4')
+  proc = subprocess.run([sys.executable, '-m', 'tests.main_in_process'], input=json.dumps(cases), cwd=REPO,
+                        env=env, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return list(zip(folders, json.loads(proc.stdout.splitlines()[-1])))
+
+
+def _assert_refused_before_work(result, expected, folder):
+  rc, out = result
+  lines = out.strip().splitlines()
+  assert rc == 2 and len(lines) == 1, out[-2000:]               # one line, no traceback
+  assert lines[0].startswith('adtr_jax: error: ') and expected in lines[0], lines[0]
+  assert not (folder / 'cache').exists() and not (folder / 'w').exists()   # nothing prepared or written
+
+
+def _tiny(toy_root, folder) -> str:
+  return f'--config=tests/tiny_config.py:{toy_root}|{folder / "cache"}'
+
+
+@pytest.mark.parametrize('case', range(len(BAD)), ids=[b[1][:40] for b in BAD])
+def test_bad_config_is_refused_before_any_work(refused, case):
+  folder, result = refused[case]
+  _assert_refused_before_work(result, BAD[case][1], folder)
+
+
+@pytest.mark.parametrize('case', range(len(TYPOS)), ids=[t[1] for t in TYPOS])
+def test_config_file_typos_are_refused(refused, case):
+  folder, result = refused[len(BAD) + case]
+  _assert_refused_before_work(result, TYPOS[case][1], folder)
+
+
+@pytest.mark.parametrize('overrides,expected', [BAD[0], BAD[-2]], ids=['field', 'missing checkpoint'])
+def test_the_command_exits_with_status_2_and_one_line(toy_root, tmp_path, overrides, expected):
+  """The same through the real command (absl's app.run, the interpreter's exit status), for a config
+  field and for a mode without its checkpoint."""
+  result = _subprocess([_tiny(toy_root, tmp_path), *overrides, f'--workdir={tmp_path / "w"}'])
+  _assert_refused_before_work(result, expected, tmp_path)
 
 
 def test_good_configs_pass(toy_root, tmp_path):

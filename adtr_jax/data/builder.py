@@ -101,6 +101,15 @@ class AdtrMvtecLayout(tfds.core.GeneratorBasedBuilder):
   # it only uses it to look for a (here nonexistent) checksums file beside the code.
   code_path = epath.Path(__file__)
 
+  # tfds prints two lines of its own around a preparation ("Downloading and preparing dataset Unknown
+  # size ...", "... Subsequent calls will reuse this data."); prepare() prints our one line instead, so
+  # theirs go to the log.
+  def _log_download_bytes(self) -> None:
+    logging.info('tfds: preparing %s in %s', self.name, self.data_dir)
+
+  def _log_download_done(self) -> None:
+    logging.info('tfds: prepared %s in %s', self.name, self.data_dir)
+
   def _info(self) -> tfds.core.DatasetInfo:
     return self.dataset_info_from_configs(
         features=tfds.features.FeaturesDict({

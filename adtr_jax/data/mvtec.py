@@ -184,3 +184,13 @@ def load_mask(path, threshold: int = records.HALF) -> np.ndarray:
 def load_grey(path) -> np.ndarray:
   """uint8 [H, W]; errors.DataError naming `path` if it cannot be read or decoded."""
   return decode_grey(_read(path), path)
+
+
+def image_hw(path) -> tuple[int, int]:
+  """An image file's (H, W), read from its header (the pixels are not decoded): its original size."""
+  try:
+    with Image.open(path) as image:
+      width, height = image.size
+  except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+    raise errors.DataError(f'cannot read image {path}: {e}') from e
+  return height, width

@@ -20,6 +20,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2]))
+from adtr_jax import errors  # noqa: E402
 from experiments import sweep  # noqa: E402
 from experiments.ablations import variants  # noqa: E402
 
@@ -61,7 +62,7 @@ def _row(name: str, config, reports: list[dict], minutes: float) -> str:
   embedding = (f'{b.arch}, {"+".join(b.layers)}' if m.target == 'features'
                else f'pixels, {b.out_stride}x{b.out_stride} patches')
   setup = f'{embedding}, {m.type}, aux query {"on" if m.aux_query else "off"}'
-  cells = [sweep.mean_std([r[key] for r in reports]) for key in KEYS]
+  cells = [sweep.mean_std([r[key] for r in reports if key in r]) for key in KEYS]   # a diverged run: none
   return f'| {name} | {setup} | {len(reports)} | ' + ' | '.join(cells) + f' | {minutes:.1f} |'
 
 
@@ -79,7 +80,11 @@ def main(argv):
       config = configs[name].copy_and_resolve_references()
       config.seed = int(seed)
       pending.append((run_dir, config))
-  train.train_runs(pending)
+  try:
+    train.train_runs(pending)
+    diverged = None
+  except errors.Diverged as e:   # the other variants trained and were evaluated: their table first
+    diverged = e
   rows = []
   for name, config in configs.items():
     reports = [json.loads((runs[name, s] / 'metrics.json').read_text()) for s in _SEEDS.value]
@@ -96,7 +101,9 @@ def main(argv):
   (workdir / 'ablations.json').write_text(json.dumps(
       {name: c.to_dict() for name, c in configs.items()}, indent=1, default=str))
   print(table)
+  if diverged:
+    raise diverged
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(errors.reporting(main))

@@ -248,9 +248,11 @@ def test_heatmaps_and_predictions_pair_each_image_with_its_own_map(normal_runs, 
 def _own_files(path: str, process: int) -> bool:
   """Orbax's per-process parts of a checkpoint (array metadata, OCDBT shards) are named for the
   process that writes them; a process writes its share of the resized images into the image cache's
-  temporary folder (<split>-<token>), and their paths into paths-<process>.json there."""
+  temporary folder (<split>-<token>), and their paths into paths-<process>.json there; and its block
+  of the feature cache (rows and moments files named for it, written under hidden names first)."""
   return f'process_{process}' in path or bool(re.search(
-      rf'/resized_\d+/\.(train|test)-[0-9a-f]{{8}}/((images|masks|labels)\.npy|paths-{process}\.json)$', path))
+      rf'/resized_\d+/\.(train|test)-[0-9a-f]{{8}}/((images|masks|labels)\.npy|paths-{process}\.json)$', path)
+      or re.search(rf'/features/[^/]+/\.?(rows|moments)-\d+-\d+\.p{process}\.npy(\.partial-[0-9a-f]+)?$', path))
 
 
 def test_only_process_zero_writes_shared_files(normal_runs):

@@ -13,6 +13,10 @@ into .npy files (npy_rows), in memory bounded by the batch:
   `folder`), so a resumed run, or any later run on the same images with the same backbone, reads
   them instead of running the backbone again. A block is written under a hidden name and renamed
   when complete (npy_rows.RowWriter): a killed run never leaves a file that looks complete.
+  Reused rather than recomputed: the backbone pass is the costly part (one forward per image; hours
+  for 100k images on a CPU), and its result depends only on what the name holds; another image,
+  weight file or backbone setting gives another folder. Nothing is deleted: a folder no run needs
+  any more can be removed by hand (`ls dataset.cache_dir/features`).
 
 `Features` reads a set's rows back by pread (the feeds: loop.DeviceCache places each device's block
 with `place`, loop.HostCache gathers each chunk's rows). `compute` is the in-memory form (every row
@@ -86,8 +90,8 @@ class _Pass:
     self.model, self.mesh = model, mesh
 
   def padded(self, n: int) -> int:
-    """n rows laid out as in the device feed: rounded up to the 'data' devices."""
-    return n + (-n % sharding.data_size(self.mesh))
+    """n rows laid out as in the device feed (padded_size)."""
+    return padded_size([n], self.mesh)
 
   def batches(self, source, lo: int, hi: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """(rows int64 [b], features [b, h, w, C] as numpy `dtype`) of rows [lo, hi) of `source`; the last
@@ -269,11 +273,11 @@ def cache(source, model: SplitModel, mesh, config, dtype: str, *, name: str, siz
   """A training set's features on disk, written (or found) and opened, and the moments of all its
   rows (merged across processes). A collective: every process calls it for the same sets in order.
 
-  name: the set's name in its folder (folder()); size: its padded length in the device feed (place():
-  the largest set of the run rounded up to the 'data' devices), which fixes each process's block
-  (`blocks`). Each process writes its own block unless a complete one is there. every_block (the host
-  feed, which draws any row on any process): after all have written, each process also opens the
-  other blocks, from a shared disk, or writes those it cannot see (hosts without a shared disk).
+  name: the set's name in its folder (folder()); size: its padded length in the device feed
+  (padded_size of the run's sets), which fixes each process's block (`blocks`). Each process writes
+  its own block unless a complete one is there. every_block (the host feed, which draws any row on
+  any process): after all have written, each process also opens the other blocks, from a shared
+  disk, or writes those it cannot see (hosts without a shared disk).
   """
   p = _Pass(model, mesh, config, dtype)
   n, where = len(source), folder(config, name, source, model, dtype)
@@ -295,14 +299,19 @@ def cache(source, model: SplitModel, mesh, config, dtype: str, *, name: str, siz
   return Features(n, p.shape, dtype, opened), _merged(mine, p.part)
 
 
+def padded_size(lengths, mesh) -> int:
+  """N': the rows each training set has in the device feed, the largest N rounded up to the 'data'
+  devices (which fixes each process's block of rows: `blocks`)."""
+  size = max(lengths, default=0)
+  return size + (-size % sharding.data_size(mesh))
+
+
 def place(features: list, mesh) -> tuple[jax.Array, int]:
   """Training sets' features (one per category; numpy or Features) -> ([K, N', h, w, C] on
-  (None, 'data'), N'): each padded with zero rows (never sampled) to N', the largest N rounded up to
-  the 'data' devices. Each process reads only the rows of its own devices (a callback per addressable
-  shard), one device's block at a time."""
-  n_dev = sharding.data_size(mesh)
-  size = max(len(f) for f in features)
-  size += -size % n_dev
+  (None, 'data'), N'): each padded with zero rows (never sampled) to N' (padded_size). Each process
+  reads only the rows of its own devices (a callback per addressable shard), one device's block at a
+  time."""
+  size = padded_size([len(f) for f in features], mesh)
   shape = (len(features), size, *features[0].shape[1:])
 
   def block(index: tuple) -> np.ndarray:

@@ -130,8 +130,7 @@ def _group_need(group: list[members.Member], need: Need, resized: set) -> None:
   local = sum(d.process_index == jax.process_index() for d in mesh.devices.flat)
   cpu = mesh.devices.flat[0].platform == 'cpu'
   shape, row = feature_row_bytes(config)
-  size = max((n for _, n in sets.values() if n is not None), default=0)
-  size += -size % sharding.data_size(mesh)
+  size = feature_cache.padded_size([n for _, n in sets.values() if n is not None], mesh)
   if kind in ('device', 'host'):
     # The device feed keeps this process's block of each set; the host feed reads any row.
     block = size // sharding.data_slice(mesh)[1]
@@ -207,9 +206,10 @@ def check(groups: list[list[members.Member]], say=print) -> Need:
     lines = [*need.lines,
              f'feature memo: up to {_gib(need.host.get(MEMO, 0))} of host memory (backbone.feature_memo_mb)',
              f'disk: {_gib(need.disk)} new in {cache} ({_gib(_free_disk(cache))} free)',
-             f'host memory: {_gib(host_total)} counted ({_gib(available_host_memory() or 0)} available)',
-             f'device memory: {_gib(need.device)} per device' +
-             (f' ({_gib(device)} each)' if device else ' (CPU: counted as host memory)')]
+             f'host memory: {_gib(host_total)} counted ({_gib(available_host_memory() or 0)} available)']
+    if need.device:
+      lines.append(f'device memory: {_gib(need.device)} per device' +
+                   (f' ({_gib(device)} each)' if device else ' (CPU devices: counted as host memory)'))
     say('adtr_jax: this run will need, per process:\n' + '\n'.join(f'  {line}' for line in lines),
         flush=True)
   failed = [p for p, bad in enumerate(multihost.gather_flags(problem is not None)) if bad]

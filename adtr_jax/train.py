@@ -146,8 +146,7 @@ def _features(g: _Group, model: SplitModel) -> list[tuple[feature_cache.Features
   process its own rows; a complete cache of the same images and backbone is reused) and the moments
   of all its rows. Sets are padded to the largest one in the device feed, which fixes each process's
   block of rows."""
-  size = max(len(train) for train in g.sets)
-  size += -size % sharding.data_size(g.mesh)
+  size = feature_cache.padded_size([len(train) for train in g.sets], g.mesh)
   return [feature_cache.cache(train, model, g.mesh, g.cfg, g.cfg.train.feature_cache_dtype,
                               name=g.names[k], size=size, every_block=g.kind == 'host')
           for k, train in enumerate(g.sets)]

@@ -6,7 +6,8 @@ with the same arguments, from one of:
 
 * `DeviceCache`: features of K training sets in device memory [K, N', h, w, C]; the rows are drawn on
   device inside the scan, so a chunk of steps is one jitted call with no host round trip per step;
-* `HostCache`: the same features in host memory; the host gathers the chunk's rows and sends them once;
+* `HostCache`: the same features on disk (feature_cache.Features; or numpy); the host reads the
+  chunk's rows and sends them once;
 * `Images`: images through the host input pipeline, one step per call (anomalies change the input
   every epoch, so the backbone runs in the step).
 
@@ -79,12 +80,13 @@ def _feature_batch(features: jax.Array) -> dict:
 
 
 class DeviceCache:
-  """features[k] [N_k, h, w, C] (numpy) of K training sets, in device memory as [K, N', h, w, C] on
-  (None, 'data'); model i reads set hyper['data'][i], its first hyper['num_rows'][i] rows."""
+  """features[k] [N_k, h, w, C] of K training sets (feature_cache.Features on disk, or numpy), in device
+  memory as [K, N', h, w, C] on (None, 'data'), each process placing its devices' rows
+  (feature_cache.place); model i reads set hyper['data'][i], its first hyper['num_rows'][i] rows."""
   steps_per_call = None   # a whole chunk in one call
   xs_sharding = None      # nothing sent from the host
 
-  def __init__(self, features: list[np.ndarray], mesh, batch_size: int):
+  def __init__(self, features: list, mesh, batch_size: int):
     self.resident, self.size = feature_cache.place(features, mesh)
     self.resident_sharding = NamedSharding(mesh, P(None, 'data'))
     self.batch_size = batch_size
@@ -99,14 +101,16 @@ class DeviceCache:
 
 
 class HostCache:
-  """The features of DeviceCache kept in host memory; each call gathers its steps' rows on the host
-  and sends them as one array [num_steps, M, B, h, w, C]. keys [M]: the members' keys; hyper: their
-  stacked numbers (members.numbers; local), whose data, num_rows and steps_per_epoch it reads."""
+  """The features of DeviceCache read from the host (feature_cache.Features: pread from the files on
+  disk; or numpy); each call reads its steps' rows and sends them as one array [num_steps, M, B, h, w,
+  C], each process reading only the rows of its own devices' shards: host memory is one chunk's
+  share, whatever the size of the set. keys [M]: the members' keys; hyper: their stacked numbers
+  (members.numbers; local), whose data, num_rows and steps_per_epoch it reads."""
   steps_per_call = None
   resident = None
   resident_sharding = None
 
-  def __init__(self, features: list[np.ndarray], mesh, batch_size: int, keys: jax.Array, hyper: dict):
+  def __init__(self, features: list, mesh, batch_size: int, keys: jax.Array, hyper: dict):
     self.features = features
     self.xs_sharding = NamedSharding(mesh, P(None, 'model', 'data'))
     # Per model: rows [num_steps, B] of the steps given (vmapped step_rows with its static sizes).
@@ -116,9 +120,19 @@ class HostCache:
 
   def host_inputs(self, start: int, num_steps: int):
     steps = jnp.asarray(start + np.arange(num_steps))
-    xs = np.stack([self.features[data][np.asarray(rows(key, steps))] for key, data, rows in self._rows],
-                  axis=1)
-    return jax.make_array_from_callback(xs.shape, self.xs_sharding, lambda index: xs[index])
+    rows = np.stack([np.asarray(fn(key, steps)) for key, _, fn in self._rows], axis=1)   # [n, M, B]
+    sets = [data for _, data, _ in self._rows]
+    row = self.features[0].shape[1:]
+
+    def shard(index: tuple) -> np.ndarray:   # one addressable device's rows, [n, m, b, h, w, C]
+      wanted = rows[index[:3]]
+      models = range(len(sets))[index[1]]
+      out = np.empty((*wanted.shape, *row), self.features[0].dtype)
+      for j, m in enumerate(models):
+        out[:, j] = self.features[sets[m]][wanted[:, j]]
+      return out[(slice(None),) * 3 + index[3:]]
+
+    return jax.make_array_from_callback((*rows.shape, *row), self.xs_sharding, shard)
 
   def batch(self, resident, x, key, hyper, step) -> dict:
     return _feature_batch(x)

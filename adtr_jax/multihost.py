@@ -247,12 +247,21 @@ def barrier(what: str) -> None:
     multihost_utils.sync_global_devices(f'adtr_jax {what}')
 
 
+def gather(x) -> np.ndarray:
+  """Every process's numpy array `x` (same shape and dtype on all), stacked by process index:
+  [processes, *x.shape], bit for bit (float64 included: it travels as bytes, since JAX without x64
+  would round it to float32). A collective; x[None] on one process."""
+  x = np.ascontiguousarray(x)
+  if jax.process_count() == 1:
+    return x[None]
+  from jax.experimental import multihost_utils
+  raw = np.asarray(multihost_utils.process_allgather(x.reshape(-1).view(np.uint8)))   # [P, bytes]
+  return np.ascontiguousarray(raw).view(x.dtype).reshape(len(raw), *x.shape)
+
+
 def gather_flags(flag: bool) -> list[bool]:
   """Every process's `flag`, by process index (a collective; [flag] on one process)."""
-  if jax.process_count() == 1:
-    return [bool(flag)]
-  from jax.experimental import multihost_utils
-  return [bool(x) for x in np.asarray(multihost_utils.process_allgather(np.asarray(int(flag), np.int32)))]
+  return [bool(x) for x in gather(np.asarray(int(flag), np.int32))]
 
 
 def from_first(fn: Callable[[], int], what: str) -> int:

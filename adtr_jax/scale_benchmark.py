@@ -22,7 +22,11 @@ process's peak and 'eval_x2_peak_ratio' the largest of them over the one-process
 
 --scale_repo runs the stages of another checkout of adtr_jax (e.g. the main branch's, to compare).
 Extra --config fields go through --scale_override (repeatable), e.g.
---scale_override=--config.train.batch_size=8. Timings on a shared machine are not measurements.
+--scale_override=--config.train.batch_size=8. On a CPU the device feed's features and the feature memo
+lie in host memory and grow with N (up to backbone.feature_memo_mb for the memo): to measure what
+is bounded by the batch, add --scale_override=--config.train.feature_cache=host and
+--scale_override=--config.backbone.feature_memo_mb=0 (BENCHMARKS.md). Timings on a shared machine
+are not measurements.
 """
 from __future__ import annotations
 

@@ -26,8 +26,8 @@ import numpy as np
 from absl import logging
 from tqdm.auto import tqdm
 
-from adtr_jax import (checkpoint, errors, evaluate, faults, feature_cache, loop, members, paths, sharding,
-                      step, summaries, train_state, trained, validate)
+from adtr_jax import (checkpoint, errors, evaluate, faults, feature_cache, loop, members, moments, paths,
+                      preflight, sharding, step, summaries, train_state, trained, validate)
 from adtr_jax.data import datasets
 from adtr_jax.models.adtr import SplitModel, build_model
 
@@ -104,7 +104,7 @@ class _Group:
     if len(group) % cfg.model_axis:
       print(f'adtr_jax: {len(group)} models step together on a {why}', flush=True)
     sets = {}   # (category, the training set's files) -> its index
-    self.models, self.sets = [], []
+    self.models, self.sets, self.names = [], [], []   # names: each set's category
     for m in group:
       m.workdir.mkdir(parents=True, exist_ok=True)
       # Per member: its seed draws its calibration hold-out, so members of one category can differ.
@@ -114,6 +114,7 @@ class _Group:
       if key not in sets:
         sets[key] = len(self.sets)
         self.sets.append(data.train)
+        self.names.append(m.category)
       spe = _epoch_steps(len(data.train), cfg.batch_size, m.category)
       last = train_state.total_steps(m.config.train, spe)
       mgr = checkpoint.manager(paths.checkpoints(m.workdir))
@@ -140,10 +141,15 @@ class _Group:
     return [x for x in self.models if not x.diverged]
 
 
-def _features(g: _Group, model: SplitModel, dtype: str) -> list[np.ndarray]:
-  """Each training set's features [N, h, w, C] (the frozen backbone once per image: sets of one
-  category share images, which the feature memo embeds once)."""
-  return [feature_cache.compute(train, model, g.mesh, g.cfg, dtype) for train in g.sets]
+def _features(g: _Group, model: SplitModel) -> list[tuple[feature_cache.Features, moments.Moments]]:
+  """Each training set's features [N, h, w, C] on disk (the frozen backbone once per image, each
+  process its own rows; a complete cache of the same images and backbone is reused) and the moments
+  of all its rows. Sets are padded to the largest one in the device feed, which fixes each process's
+  block of rows."""
+  size = feature_cache.padded_size([len(train) for train in g.sets], g.mesh)
+  return [feature_cache.cache(train, model, g.mesh, g.cfg, g.cfg.train.feature_cache_dtype,
+                              name=g.names[k], size=size, every_block=g.kind == 'host')
+          for k, train in enumerate(g.sets)]
 
 
 @dataclasses.dataclass
@@ -165,17 +171,20 @@ def _initial_states(g: _Group, start: int | None) -> tuple[_Run, list, list | No
   graphdef, state0, frozen = train_state.init_state(built[0][0], g.cfg.train)
   fresh = SplitModel(graphdef, state0.params, frozen)   # the feature cache reads its backbone alone
   cached = g.kind != 'images' and start != g.total
-  features = _features(g, fresh, g.cfg.train.feature_cache_dtype) if cached else None
-  # A fresh model fits the feature statistics of its training images (a resumed or initialised one
-  # restores them with the weights); image-fed models have no cache to fit from, so compute once.
+  features, stats = zip(*_features(g, fresh)) if cached else (None, None)
+  # A fresh model takes the feature statistics of its training images (a resumed or initialised one
+  # restores them with the weights): the moments streamed while the cache was written, or, for
+  # image-fed models, which have no cache, from one pass over their images.
   fits = [start is None and not x.member.config.init_from and model.feature_norm.kind != 'none'
           for x, (model, _) in zip(g.models, built)]
-  fit = features or (_features(g, fresh, 'float32') if any(fits) else None)
+  if not cached and any(fits):
+    stats = [feature_cache.set_moments(train, fresh, g.mesh, g.cfg) for train in g.sets]
   run = _Run(graphdef, sharding.put_replicated(frozen, g.mesh), info)
   states = []
   for x, (model, _), fitted in zip(g.models, built, fits):
     if fitted:
-      model.feature_norm.fit(fit[int(x.numbers['data'])])
+      m = stats[int(x.numbers['data'])]
+      model.feature_norm.set_statistics(m.mean, m.std)
     gd, state, _ = train_state.init_state(model, g.cfg.train)
     if gd != graphdef:
       raise errors.ConfigError(f'{x.member.workdir}: its model differs in structure from '
@@ -397,6 +406,7 @@ def train_and_evaluate(config, workdir: str | pathlib.Path, evaluate_after: bool
   todo = members.members_of(config, workdir)
   groups = list(_groups(todo, config.train.stacked))
   validate.check_groups(groups)
+  preflight.check(groups)   # disk and memory, before any data is prepared
   done = {'train': [s for group in groups for s in _train_group(group)]}
   if evaluate_after:
     done['eval'] = evaluate.evaluate(config, workdir)
@@ -417,6 +427,7 @@ def train_runs(runs: list, stack: bool = True, evaluate_after: bool = True) -> N
   stacked: dict[pathlib.Path, int] = {}
   groups = list(_groups(todo, stack))
   validate.check_groups(groups)
+  preflight.check(groups)
   for group in groups:
     if len(group) > 1:
       print(f'training {len(group)} stacked models: {[str(m.workdir) for m in group]}', flush=True)

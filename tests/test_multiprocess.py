@@ -116,12 +116,14 @@ def _own_files(path: str, process: int) -> bool:
   """Orbax's per-process parts of a checkpoint (array metadata, OCDBT shards) are named for the
   process that writes them; a process writes its share of the resized images into the image cache's
   temporary folder (<split>-<token>), and their paths into paths-<process>.json there; its parts of a
-  reduced pass into the pass's scratch folder, named for it (calibration, evaluation, predict).
-  (Predict's 4 images fill one padded batch's first half: process 0's. Each process writes the
-  overlays of its rows: tests/test_multiprocess_memory.py.)"""
+  reduced pass into the pass's scratch folder, named for it (calibration, evaluation, predict); and
+  its block of the feature cache (rows and moments files named for it, written under hidden names
+  first). (Predict's 4 images fill one padded batch's first half: process 0's. Each process writes
+  the overlays of its rows: tests/test_multiprocess_memory.py.)"""
   return f'process_{process}' in path or bool(re.search(
       rf'/resized_\d+/\.(train|test)-[0-9a-f]{{8}}/((images|masks|labels)\.npy|paths-{process}\.json)$', path)
-      or re.search(rf'/scratch-[a-z]+-[0-9a-f]{{8}}/(.*/)?[^/]*{process:05d}[^/]*(/[^/]+)?$', path))
+      or re.search(rf'/scratch-[a-z]+-[0-9a-f]{{8}}/(.*/)?[^/]*{process:05d}[^/]*(/[^/]+)?$', path)
+      or re.search(rf'/features/[^/]+/\.?(rows|moments)-\d+-\d+\.p{process}\.npy(\.partial-[0-9a-f]+)?$', path))
 
 
 def test_only_process_zero_writes_shared_files(normal_runs):

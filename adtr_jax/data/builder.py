@@ -183,6 +183,11 @@ def _load(builder: AdtrMvtecLayout, scan: records.Scan) -> dict[str, ExampleSour
           for split, rows in scan.splits.items()}
 
 
+def builder_for(data_dir, scan: records.Scan) -> AdtrMvtecLayout:
+  """The builder of `scan`'s content in data_dir (its data_path: where it is, or will be, prepared)."""
+  return AdtrMvtecLayout(data_dir=os.fspath(data_dir), config=config_for(scan))
+
+
 def prepare(scan: Callable[[], records.Scan], data_dir, listed: records.Scan | None = None
             ) -> dict[str, ExampleSource]:
   """Prepares the category that `scan()` lists into `data_dir` (reused while its files are unchanged).
@@ -191,7 +196,7 @@ def prepare(scan: Callable[[], records.Scan], data_dir, listed: records.Scan | N
   Returns {split: ExampleSource} for the scan's labelled splits, rows in the scan's order.
   """
   listed = listed or scan()
-  builder = AdtrMvtecLayout(data_dir=os.fspath(data_dir), config=config_for(listed))
+  builder = builder_for(data_dir, listed)
   if not builder.is_prepared():
     counts = ', '.join(f'{len(rows)} {split}' for split, rows in listed.splits.items())
     print(f'adtr_jax: preparing {listed.origin} ({counts} images) into {builder.data_path}', flush=True)

@@ -81,6 +81,12 @@ class Concat:
     return [r for s in self.sources for r in s.records]
 
 
+def held_out(n: int, fraction: float) -> int:
+  """How many of n normal training rows split_calibration holds out: round(fraction * n), at least 1
+  (0 when fraction is 0)."""
+  return max(1, round(fraction * n)) if fraction else 0
+
+
 def split_calibration(train, fraction: float, seed: int):
   """Holds out round(fraction * N) (at least 1) seeded-random normal training rows -> (train, calib).
 
@@ -89,7 +95,7 @@ def split_calibration(train, fraction: float, seed: int):
   if fraction == 0.0:
     return train, None
   n = len(train)
-  held = max(1, round(fraction * n))
+  held = held_out(n, fraction)
   order = np.random.default_rng(seed).permutation(n)
   return Subset(train, np.sort(order[held:])), Subset(train, np.sort(order[:held]))
 
@@ -146,6 +152,15 @@ def check_source(config: ml_collections.ConfigDict, category: str) -> records.Sc
   else:
     return _scanner(config, root, category)()
   return None
+
+
+def listed(config: ml_collections.ConfigDict, category: str) -> records.Scan | None:
+  """The category's files as its source lists them, without preparing or exporting anything (what
+  the pre-flight counts); None for 'elpv' and 'classes', whose listing is their export."""
+  scan = check_source(config, category)
+  if scan is None and config.dataset.source not in ('elpv', 'classes'):
+    scan = _scanner(config, pathlib.Path(config.dataset.root).expanduser(), category)()
+  return scan
 
 
 def check_unified(config: ml_collections.ConfigDict) -> None:

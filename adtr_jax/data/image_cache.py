@@ -123,6 +123,20 @@ def _complete(folder: pathlib.Path) -> bool:
   return (folder / 'paths.json').is_file()
 
 
+def folder_of(data_dir, split: str, image_size: int) -> pathlib.Path:
+  """Where the resized rows of a prepared split (its tfds data_dir) live."""
+  return pathlib.Path(data_dir) / f'resized_{image_size}' / split
+
+
+def is_cached(data_dir, split: str, image_size: int) -> bool:
+  return _complete(folder_of(data_dir, split, image_size))
+
+
+def row_bytes(image_size: int) -> int:
+  """Disk bytes of one row: its image [S, S, 3] and mask [S, S] (uint8) and label (int32)."""
+  return image_size * image_size * 4 + 4
+
+
 def cached(source, image_size: int, num_workers: int = 2) -> ArraySource:
   """`source` (a builder.ExampleSource) at image_size, from the disk cache (made on first use).
 
@@ -131,7 +145,7 @@ def cached(source, image_size: int, num_workers: int = 2) -> ArraySource:
   share of the rows; a process that does not (a host with its own disk) makes its own cache of the
   whole split, as every process did before the work was shared.
   """
-  folder = pathlib.Path(source.data_dir) / f'resized_{image_size}' / source.split
+  folder = folder_of(source.data_dir, source.split, image_size)
   name = f'{source.split} at {image_size} px, {folder}'
   n, me = len(source), jax.process_index()
   token = multihost.from_first(lambda: 0 if _complete(folder) else _create(folder, n, image_size),

@@ -113,8 +113,9 @@ def batches(source, *, batch_size: int, image_size: int, drop_remainder: bool, s
             order: np.ndarray | None = None) -> Iterator[dict]:
   """This process's part of each global batch of one epoch.
 
-  Global batch i holds positions [i*B, (i+1)*B) of `order` (a permutation of the rows; default: the
-  source's order; training draws it from (seed, epoch) on device, loop.epoch_order); process p takes
+  Global batch i holds positions [i*B, (i+1)*B) of `order` (the rows to visit: a permutation of the
+  rows, or some of them, each at most once; default: every row in the source's order; training draws
+  it from (seed, epoch) on device, loop.epoch_order); process p takes
   [i*B + p*b, i*B + (p+1)*b), b = B / process_count. Yields numpy dicts: 'image' uint8
   [b, S, S, 3], 'mask' uint8 [b, S, S] in {0, 1}, 'label' int32 [b] (1 = anomalous),
   'valid' bool [b], 'index' int64 [b] (source row, -1 for padding). With drop_remainder=False the
@@ -134,8 +135,12 @@ def batches(source, *, batch_size: int, image_size: int, drop_remainder: bool, s
     raise ValueError(f'cannot make batches of an empty source {source!r}')
   if order is None:
     order = np.arange(n, dtype=np.int64)
-  elif not np.array_equal(np.sort(order), np.arange(n)):
-    raise ValueError(f'order must be a permutation of the {n} rows of {source!r}')
+  else:
+    order = np.asarray(order, np.int64)
+    if (not len(order) or order.min() < 0 or order.max() >= n
+        or len(np.unique(order)) != len(order)):
+      raise ValueError(f'order must list rows of the {n} rows of {source!r}, each at most once')
+    n = len(order)
   slices = _slices(n, order, batch_size, batch_size // process_count, process_index,
                    drop_remainder, skip_batches)
   # Checks above run at the call; decoding starts when the first batch is asked for.

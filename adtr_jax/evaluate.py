@@ -9,8 +9,8 @@ import ml_collections
 import numpy as np
 from sklearn import metrics as skm
 
-from adtr_jax import (inference, metrics, multihost, paths, predictions, reducers, sharding, summaries, trained,
-                      visualize)
+from adtr_jax import (errors, inference, metrics, multihost, paths, predictions, protocol_reducers, reducers,
+                      sharding, summaries, trained, visualize)
 from adtr_jax.data import datasets
 from adtr_jax.data.folder import FolderSource
 
@@ -57,28 +57,46 @@ FPR_LIMIT = 0.3   # AUPRO's and the drawn PRO curve's
 
 
 def evaluate_category(config, category: str, workdir: pathlib.Path,
-                      trained_in: pathlib.Path | None = None) -> dict:
-  """Metrics (fractions in [0, 1]) for one category; heatmaps under workdir/heatmaps. The model is
-  restored from `trained_in` (default: workdir)."""
+                      trained_in: pathlib.Path | None = None, maps_dir: pathlib.Path | None = None) -> dict:
+  """Metrics (fractions in [0, 1]) for one category, with its benchmark's own (protocol_reducers);
+  heatmaps under workdir/heatmaps; with maps_dir (eval.save_maps), each test map as a TIFF there. The
+  model is restored from `trained_in` (default: workdir)."""
   mesh = sharding.make_mesh()
   data = datasets.load_category(config, category)
   restored = trained.restore(config, trained_in or workdir, mesh, category)
-  result = score_test(config, data, restored.model, mesh, workdir, f'eval {category}')
+  result = score_test(config, data, restored.model, mesh, workdir, f'eval {category}', maps_dir)
   return category_report(config, data, result, workdir, int(restored.meta['step']))
 
 
 def score_test(config, data: datasets.CategoryData, model, mesh, workdir: pathlib.Path,
-               desc: str) -> dict | None:
+               desc: str, maps_dir: pathlib.Path | None = None) -> dict | None:
   """One pass over data.test, reduced (inference.reduce_split) in a scratch folder under workdir:
-  {'scores': reducers.Scores', 'pixels': reducers.Pixels', 'heatmaps': reducers.Heatmaps' result} on
-  process 0, None on the others."""
+  {'scores': reducers.Scores', 'pixels': reducers.Pixels', 'heatmaps': reducers.Heatmaps' result,
+  'protocol': the merged results of the benchmark's reducers (protocol_reducers.test_reducers; MVTec
+  AD 2's need a pass over data.validation first, for the SegF1 threshold)} on process 0, None on the
+  others."""
+  source = config.dataset.source
   with multihost.scratch(workdir, 'eval') as folder:
+    validation = {}
+    if protocol_reducers.validation_reducers(source):
+      got = inference.reduce_split(config, data.validation, model, mesh, f'{desc} validation',
+                                   protocol_reducers.validation_reducers(source))
+      validation = multihost.share_json(None if got is None else _merged(got), 'validation metrics')
+    protocol = protocol_reducers.test_reducers(source, data, folder / 'protocol', jax.process_index(),
+                                               validation, maps_dir)
     results = inference.reduce_split(config, data.test, model, mesh, desc, [
         reducers.Scores(folder, len(data.test), desc),
         reducers.Pixels(folder / 'pixels', with_metrics=data.has_masks, fpr_limit=FPR_LIMIT,
                         aupro_ties=config.eval.aupro_ties),
-        reducers.Heatmaps(folder, config.eval.num_heatmaps)])
-  return None if results is None else dict(zip(('scores', 'pixels', 'heatmaps'), results))
+        reducers.Heatmaps(folder, config.eval.num_heatmaps)] + protocol)
+  if results is None:
+    return None
+  return dict(zip(('scores', 'pixels', 'heatmaps'), results), protocol=_merged(results[3:]))
+
+
+def _merged(results: list[dict]) -> dict:
+  """One dict of several reducers' results (their keys are distinct, protocol_reducers.report_keys)."""
+  return {key: value for result in results for key, value in result.items()}
 
 
 def category_report(config, data: datasets.CategoryData, result: dict | None, workdir: pathlib.Path,
@@ -91,6 +109,7 @@ def category_report(config, data: datasets.CategoryData, result: dict | None, wo
     values = metrics.image_metrics(scores['scores'], scores['labels'])
     if data.has_masks:
       values.update(result['pixels']['metrics'])
+    values.update(result['protocol'])
     heatmaps = save_heatmaps(config, data.test, result['heatmaps'], result['pixels']['percentiles'],
                              workdir / 'heatmaps', data.has_masks)
     curves = save_curves(scores, result['pixels'], workdir, data.has_masks, FPR_LIMIT)
@@ -134,7 +153,8 @@ def evaluate(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> dict:
     if paths.diverged(model).is_file():   # nothing finite to evaluate (train.py says so at the end)
       per_category[c] = {'diverged_at_step': json.loads(paths.diverged(model).read_text())['step']}
     else:
-      per_category[c] = evaluate_category(config, c, workdir / c, model)
+      per_category[c] = evaluate_category(config, c, workdir / c, model,
+                                          paths.maps_dir(workdir) if config.eval.save_maps else None)
   return write_report(per_category, workdir)
 
 
@@ -179,3 +199,35 @@ def predict(config: ml_collections.ConfigDict, workdir: pathlib.Path, folder) ->
   print(f'{n_bad} of {len(source)} images anomalous (threshold {threshold:.4g}, calibrated for '
         f'{calibration["target_fpr"]:.0%} false positives); {csv_path}')
   return csv_path
+
+
+def predict_submission(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> pathlib.Path:
+  """--mode=predict of an MVTec AD 2 object without --predict_dir: the evaluation server's tree of its
+  private splits (test_private, test_private_mixed) under <workdir>/ad2_submission/ (float16 TIFFs at
+  each image's original size, and 0/255 PNGs at the SegF1 threshold taken on validation/good at that
+  size; protocol_reducers). The splits' file names are checked as MVTec's checker does before any
+  scoring. Returns the submission folder."""
+  mesh = sharding.make_mesh()
+  restored = trained.for_scoring(config, workdir, mesh, 'predict')
+  data = datasets.load_category(config, restored.category)
+  out_dir = paths.ad2_submission_dir(workdir)
+  if not data.unlabelled:
+    raise errors.DataError(f'{data.root / restored.category}: no test_private or test_private_mixed '
+                           'folder to score for the MVTec AD 2 submission')
+  protocol_reducers.submission_reducers(data, restored.category, out_dir, 0.0)   # names checked now
+  desc = f'predict {restored.category}'
+  got = inference.reduce_split(config, data.validation, restored.model, mesh, f'{desc} validation',
+                               [protocol_reducers.submission_threshold_reducer(data)])
+  threshold = multihost.share_json(None if got is None else got[0]['ad2_segf1_threshold'],
+                                   'submission threshold')
+  written = {}
+  for split, split_reducers in protocol_reducers.submission_reducers(
+      data, restored.category, out_dir, threshold).items():
+    got = inference.reduce_split(config, data.unlabelled[split], restored.model, mesh,
+                                 f'{desc} {split}', split_reducers)
+    written.update({} if got is None else got[0])
+  written = multihost.share_json(written, 'submission')
+  print(f'MVTec AD 2 submission of {restored.category}: '
+        + ', '.join(f'{n} {k.removeprefix("ad2_submission_")}' for k, n in written.items())
+        + f' images (PNGs at {threshold:.4g}); {out_dir}')
+  return out_dir

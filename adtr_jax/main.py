@@ -39,7 +39,9 @@ _MODE = flags.DEFINE_enum('mode', 'train_and_eval', ['train', 'eval', 'train_and
                           '<category>/export/ (ONNX, jax.export, model.json; docs/deploy.md); show_anomalies: '
                           'write a few training anomalies with their masks as PNGs.')
 _PREDICT_DIR = flags.DEFINE_string('predict_dir', None,
-                                   '--mode=predict: a folder of images to score with the trained model.')
+                                   '--mode=predict: a folder of images to score with the trained model. '
+                                   'Without it, an MVTec AD 2 object (dataset.source=mvtec_ad2) writes the '
+                                   'evaluation server\'s files of its private splits to <workdir>/ad2_submission.')
 _DISTRIBUTED = flags.DEFINE_bool('distributed', False,
                                   'Call jax.distributed.initialize() first, which detects the processes '
                                   'of a TPU pod slice, a SLURM job or Open MPI (docs/multihost.md).')
@@ -140,8 +142,9 @@ def run(config, workdir: pathlib.Path, mode: str):
   _init_distributed(config, workdir, mode)
   from adtr_jax import validate
   from adtr_jax.data import mixing
-  if mode == 'predict' and not _PREDICT_DIR.value:
-    raise app.UsageError('--mode=predict needs --predict_dir=<folder of images>')
+  if mode == 'predict' and not _PREDICT_DIR.value and config.dataset.source != 'mvtec_ad2':
+    raise app.UsageError('--mode=predict needs --predict_dir=<folder of images> (without it, an MVTec AD 2 '
+                         'object writes its submission)')
   if mode == 'show_anomalies' and not mixing.uses_anomalies(config):
     raise app.UsageError('no anomalies configured: set --config.anomalies.synthetic, num_labelled or '
                          'external_dir')
@@ -162,6 +165,9 @@ def _run_mode(config, workdir: pathlib.Path, mode: str):
   from adtr_jax.data import datasets, mixing
   if jax.process_index() == 0 and mode in ('train', 'train_and_eval'):   # how its models were trained
     (workdir / 'config.json').write_text(config.to_json_best_effort(indent=2) + '\n')
+  if mode == 'predict' and not _PREDICT_DIR.value:   # MVTec AD 2: the evaluation server's files
+    evaluate.predict_submission(config, workdir)
+    return
   if mode == 'predict':
     evaluate.predict(config, workdir, _PREDICT_DIR.value)
     return

@@ -356,7 +356,8 @@ def _train_group(group: list[members.Member]) -> list[dict]:
     run.runner = loop.make_runner(step_fn, g.mesh, _feed(g, features, keys, members.stack(numbers)),
                                   g.cfg.train.models_per_call)
     # One-line events on the console (library logs go to the CLI's log file): what trains, where it is saved.
-    print(f'adtr_jax: training {len(group)} model(s) on {len(g.sets)} training set(s) on mesh '
+    print(f'adtr_jax: training {len(group)} model(s) {[x.member.category for x in g.models]} on '
+          f'{len(g.sets)} training set(s), mesh '
           f'{dict(g.mesh.shape)}, feed {g.kind!r}', flush=True)
     _loop(g, run, state, start)
   for x in g.models:

@@ -1,6 +1,7 @@
 """The benchmark sources (visa, realiad, mvtec_ad2, mvtec_loco) on small trees in their official layouts
 (tests/benchmark_layouts.py): counts, labels and masks, the checks made before any work, and a tiny
 train and eval through the CLI for each."""
+import functools
 import json
 import shutil
 
@@ -8,7 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from adtr_jax import errors, validate
+from adtr_jax import errors, maps_io, metrics, paths, validate
+from adtr_jax import protocol_reducers as pr
 from adtr_jax.data import datasets, mixing, realiad
 from tests import benchmark_layouts as layouts
 from tests.conftest import tiny_config
@@ -241,13 +243,16 @@ def test_cli_names_a_missing_split_file_in_one_line(tmp_path):
 
 # --- a tiny train and eval through the CLI -------------------------------------------------------
 
+# MVTec AD 2's submission checker wants exactly 142 images per private split of sheet_metal.
+_AD2 = functools.partial(layouts.make_mvtec_ad2, obj='sheet_metal',
+                         n_private=maps_io.AD2_PRIVATE_COUNTS['sheet_metal'])
 CLI_RUNS = [  # (writer, categories evaluated, overrides)
     (layouts.make_visa, ['candle'], ['--config.dataset.source=visa', '--config.dataset.category=candle',
                                      '--config.dataset.visa_split=2cls_fewshot', '--config.loss.type=pixel']),
     (layouts.make_realiad, ['audiojack', 'pcb'], ['--config.dataset.source=realiad',
                                                   '--config.dataset.category=audiojack,pcb',
                                                   '--config.dataset.unified=True']),
-    (layouts.make_mvtec_ad2, ['vial'], ['--config.dataset.source=mvtec_ad2', '--config.dataset.category=vial']),
+    (_AD2, ['sheet_metal'], ['--config.dataset.source=mvtec_ad2', '--config.dataset.category=sheet_metal']),
     (layouts.make_mvtec_loco, ['pushpins'], ['--config.dataset.source=mvtec_loco',
                                              '--config.dataset.category=pushpins']),
 ]
@@ -256,14 +261,42 @@ CLI_RUNS = [  # (writer, categories evaluated, overrides)
 @pytest.mark.slow
 @pytest.mark.parametrize('make,categories,overrides', CLI_RUNS, ids=[r[2][0].split('=')[1] for r in CLI_RUNS])
 def test_tiny_train_and_eval_through_the_cli(tmp_path, make, categories, overrides):
+  """Each benchmark trains and evaluates through the CLI: metrics.json holds the standard metrics and
+  exactly the benchmark's own keys (protocol_reducers.report_keys, with eval.save_maps), and the raw
+  maps lie at each test image's path under the root, at its original size. MVTec AD 2's --mode=predict
+  without --predict_dir then writes a submission that passes the checker's rules."""
   root = make(tmp_path / 'data')
   workdir = tmp_path / 'w'
-  rc, out = _cli(f'--config=tests/tiny_config.py:{root}|{tmp_path / "cache"}', f'--workdir={workdir}',
-                 '--config.train.num_epochs=1', '--config.eval.num_heatmaps=2', *overrides)
+  source = overrides[0].split('=')[1]
+  config = f'--config=tests/tiny_config.py:{root}|{tmp_path / "cache"}'
+  rc, out = _cli(config, f'--workdir={workdir}', '--config.train.num_epochs=1', '--config.eval.num_heatmaps=2',
+                 '--config.eval.save_maps=True', *overrides)
   assert rc == 0, out[-3000:]
   report = json.loads((workdir / 'metrics.json').read_text())
   assert sorted(report['categories']) == categories
+  standard = {'image_auroc', 'pixel_aupro', 'num_anomalous', 'checkpoint_step'}
   for name in categories:
     values = report['categories'][name]
     assert 0.0 <= values['image_auroc'] <= 1.0 and 0.0 <= values['pixel_aupro'] <= 1.0
     assert values['num_anomalous'] > 0
+    assert set(pr.report_keys(source, True)) <= set(values), sorted(values)
+    # Nothing else beside the standard entries: the protocol keys are exactly report_keys.
+    others = set(values) - set(pr.report_keys(source, True)) - set(metrics.METRIC_KEYS) - standard
+    assert others <= {'num_test_images', 'heatmap_dir', 'num_heatmaps', 'curves',
+                      'labelled_anomalies_removed_from_test', 'labelled_use'}, others
+  maps = sorted(paths.maps_dir(workdir).rglob('*.tiff'))
+  assert len(maps) == sum(report['categories'][c]['num_maps'] for c in categories) > 0
+  for tiff in maps[:3]:
+    image = next(root.glob(str(tiff.relative_to(paths.maps_dir(workdir)).with_suffix('.*'))))
+    assert maps_io.read_tiff(tiff).shape == Image.open(image).size[::-1]
+  if source == 'mvtec_loco':
+    loco = report['categories']['pushpins']['loco']
+    assert set(loco['au_spro']) == {'logical_anomalies', 'structural_anomalies', 'mean'}
+    assert all(0.0 <= v <= 1.0 for v in loco['au_spro']['mean'].values())
+  if source == 'mvtec_ad2':
+    values = report['categories']['sheet_metal']
+    assert values['ad2_segf1_threshold'] > 0 and 0.0 <= values['ad2_segf1'] <= 1.0
+    rc, out = _cli(config, f'--workdir={workdir}', '--mode=predict', *overrides)
+    assert rc == 0, out[-3000:]
+    maps_io.check_ad2_submission(paths.ad2_submission_dir(workdir), objects=('sheet_metal',))
+    assert 'MVTec AD 2 submission of sheet_metal: 142 test_private, 142 test_private_mixed' in out

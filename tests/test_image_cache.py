@@ -1,6 +1,7 @@
 """adtr_jax.data.image_cache: resized rows written in place on disk (memory bounded by the decode
 queue), the same files as np.save of the whole split, and the work split over the processes of a run
 (tests/image_cache_worker.py: two real processes joined on 127.0.0.1)."""
+import functools
 import json
 import os
 import socket
@@ -12,7 +13,7 @@ import numpy as np
 import pytest
 
 from adtr_jax import errors
-from adtr_jax.data import builder, image_cache, pipeline
+from adtr_jax.data import builder, image_cache, mvtec, pipeline
 from tests.conftest import REPO
 
 
@@ -111,7 +112,7 @@ def test_two_processes_resize_into_the_one_process_cache(toy_root, tmp_path, dis
     for proc in procs:
       proc.kill()
   assert codes == [0, 0], '\n'.join((tmp_path / f'process{p}.log').read_text()[-3000:] for p in range(2))
-  splits = builder.prepare(toy_root, 'toy', tmp_path / 'one' / 'tfds')
+  splits = builder.prepare(functools.partial(mvtec.scan_category, toy_root, 'toy'), tmp_path / 'one' / 'tfds')
   for split in splits.values():
     image_cache.cached(split, 64, num_workers=1)
   decoded = [json.loads(out.read_text())['decoded'] for out in outs]

@@ -4,15 +4,14 @@ own block of rows (the rows its devices hold in the device feed), with no all-ga
 the two processes train to the same parameters as one (tolerances: test_multiprocess.assert_same_training).
 The host feed, which draws any row on any process, writes the same blocks and reads the other
 process's block from the shared cache folder."""
-import json
 import pathlib
 
 import numpy as np
 import pytest
 
 from adtr_jax import npy_rows
-from tests.test_multiprocess import (_batched_reads, _config_args, _params_and_losses, assert_same_training,
-                                     launch, running)
+from tests.multiprocess_runs import (_batched_reads, assert_same_training, config_args, launch,
+                                     params_and_losses, running)
 
 pytestmark = [pytest.mark.slow, pytest.mark.multiprocess]
 
@@ -28,7 +27,7 @@ def runs(toy_root, tmp_path_factory):
   out = {}
   for name, (layout, extra) in RUNS.items():
     run = tmp_path_factory.mktemp(name) / 'run'
-    out[name] = (launch(run.parent, name, layout, _config_args(toy_root, run / 'cache', run / 'work',
+    out[name] = (launch(run.parent, name, layout, config_args(toy_root, run / 'cache', run / 'work',
                                                                *FLAGS, *extra), run), run)
   with running(*(p for p, _ in out.values())):
     for procs, _ in out.values():
@@ -81,10 +80,10 @@ def test_each_process_keeps_the_moments_of_its_rows_and_all_merge_to_one_process
 
 def test_two_processes_train_as_one_from_the_device_and_the_host_feed(runs, toy_root):
   one, run1 = runs['1x4']
-  want = _params_and_losses(run1 / 'work' / 'toy', toy_root, run1 / 'cache')
+  want = params_and_losses(run1 / 'work' / 'toy', toy_root, run1 / 'cache')
   for name in ('2x2', '2x2_host'):
     _, run2 = runs[name]
-    assert_same_training(_params_and_losses(run2 / 'work' / 'toy', toy_root, run2 / 'cache'), want, STEPS)
+    assert_same_training(params_and_losses(run2 / 'work' / 'toy', toy_root, run2 / 'cache'), want, STEPS)
   # What each process was told the run needs (preflight), before any work.
   for name, (procs, _) in runs.items():
     out = procs.output(0)

@@ -19,7 +19,8 @@ from PIL import Image
 
 from adtr_jax import metrics, split_pass
 from tests.conftest import make_toy_mvtec
-from tests.test_multiprocess import LAYOUTS, _config_args, _panels, _test_images, launch, running
+from tests.multiprocess_runs import LAYOUTS, config_args, launch, running
+from tests.test_multiprocess import _panels, _test_images
 
 pytestmark = [pytest.mark.slow, pytest.mark.multiprocess]
 
@@ -41,17 +42,17 @@ def runs(tmp_path_factory):
   tmp = tmp_path_factory.mktemp('memory')
   root = make_toy_mvtec(tmp / 'data', n_good=5)
   cache = tmp / 'cache'
-  trained = launch(tmp, 'train', '1x4', _config_args(root, cache, tmp / 'trained', '--mode=train'), tmp)
+  trained = launch(tmp, 'train', '1x4', config_args(root, cache, tmp / 'trained', '--mode=train'), tmp)
   with running(trained):
     trained.check()
   out = {}
   for layout in LAYOUTS:
     work = tmp / layout
     shutil.copytree(tmp / 'trained', work)
-    evaluated = launch(tmp, f'{layout}_eval', layout, _config_args(root, cache, work, '--mode=eval'), tmp)
+    evaluated = launch(tmp, f'{layout}_eval', layout, config_args(root, cache, work, '--mode=eval'), tmp)
     with running(evaluated):
       evaluated.check()
-    predicted = launch(tmp, f'{layout}_predict', layout, _config_args(
+    predicted = launch(tmp, f'{layout}_predict', layout, config_args(
         root, cache, work, '--mode=predict', f'--predict_dir={root / "toy/test/good"}'), tmp)
     with running(predicted):
       predicted.check()

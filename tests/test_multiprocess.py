@@ -135,13 +135,14 @@ def test_only_process_zero_writes_shared_files(normal_runs):
   writes = {p: [path for procs in (train, predict) for _, path in procs.audit(p)['writes']] for p in (0, 1)}
   assert all(_own_files(path, 1) for path in writes[1]), [w for w in writes[1] if not _own_files(w, 1)]
   assert any('ocdbt' in w or 'array_metadatas' in w for w in writes[1])  # the audit does see process 1
+  assert sum(w.endswith('images.npy') for w in writes[1]) == 2           # its rows of train and test
   mine = [os.path.relpath(w, run) for w in writes[0]]
   for expected in ('work/config.json', 'work/metrics.json', 'work/metrics.md', 'work/toy/image_roc.png',
                    'work/toy/predict/predictions.csv'):
     assert mine.count(expected) == 1, expected   # config.json: by the training command only
   assert sum('/heatmaps/' in w for w in mine) == 4 + 4            # evaluation's 4, predict's 4 images
   assert any(w.startswith('cache/tfds/') and w.endswith('dataset_info.json') for w in mine)
-  assert sum(w.startswith('cache/tfds/') and w.endswith('images.npy') for w in mine) == 2  # train, test
+  assert sum(w.startswith('cache/tfds/') and w.endswith('images.npy') for w in mine) == 4  # made, its rows
   assert any(w.startswith('work/toy/checkpoints/') and '_CHECKPOINT_METADATA' in w for w in mine)
   # The training log and its TensorBoard events (training's, then evaluation's) are process 0's too.
   assert mine.count('work/toy/train_log.jsonl') > 0

@@ -75,8 +75,8 @@ def test_training_and_evaluation_write_tensorboard_runs(toy_root, tmp_path, monk
   data = datasets.load_category(config, 'toy')
   step, _, restored = helpers.params(config, run, sharding.make_mesh(jax.devices()[:1]))
   graphdef, params, frozen = restored.model.graphdef, restored.model.params, restored.model.frozen
-  maps, scores = inference.score_fn(params, frozen, data.test.arrays['images'], graphdef=graphdef,
-                                    scoring_cfg=config.scoring, image_size=64)
+  maps, scores = inference.score_fn(params, frozen, np.asarray(data.test.arrays['images']),
+                                    graphdef=graphdef, scoring_cfg=config.scoring, image_size=64)
   labels, masks = np.asarray(data.test.arrays['labels']), np.asarray(data.test.arrays['masks']) > 0
   assert step == 6 and 0 < labels.sum() < len(labels)
   [(step, image_auroc)] = scalars['eval/image_auroc']

@@ -1,9 +1,10 @@
 """Decode and resize each image once per (prepared dataset, image size): uint8 arrays on disk.
 
-Decoding a 1024 px PNG costs ~30 ms; a training run visits every image many times. The first use of a
-split at a size writes `<tfds data_path>/resized_<S>/<split>/{images,masks,labels}.npy` and
-`paths.json` beside the prepared tfds data (so a changed folder, which is a new tfds dataset, gets new
-arrays); later uses read their rows from disk (npy_rows.Rows).
+Decoding a large PNG costs far more than reading its resized rows, and a training run visits every
+image many times. The first use of a split at a size writes
+`<tfds data_path>/resized_<S>/<split>/{images,masks,labels}.npy` and `paths.json` beside the prepared
+tfds data (so a changed folder, which is a new tfds dataset, gets new arrays); later uses read their
+rows from disk (npy_rows.Rows).
 
 Writing: process 0 makes the arrays, at their full size, in a temporary folder beside the cache; every
 process of the run decodes its share of the rows (process p of P: rows p, p + P, ...) and writes them

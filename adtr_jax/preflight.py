@@ -138,9 +138,15 @@ def _group_need(group: list[members.Member], need: Need, resized: set) -> None:
     new = sum(k for name, n, k in here if not _feature_cache_there(config, name, n))
     need.disk += new * row
     held = '' if kind == 'host' else f'; this process holds {block} of each'
-    need.lines.append(f'feature cache: {_gib(sum(k for _, _, k in here) * row)} on disk, {_gib(new * row)} '
-                      f'new (rows of {" x ".join(map(str, shape))} {config.train.feature_cache_dtype}: '
-                      f'{", ".join(f"{name} {n}" for name, n, _ in here)}{held})')
+    unknown = sorted({name for name, n in sets.values() if n is None})
+    later = f'; {", ".join(unknown)}: counted once exported' if unknown else ''
+    if here:
+      need.lines.append(f'feature cache: {_gib(sum(k for _, _, k in here) * row)} on disk, {_gib(new * row)} '
+                        f'new (rows of {" x ".join(map(str, shape))} {config.train.feature_cache_dtype}: '
+                        f'{", ".join(f"{name} {n}" for name, n, _ in here)}{held}{later})')
+    else:
+      need.lines.append(f'feature cache: rows of {" x ".join(map(str, shape))} '
+                        f'{config.train.feature_cache_dtype}{later}')
   if kind == 'device':
     per_device = len(sets) * (size // sharding.data_size(mesh)) * row
     need.device = max(need.device, per_device)

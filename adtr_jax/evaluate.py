@@ -77,10 +77,9 @@ def score_test(config, data: datasets.CategoryData, model, mesh, workdir: pathli
   others."""
   source = config.dataset.source
   with multihost.scratch(workdir, 'eval') as folder:
-    validation = {}
-    if protocol_reducers.validation_reducers(source):
-      got = inference.reduce_split(config, data.validation, model, mesh, f'{desc} validation',
-                                   protocol_reducers.validation_reducers(source))
+    validation, before = {}, protocol_reducers.validation_reducers(source)
+    if before:
+      got = inference.reduce_split(config, data.validation, model, mesh, f'{desc} validation', before)
       validation = multihost.share_json(None if got is None else _merged(got), 'validation metrics')
     protocol = protocol_reducers.test_reducers(source, data, folder / 'protocol', jax.process_index(),
                                                validation, maps_dir)

@@ -157,9 +157,11 @@ def _train() -> ml_collections.ConfigDict:
   _per_member(train, 'train.lr_decay_factor', 0.1)
   # Normal-only training runs the frozen backbone once per image and trains from its features:
   # 'device' (in accelerator memory, sharded over `data`; one jitted call per log_every_steps steps),
-  # 'host' (host memory, sent once per call) or 'off' (images every step). Synthetic / external /
-  # labelled anomalies always train from images.
-  _resumable(train, 'train.feature_cache', 'device')
+  # 'host' (read from the memory-mapped cache on disk, one chunk of steps sent per call), 'off'
+  # (images every step) or 'auto': 'host' on CPU devices (whose memory is the host's), else 'device'
+  # unless a device's share passes half of its memory (members.feed_kind, preflight.check).
+  # Synthetic / external / labelled anomalies always train from images.
+  _resumable(train, 'train.feature_cache', 'auto')
   train.feature_cache_dtype = 'bfloat16'   # or 'float32' (exact)
   # Checkpoints (async orbax) every N steps and/or every M minutes of wall clock (0 = off), always at
   # the end; checked between jitted calls, i.e. at multiples of log_every_steps.

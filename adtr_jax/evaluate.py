@@ -213,7 +213,7 @@ def predict_submission(config: ml_collections.ConfigDict, workdir: pathlib.Path)
   if not data.unlabelled:
     raise errors.DataError(f'{data.root / restored.category}: no test_private or test_private_mixed '
                            'folder to score for the MVTec AD 2 submission')
-  protocol_reducers.submission_reducers(data, restored.category, out_dir, 0.0)   # names checked now
+  protocol_reducers.check_submission(data, restored.category)   # before any scoring
   desc = f'predict {restored.category}'
   got = inference.reduce_split(config, data.validation, restored.model, mesh, f'{desc} validation',
                                [protocol_reducers.submission_threshold_reducer(data)])

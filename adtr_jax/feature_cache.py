@@ -45,7 +45,7 @@ from adtr_jax import errors, faults, moments, multihost, npy_rows, sharding
 from adtr_jax.data import datasets, pipeline
 from adtr_jax.models.adtr import SplitModel
 
-PLACES = ('device', 'host', 'off')
+PLACES = ('auto', 'device', 'host', 'off')
 DTYPES = {'bfloat16': jnp.bfloat16, 'float32': jnp.float32}
 FORMAT = 1   # what a feature file holds; part of its folder's name
 

@@ -36,10 +36,21 @@ def members_of(config, workdir: pathlib.Path) -> list[Member]:
 
 
 def feed_kind(config) -> str:
-  """'device' or 'host' (a feature cache: normal-only training has a fixed input) or 'images'."""
+  """'device' or 'host' (a feature cache: normal-only training has a fixed input) or 'images'.
+  train.feature_cache='auto' is 'host' on CPU devices: their memory is the host's, so the device feed
+  would hold every row in host memory where the host feed holds one chunk read from the
+  memory-mapped cache. On accelerators it is 'device', which preflight.check sets to 'host' when a
+  device's share of the rows would pass half of the device's memory (DEVICE_SHARE_LIMIT)."""
   if mixing.uses_anomalies(config) or config.train.feature_cache == 'off':
     return 'images'
+  if config.train.feature_cache == 'auto':
+    return 'host' if platform() == 'cpu' else 'device'
   return config.train.feature_cache
+
+
+def platform() -> str:
+  """The platform of the devices a run trains on: 'cpu', 'gpu' or 'tpu'."""
+  return jax.devices()[0].platform
 
 
 def group_key(config) -> str:
@@ -65,9 +76,10 @@ def plan(members: list[Member], stack: bool, say=_print) -> list[list[Member]]:
   out: dict[str, list[Member]] = {}
   for i, m in enumerate(members):
     kind = feed_kind(m.config)
-    if kind == 'images' and m.config.train.feature_cache != 'off':
-      say(f'adtr_jax: {m.workdir} trains from images, not from the {m.config.train.feature_cache} feature '
-          'cache: its anomalies (anomalies.*) change the input every epoch')
+    if kind == 'images' and m.config.train.feature_cache not in ('off', 'auto'):   # asked for a cache
+      say(f'adtr_jax: {m.workdir} trains from images, not from the feature cache '
+          f'(train.feature_cache={m.config.train.feature_cache}): its anomalies (anomalies.*) change the '
+          'input every epoch')
     if stack and kind == 'images' and len(members) > 1:
       say(f'adtr_jax: {m.workdir} trains alone: a model fed from images is not stacked')
     key = group_key(m.config) if stack and kind != 'images' else str(i)

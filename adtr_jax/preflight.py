@@ -10,8 +10,9 @@ process:
   train.feature_cache_dtype: this process's block of each set in the device feed, every row in the
   host feed; none when a cache of a set of that category, size and dtype is there (the exact check,
   by content, comes when a block is written: feature_cache._write_block);
-* the feed (members.feed_kind): 'device' holds each device's share of the sets (K x N' / 'data'
-  devices rows, N' the largest set rounded up to them); 'host' one chunk of rows
+* the feed (members.feed_kind; 'auto' settled here on an accelerator, _settle_auto): 'device' holds
+  each device's share of the sets (K x N' / 'data' devices rows, N' the largest set rounded up to
+  them); 'host' one chunk of rows
   (train.log_every_steps x models x batch, this process's share); 'images' a few batches of images;
 * the feature memo: up to backbone.feature_memo_mb of host memory (float32 rows; off on several
   processes, see feature_cache.Embedder).
@@ -97,6 +98,9 @@ DEVICE_FEED_ON_CPU = 'set --config.train.feature_cache=host (CPU devices hold th
 HOST_CHUNK = 'lower --config.train.log_every_steps (the host feed sends that many steps at once)'
 IMAGE_BATCHES = 'lower --config.train.batch_size'
 MEMO = 'lower --config.backbone.feature_memo_mb'
+# train.feature_cache='auto' keeps the device feed while a device's share of the rows is at most this
+# fraction of its memory: the model, its optimiser state and the step's activations need the rest.
+DEVICE_SHARE_LIMIT = 0.5
 
 
 def _add_host(need: Need, what: str, n: int) -> None:
@@ -131,6 +135,8 @@ def _group_need(group: list[members.Member], need: Need, resized: set) -> None:
   cpu = mesh.devices.flat[0].platform == 'cpu'
   shape, row = feature_row_bytes(config)
   size = feature_cache.padded_size([n for _, n in sets.values() if n is not None], mesh)
+  if kind == 'device' and config.train.feature_cache == 'auto':
+    kind = _settle_auto(group, len(sets) * (size // sharding.data_size(mesh)) * row, need)
   if kind in ('device', 'host'):
     # The device feed keeps this process's block of each set; the host feed reads any row.
     block = size // sharding.data_slice(mesh)[1]
@@ -167,6 +173,20 @@ def _group_need(group: list[members.Member], need: Need, resized: set) -> None:
   # The memo holds float32 rows of the images embedded (training, calibration, test), up to its budget.
   budget = int(config.backbone.feature_memo_mb * 2**20) if jax.process_count() == 1 else 0
   _add_host(need, MEMO, budget if images is None else min(budget, images * int(np.prod(shape)) * 4))
+
+
+def _settle_auto(group: list[members.Member], per_device: int, need: Need) -> str:
+  """train.feature_cache='auto' on an accelerator (members.feed_kind): 'device', or 'host' when a
+  device's share of the rows would pass DEVICE_SHARE_LIMIT of the memory JAX reports for it. 'host' is
+  set on the group's members' configs, which their training then uses."""
+  device = device_memory()
+  if device is None or per_device <= DEVICE_SHARE_LIMIT * device:
+    return 'device'
+  for m in group:
+    m.config.train.feature_cache = 'host'
+  need.lines.append(f'feed: auto chose host: the device feed would need {_gib(per_device)} per device, '
+                    f'over {DEVICE_SHARE_LIMIT:.0%} of the {_gib(device)} of a device')
+  return 'host'
 
 
 def _gib(n: float) -> str:

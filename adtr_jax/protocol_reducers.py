@@ -30,35 +30,13 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from adtr_jax import errors, maps_io, metric_stream, metrics, moments, protocols
+from adtr_jax import errors, maps_io, metric_stream, metrics, moments, protocols, reducers
 from adtr_jax.data import mvtec
 
 LOCO_IMAGE_TYPES = ('good',) + protocols.LOCO_TYPES   # type code = position
 AD2_KEYS = ('ad2_aupro_05', 'ad2_segf1', 'ad2_segf1_threshold')
 SAMPLE_KEYS = ('sample_auroc', 'sample_ap', 'sample_f1_max', 'num_samples')
 MAP_KEYS = ('maps_dir', 'num_maps')
-
-
-def _rows_file(folder: pathlib.Path, name: str, part: int) -> pathlib.Path:
-  return folder / f'{name}-rows-{part:05d}.npz'
-
-
-def _save_rows(folder: pathlib.Path, name: str, part: int, **columns) -> str:
-  """One process's per-row scalars (columns [n] each) -> folder/<name>-rows-<part>.npz; its name."""
-  path = _rows_file(folder, name, part)
-  folder.mkdir(parents=True, exist_ok=True)
-  np.savez(path, **{k: np.asarray(v) for k, v in columns.items()})
-  return path.name
-
-
-def _load_rows(folder: pathlib.Path, parts: list) -> dict[str, np.ndarray]:
-  """Every part's per-row scalars (parts: their finish() dicts, 'rows' naming the file), concatenated
-  in process order."""
-  loaded = []
-  for p in parts:
-    with np.load(folder / p['rows']) as f:
-      loaded.append({k: f[k] for k in f.files})
-  return {k: np.concatenate([d[k] for d in loaded]) for k in loaded[0]}
 
 
 def _rows(rows: dict):
@@ -106,13 +84,13 @@ class LocoReducer:
   def finish(self) -> dict:
     for s in self.streams:
       s.finish()
-    return {'part': self.part, 'rows': _save_rows(self.folder, 'loco', self.part,
+    return {'part': self.part, 'rows': reducers.save_rows(self.folder, 'loco-rows', self.part,
                                                   scores=np.frombuffer(self.scores, np.float64),
                                                   types=np.frombuffer(self.types, np.int8))}
 
   def result(self, parts: list) -> dict:
     """{'loco': protocols.loco_metrics' dict}; a type with no image gives NaN (with a warning)."""
-    rows = _load_rows(self.folder, parts)
+    rows = reducers.load_rows(self.folder, [p['rows'] for p in parts])
     numbers = [int(p['part']) for p in parts]
     out = {'image_auroc': {}, 'au_spro': {}}
     for t, kind in enumerate(protocols.LOCO_TYPES, 1):
@@ -254,12 +232,12 @@ class SampleMetrics:
   def finish(self) -> dict:
     def cat(x, dtype):
       return np.concatenate(x) if x else np.zeros(0, dtype)
-    return {'part': self.part, 'rows': _save_rows(
-        self.folder, 'samples', self.part, scores=cat(self.scores, np.float64),
+    return {'part': self.part, 'rows': reducers.save_rows(
+        self.folder, 'samples-rows', self.part, scores=cat(self.scores, np.float64),
         labels=cat(self.labels, np.int8), samples=cat(self.samples, np.int64))}
 
   def result(self, parts: list) -> dict:
-    rows = _load_rows(self.folder, parts)
+    rows = reducers.load_rows(self.folder, [p['rows'] for p in parts])
     out = protocols.sample_metrics(rows['scores'], rows['labels'],
                                    [self.names[s] for s in rows['samples']])
     shutil.rmtree(self.folder, ignore_errors=True)
@@ -304,6 +282,23 @@ class MapWriter:
     return {'maps_dir': str(self.out_dir), 'num_maps': total}
 
 
+def submission_names(paths: Sequence[str], obj: str, split: str) -> list[str]:
+  """The stems of a private split's images, which must be exactly those MVTec's checker wants for
+  obj/split; else a DataError naming the folder."""
+  if obj not in maps_io.AD2_PRIVATE_COUNTS or split not in maps_io.AD2_PRIVATE_SPLITS:
+    raise errors.DataError(f'{obj}/{split}: the MVTec AD 2 submission holds the objects '
+                           f'{sorted(maps_io.AD2_PRIVATE_COUNTS)} and the splits '
+                           f'{sorted(maps_io.AD2_PRIVATE_SPLITS)}')
+  names = [pathlib.Path(p).stem for p in paths]
+  wanted = maps_io.ad2_names(obj, split)
+  if sorted(names) != wanted:
+    odd = sorted(set(names) ^ set(wanted))
+    raise errors.DataError(f'{pathlib.Path(paths[0]).parent if len(paths) else split}: MVTec\'s '
+                           f'checker wants exactly the {len(wanted)} images {wanted[0]}..{wanted[-1]}, '
+                           f'found {len(names)} (differing: {odd[:4]})')
+  return names
+
+
 class Ad2Submission:
   """One private split of MVTec AD 2's submission tree under out_dir (maps_io.write_ad2_files: the
   float16 TIFF at the original size and its 0/255 PNG at `threshold`). paths: the split's images
@@ -311,17 +306,7 @@ class Ad2Submission:
   else DataError here, before any work. result() checks the split's folders as the checker does."""
 
   def __init__(self, paths: Sequence[str], obj: str, split: str, out_dir, threshold: float):
-    if obj not in maps_io.AD2_PRIVATE_COUNTS or split not in maps_io.AD2_PRIVATE_SPLITS:
-      raise errors.DataError(f'{obj}/{split}: the MVTec AD 2 submission holds the objects '
-                             f'{sorted(maps_io.AD2_PRIVATE_COUNTS)} and the splits '
-                             f'{sorted(maps_io.AD2_PRIVATE_SPLITS)}')
-    self.names = [pathlib.Path(p).stem for p in paths]
-    wanted = maps_io.ad2_names(obj, split)
-    if sorted(self.names) != wanted:
-      odd = sorted(set(self.names) ^ set(wanted))
-      raise errors.DataError(f'{pathlib.Path(paths[0]).parent if len(paths) else split}: MVTec\'s '
-                             f'checker wants exactly the {len(wanted)} images {wanted[0]}..{wanted[-1]}, '
-                             f'found {len(self.names)} (differing: {odd[:4]})')
+    self.names = submission_names(paths, obj, split)
     self.paths, self.obj, self.split = paths, obj, split
     self.out_dir, self.threshold = pathlib.Path(out_dir), float(threshold)
     self.written = 0
@@ -381,10 +366,17 @@ def submission_threshold_reducer(data) -> SegF1Threshold:
   return SegF1Threshold(paths=[r['path'] for r in data.validation.records])
 
 
+def check_submission(data, category: str) -> None:
+  """--mode=predict for MVTec AD 2, before any scoring: DataError when a private split's files
+  (data.unlabelled) are not those MVTec's checker wants."""
+  for split, source in data.unlabelled.items():
+    submission_names(source.paths, category, split)
+
+
 def submission_reducers(data, category: str, out_dir, threshold: float) -> dict[str, list]:
   """--mode=predict for MVTec AD 2: {private split: [its Ad2Submission]} for each of data.unlabelled
-  (FolderSources), writing under out_dir (paths.ad2_submission_dir(workdir)). DataError, before any
-  work, when a split's files are not those MVTec's checker wants."""
+  (FolderSources), writing under out_dir (paths.ad2_submission_dir(workdir)); their names checked as
+  check_submission does."""
   return {split: [Ad2Submission(source.paths, category, split, out_dir, threshold)]
           for split, source in data.unlabelled.items()}
 

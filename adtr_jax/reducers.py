@@ -51,6 +51,24 @@ def _part_name(name: str, part: int, suffix: str) -> str:
   return f'{name}-{part:05d}.{suffix}'
 
 
+def save_rows(folder: pathlib.Path, name: str, part: int, **columns) -> str:
+  """One process's per-row scalars (columns [n] each) -> folder/<name>-<part>.npz; its file name."""
+  folder = pathlib.Path(folder)
+  folder.mkdir(parents=True, exist_ok=True)
+  file = _part_name(name, part, 'npz')
+  np.savez(folder / file, **{k: np.asarray(v) for k, v in columns.items()})
+  return file
+
+
+def load_rows(folder: pathlib.Path, files: Sequence[str]) -> dict[str, np.ndarray]:
+  """The per-row scalars of every process (save_rows' files, in process order), concatenated."""
+  loaded = []
+  for file in files:
+    with np.load(pathlib.Path(folder) / file) as f:
+      loaded.append({k: f[k] for k in f.files})
+  return {k: np.concatenate([d[k] for d in loaded]) for k in loaded[0]}
+
+
 class Scores:
   """The per-row scalars of a split: result() -> {'scores' float32 [N], 'labels' int32 [N], 'index'
   int64 [N] (= arange(N)): entry i is source row i, placed by each row's index; 'rows_per_part':
@@ -67,20 +85,13 @@ class Scores:
       self.rows[key].append(np.array(rows[key], dtype))
 
   def finish(self) -> dict:
-    name = _part_name('scores', self.part, 'npz')
     arrays = {k: np.concatenate(v) if v else np.zeros(0, np.float32 if k == 'scores' else np.int64)
               for k, v in self.rows.items()}
-    self.folder.mkdir(parents=True, exist_ok=True)
-    np.savez(self.folder / name, **arrays)
-    return {'file': name, 'rows': int(len(arrays['index']))}
+    return {'file': save_rows(self.folder, 'scores', self.part, **arrays), 'rows': int(len(arrays['index']))}
 
   def result(self, parts: list) -> dict:
-    rows = {'scores': [], 'labels': [], 'index': []}
-    for part in parts:
-      with np.load(self.folder / part['file']) as f:
-        for key in rows:
-          rows[key].append(f[key])
-    out = split_pass.in_source_order(rows, self.num_rows, self.what)
+    rows = load_rows(self.folder, [p['file'] for p in parts])
+    out = split_pass.in_source_order({k: [v] for k, v in rows.items()}, self.num_rows, self.what)
     out['labels'] = out['labels'].astype(np.int32)
     out['rows_per_part'] = [int(p['rows']) for p in parts]
     return out

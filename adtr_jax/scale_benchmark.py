@@ -16,15 +16,17 @@ stage's seconds and peak resident memory (the child's own ru_maxrss, from wait4)
 line per N, then one line with each stage's slope in bytes of peak RSS per image (between the
 smallest and the largest N). --scale_out also appends the lines to a file.
 
---scale_processes=1,2 runs eval and predict once more as 2 processes of one run (jax.distributed on
-127.0.0.1, one CPU device each; --config.eval.batch_size must divide by 2): 'eval_x2' gives each
-process's peak and 'eval_x2_peak_ratio' the largest of them over the one-process peak.
+--scale_processes=1,2 runs each stage once more as 2 processes of one run (jax.distributed on
+127.0.0.1, one CPU device each; --config.train.batch_size and --config.eval.batch_size must divide
+by 2): 'eval_x2' gives each process's peak and 'eval_x2_peak_ratio' the largest of them over the
+one-process peak. 'train_x2' trains afresh in its own workdir and cache (data preparation and the
+feature cache included).
 
 --scale_repo runs the stages of another checkout of adtr_jax (e.g. the main branch's, to compare).
 Extra --config fields go through --scale_override (repeatable), e.g.
---scale_override=--config.train.batch_size=8. On a CPU the device feed's features and the feature memo
-lie in host memory and grow with N (up to backbone.feature_memo_mb for the memo): to measure what
-is bounded by the batch, add --scale_override=--config.train.feature_cache=host and
+--scale_override=--config.train.batch_size=8. On a CPU the default feed ('auto') is the host feed,
+bounded by a chunk of steps; the feature memo holds up to backbone.feature_memo_mb of rows, so it grows
+with N until that budget: to measure what is bounded by the batch, add
 --scale_override=--config.backbone.feature_memo_mb=0 (BENCHMARKS.md). Timings on a shared machine
 are not measurements.
 """
@@ -60,7 +62,7 @@ _REPO = flags.DEFINE_string('scale_repo', None, 'The adtr_jax checkout whose CLI
                             '(default: this one).')
 _OUT = flags.DEFINE_string('scale_out', None, 'Also append the JSON lines to this file.')
 _KEEP = flags.DEFINE_bool('scale_keep', False, 'Keep each N\'s data, cache and runs (default: deleted).')
-_PROCESSES = flags.DEFINE_list('scale_processes', ['1'], 'Numbers of processes that run eval and predict '
+_PROCESSES = flags.DEFINE_list('scale_processes', ['1'], 'Numbers of processes that run each stage '
                                '(each one run; e.g. 1,2: the per-process peaks of 2 processes beside 1).')
 
 
@@ -140,8 +142,9 @@ def _free_port() -> int:
 def run_stage(args: list[str], cwd: pathlib.Path, log: pathlib.Path, processes: int = 1) -> dict:
   """`python -m adtr_jax.main *args` in cwd, as `processes` processes of one run (jax.distributed on
   127.0.0.1, one CPU device each) -> {'seconds', 'peak_rss_mib' (the largest child's ru_maxrss),
-  'exit' (the first non-zero exit status, else 0)}, and with several processes
-  'peak_rss_mib_per_process'; the output of process i goes to `log` (i = 0) or log.<i>."""
+  'peak_anon_mib' (the largest child's RssAnon, sampled: _Sampler), 'exit' (the first non-zero exit
+  status, else 0)}, and with several processes 'peak_rss_mib_per_process' and
+  'peak_anon_mib_per_process'; the output of process i goes to `log` (i = 0) or log.<i>."""
   env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(cwd), os.environ.get('PYTHONPATH', '')]))
   if processes > 1:   # one CPU device each (not the fake devices a test may have asked for)
     env['XLA_FLAGS'] = ' '.join(f for f in env.get('XLA_FLAGS', '').split()
@@ -155,18 +158,51 @@ def run_stage(args: list[str], cwd: pathlib.Path, log: pathlib.Path, processes: 
     outs.append((log if i == 0 else log.with_name(f'{log.name}.{i}')).open('w'))
     children.append(subprocess.Popen([sys.executable, '-m', 'adtr_jax.main', *args, *dist], cwd=cwd, env=env,
                                      stdout=outs[-1], stderr=subprocess.STDOUT))
+  sampler = _Sampler([c.pid for c in children])
   peaks, codes = [], []
   for child, out in zip(children, outs):
-    _, status, usage = os.wait4(child.pid, 0)   # this child's own peak, not all children's
+    _, status, usage = sampler.wait(child.pid)   # this child's own peak, not all children's
     child.returncode = os.waitstatus_to_exitcode(status)
     out.close()
     peaks.append(round(usage.ru_maxrss / 1024, 1))
     codes.append(child.returncode)
+  anon = [round(sampler.anon[c.pid] / 1024, 1) for c in children]
   out = {'seconds': round(time.perf_counter() - start, 2), 'peak_rss_mib': max(peaks),
-         'exit': next((c for c in codes if c), 0)}
+         'peak_anon_mib': max(anon), 'exit': next((c for c in codes if c), 0)}
   if processes > 1:
     out['peak_rss_mib_per_process'] = peaks
+    out['peak_anon_mib_per_process'] = anon
   return out
+
+
+class _Sampler:
+  """The largest RssAnon (KiB, /proc/<pid>/status) of each child, read every SAMPLE_S while waiting.
+  ru_maxrss also counts the pages of files a process maps (the image, feature and pixel-run caches
+  are memory-mapped) that it has read, which the kernel drops under pressure; RssAnon is what the
+  process allocated itself. Sampled: a peak shorter than SAMPLE_S can be missed."""
+
+  SAMPLE_S = 0.05
+
+  def __init__(self, pids: list[int]):
+    self.anon = {pid: 0 for pid in pids}
+
+  def _read(self, pid: int) -> None:
+    try:
+      for line in pathlib.Path(f'/proc/{pid}/status').read_text().splitlines():
+        if line.startswith('RssAnon:'):
+          self.anon[pid] = max(self.anon[pid], int(line.split()[1]))
+    except (OSError, ValueError):
+      pass   # exited (or no /proc): the last sample stands
+
+  def wait(self, pid: int):
+    """os.wait4(pid) while sampling every child still running."""
+    while True:
+      for p in self.anon:
+        self._read(p)
+      done, status, usage = os.wait4(pid, os.WNOHANG)
+      if done:
+        return done, status, usage
+      time.sleep(self.SAMPLE_S)
 
 
 def stage_key(stage: str, processes: int) -> str:
@@ -178,25 +214,30 @@ def measure(n: int, *, source, scratch, image_size: int, config: str, epochs: in
             stages=STAGES, overrides=(), repo=None, processes=(1,)) -> dict:
   """One N: builds the category under scratch/n<N>/ and runs the stages. Returns the JSON line's dict:
   {'n', 'image_size', 'config', 'build_seconds', '<stage>': run_stage's dict, ...}; a stage that
-  fails (exit != 0) ends the line with its output's last lines under 'error'. eval and predict run
-  once per number of `processes` (stage_key; training on one), each multi-process run with
+  fails (exit != 0) ends the line with its output's last lines under 'error'. Each stage runs
+  once per number of `processes` (stage_key), each multi-process run with
   '<stage>_x<P>_peak_ratio': its largest process's peak over the one-process peak."""
   repo = pathlib.Path(repo or pathlib.Path(__file__).resolve().parents[1])
+  processes = sorted({1, *processes})   # the others' peaks are compared with one process's
   base = pathlib.Path(scratch).resolve() / f'n{n}'
   shutil.rmtree(base, ignore_errors=True)
   start = time.perf_counter()
   cat = build_category(source, base / 'data', f'scale{n}', n, image_size)
   out = {'n': n, 'image_size': image_size, 'config': config, 'build_seconds': round(time.perf_counter() - start, 2)}
-  common = [f'--config={config}', f'--workdir={base / "work"}', f'--config.dataset.root={base / "data"}',
+  def common(suffix: str) -> list[str]:
+    return [f'--config={config}', f'--workdir={base / f"work{suffix}"}', f'--config.dataset.root={base / "data"}',
             f'--config.dataset.category={cat.name}', f'--config.dataset.image_size={image_size}',
-            f'--config.dataset.cache_dir={base / "cache"}', f'--config.train.num_epochs={epochs}',
+            f'--config.dataset.cache_dir={base / f"cache{suffix}"}', f'--config.train.num_epochs={epochs}',
             '--config.train.min_steps=0', *overrides]
   extra = {'train': ['--mode=train'], 'eval': ['--mode=eval'],
            'predict': ['--mode=predict', f'--predict_dir={cat / "train" / "good"}']}
   for stage in stages:
-    for p in (1,) if stage == 'train' else processes:
+    for p in processes:
       key = stage_key(stage, p)
-      out[key] = run_stage([*common, *extra[stage]], repo, base / f'{key}.log', p)
+      # Training on several processes starts afresh in its own workdir and cache (it prepares the data
+      # and writes the feature cache itself); eval and predict read the one-process run's.
+      suffix = f'_x{p}' if stage == 'train' and p > 1 else ''
+      out[key] = run_stage([*common(suffix), *extra[stage]], repo, base / f'{key}.log', p)
       if out[key]['exit']:
         out['error'] = (base / f'{key}.log').read_text()[-2000:]
         return out
@@ -206,15 +247,18 @@ def measure(n: int, *, source, scratch, image_size: int, config: str, epochs: in
 
 
 def slopes(lines: list[dict]) -> dict:
-  """Each stage's peak RSS slope, bytes per image, between the smallest and the largest N."""
+  """Each stage's slope of peak RSS ('<stage>_bytes_per_image') and of peak RssAnon
+  ('<stage>_anon_bytes_per_image'), bytes per image, between the smallest and the largest N."""
   done = [x for x in lines if 'error' not in x]
   if len(done) < 2:
     return {}
   lo, hi = min(done, key=lambda x: x['n']), max(done, key=lambda x: x['n'])
-  keys = [k for k in lo if k in hi and isinstance(lo[k], dict) and 'peak_rss_mib' in lo[k]]
-  return {f'{key}_bytes_per_image': round((hi[key]['peak_rss_mib'] - lo[key]['peak_rss_mib']) * 2**20
-                                          / (hi['n'] - lo['n']))
-          for key in keys}
+  out = {}
+  for key in (k for k in lo if k in hi and isinstance(lo[k], dict)):
+    for field, name in (('peak_rss_mib', f'{key}_bytes_per_image'), ('peak_anon_mib', f'{key}_anon_bytes_per_image')):
+      if field in lo[key] and field in hi[key]:
+        out[name] = round((hi[key][field] - lo[key][field]) * 2**20 / (hi['n'] - lo['n']))
+  return out
 
 
 def main(argv):

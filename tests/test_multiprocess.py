@@ -1,7 +1,8 @@
 """Multi-process runs of normal-only training (tests/multiprocess_runs.py has the set-up and the
 tolerances): 2 processes x 2 devices train, evaluate, predict, write shared files once, decode their own
-slices, resume after a kill and stack models, equal to 1 process x 4 devices. All share one module
-fixture (normal_runs)."""
+slices, resume after a kill and stack models, equal to 1 process x 4 devices; each process embeds,
+writes, reduces and stores only its own rows (issue 36). All share one module fixture (normal_runs),
+so that its runs serve every test."""
 from __future__ import annotations
 
 import csv
@@ -18,36 +19,53 @@ import pytest
 from flax import nnx
 from PIL import Image
 
-from adtr_jax import metrics, multihost
+from adtr_jax import metrics, multihost, npy_rows, split_pass
+from adtr_jax.moments import Moments
 from adtr_jax.models.adtr import build_model
 from tests import helpers
 from tests.conftest import make_toy_mvtec, tiny_config
 from tests.multiprocess_runs import (DISTRIBUTED_TIMEOUT_S, LAYOUTS, NORMAL, NORMAL_STEPS, RUN_TIMEOUT_S,
-                                     assert_own_slices, assert_same_training, config_args,
+                                     assert_own_slices, assert_same_training, batched_reads, config_args,
                                      last_line, launch, params_and_losses, running)
 
 pytestmark = [pytest.mark.multiprocess, pytest.mark.slow]
 
 
 @pytest.fixture(scope='module')
+def toy_root(tmp_path_factory):
+  """This file's toy (replaces conftest's): 18 training images and 9 test images (5 normal, 4 with a
+  defect), so that the processes' shares of the test split differ (5 + 4 in one padded second batch of
+  8) and so do those of the 5 images predicted (4 + 1, one padded batch)."""
+  return make_toy_mvtec(tmp_path_factory.mktemp('toy_mvtec'), n_good=5)
+
+
+BATCH = 8   # tests/tiny_config.py's eval.batch_size
+PREDICTED = 'toy/test/good'
+
+
+@pytest.fixture(scope='module')
 def normal_runs(toy_root, tmp_path_factory):
-  """(a): train_and_eval, then predict on the anomalous test images, as 1x4 and as 2x2, each with its
-  own fresh cache and workdir (so the 2x2 run prepares the shared files itself).
-  -> {layout: (train Processes, predict Processes, run dir)}."""
-  runs = {layout: tmp_path_factory.mktemp(f'normal_{layout}') for layout in LAYOUTS}
-  args = {layout: config_args(toy_root, tmp / 'run' / 'cache', tmp / 'run' / 'work', *NORMAL)
-          for layout, tmp in runs.items()}
-  trained = [launch(tmp, layout, layout, args[layout], tmp / 'run') for layout, tmp in runs.items()]
-  with running(*trained):
-    for procs in trained:
+  """(a): train_and_eval, then predict on the normal test images, as 1x4 and as 2x2, each with its own
+  fresh cache and workdir (so the 2x2 run prepares the shared files and writes its feature cache
+  itself); beside them 'host': the 2x2 training from the host feed (train.feature_cache=host), which
+  draws any row on any process.
+  -> {'1x4' | '2x2': (train Processes, predict Processes, run dir), 'host': (train Processes, None, run dir)}."""
+  runs = {name: tmp_path_factory.mktemp(f'normal_{name}') for name in (*LAYOUTS, 'host')}
+  args = {name: config_args(toy_root, tmp / 'run' / 'cache', tmp / 'run' / 'work', *NORMAL)
+          for name, tmp in runs.items()}
+  args['host'] += ['--config.train.feature_cache=host', '--mode=train']
+  trained = {name: launch(tmp, name, '2x2' if name == 'host' else name, args[name], tmp / 'run')
+             for name, tmp in runs.items()}
+  with running(*trained.values()):
+    for procs in trained.values():
       procs.check()
-  predicted = [launch(tmp, f'{layout}_predict', layout,
-                      [*args[layout], '--mode=predict', f'--predict_dir={toy_root / "toy/test/square"}'],
-                      tmp / 'run') for layout, tmp in runs.items()]
-  with running(*predicted):
-    for procs in predicted:
+  predicted = {layout: launch(runs[layout], f'{layout}_predict', layout,
+                              [*args[layout], '--mode=predict', f'--predict_dir={toy_root / PREDICTED}'],
+                              runs[layout] / 'run') for layout in LAYOUTS}
+  with running(*predicted.values()):
+    for procs in predicted.values():
       procs.check()
-  return {layout: (t, p, runs[layout] / 'run') for (layout, t, p) in zip(runs, trained, predicted)}
+  return {name: (trained[name], predicted.get(name), runs[name] / 'run') for name in runs}
 
 
 def test_two_processes_train_and_evaluate_as_one(normal_runs, toy_root):
@@ -79,9 +97,9 @@ def _test_images(root: pathlib.Path) -> dict[str, np.ndarray]:
   return out
 
 
-def _panels(heatmap_dir: pathlib.Path, images: dict) -> dict:
+def _panels(heatmap_dir: pathlib.Path, images: dict, labelled: bool = True) -> dict:
   """{image its first panel shows (found by content): (file name, overlay panel)}. Asserts that the
-  file name names that same image."""
+  file name names that same image, and (labelled: evaluation's heatmaps) its ground truth."""
   out = {}
   for path in sorted(heatmap_dir.glob('*.png')):
     panel = np.asarray(Image.open(path))
@@ -89,7 +107,7 @@ def _panels(heatmap_dir: pathlib.Path, images: dict) -> dict:
     shown = [name for name, image in images.items() if np.array_equal(panel[:, :size], image)]
     assert len(shown) == 1, (path.name, shown)
     assert path.stem.endswith('_' + shown[0].split('/')[1]), (path.name, shown)
-    assert ('normal' in path.name) == shown[0].startswith('good/'), (path.name, shown)
+    assert not labelled or ('normal' in path.name) == shown[0].startswith('good/'), (path.name, shown)
     out[shown[0]] = (path.name, panel[:, -size:].astype(int))
   return out
 
@@ -98,15 +116,15 @@ def test_heatmaps_and_predictions_pair_each_image_with_its_own_map(normal_runs, 
   1x4 run's panel of that image (images matched by content, not by position or rank; overlays within
   1 of 255 per pixel, from rounding). predictions.csv: same files, decisions and scores (rtol 1e-5)."""
   images = _test_images(toy_root)
-  for sub in ('work/toy/heatmaps', 'work/toy/predict/heatmaps'):
-    one = _panels(normal_runs['1x4'][2] / sub, images)
-    two = _panels(normal_runs['2x2'][2] / sub, images)
-    assert one.keys() == two.keys() and len(one) >= 4
+  for sub, labelled, n in (('work/toy/heatmaps', True, 4), ('work/toy/predict/heatmaps', False, 5)):
+    one = _panels(normal_runs['1x4'][2] / sub, images, labelled)
+    two = _panels(normal_runs['2x2'][2] / sub, images, labelled)
+    assert one.keys() == two.keys() and len(one) == n
     for name in one:
       assert np.abs(one[name][1] - two[name][1]).max() <= 1, name
-  rows = {layout: list(csv.DictReader((run[2] / 'work/toy/predict/predictions.csv').open()))
-          for layout, run in normal_runs.items()}
-  assert [r['path'] for r in rows['2x2']] == [r['path'] for r in rows['1x4']] and len(rows['1x4']) == 4
+  rows = {layout: list(csv.DictReader((normal_runs[layout][2] / 'work/toy/predict/predictions.csv').open()))
+          for layout in LAYOUTS}
+  assert [r['path'] for r in rows['2x2']] == [r['path'] for r in rows['1x4']] and len(rows['1x4']) == 5
   assert [r['decision'] for r in rows['2x2']] == [r['decision'] for r in rows['1x4']]
   np.testing.assert_allclose([float(r['image_score']) for r in rows['2x2']],
                              [float(r['image_score']) for r in rows['1x4']], rtol=1e-5)
@@ -118,8 +136,8 @@ def _own_files(path: str, process: int) -> bool:
   temporary folder (<split>-<token>), and their paths into paths-<process>.json there; its parts of a
   reduced pass into the pass's scratch folder, named for it (calibration, evaluation, predict); and
   its block of the feature cache (rows and moments files named for it, written under hidden names
-  first). (Predict's 4 images fill one padded batch's first half: process 0's. Each process writes
-  the overlays of its rows: tests/test_multiprocess_memory.py.)"""
+  first). (Each process also writes predict's overlays of its rows:
+  test_each_process_writes_its_own_rows_overlays.)"""
   return f'process_{process}' in path or bool(re.search(
       rf'/resized_\d+/\.(train|test)-[0-9a-f]{{8}}/((images|masks|labels)\.npy|paths-{process}\.json)$', path)
       or re.search(rf'/scratch-[a-z]+-[0-9a-f]{{8}}/(.*/)?[^/]*{process:05d}[^/]*(/[^/]+)?$', path)
@@ -132,7 +150,8 @@ def test_only_process_zero_writes_shared_files(normal_runs):
   but orbax's files named for it, its share of the resized images and its parts of the reduced
   passes (and still read the shared files: its run ended like process 0's)."""
   train, predict, run = normal_runs['2x2']
-  writes = {p: [path for procs in (train, predict) for _, path in procs.audit(p)['writes']] for p in (0, 1)}
+  writes = {p: [path for procs in (train, predict) for _, path in procs.audit(p)['writes']
+               if '/toy/predict/heatmaps/' not in path] for p in (0, 1)}
   assert all(_own_files(path, 1) for path in writes[1]), [w for w in writes[1] if not _own_files(w, 1)]
   assert any('ocdbt' in w or 'array_metadatas' in w for w in writes[1])  # the audit does see process 1
   assert sum(w.endswith('images.npy') for w in writes[1]) == 2           # its rows of train and test
@@ -140,7 +159,7 @@ def test_only_process_zero_writes_shared_files(normal_runs):
   for expected in ('work/config.json', 'work/metrics.json', 'work/metrics.md', 'work/toy/image_roc.png',
                    'work/toy/predict/predictions.csv'):
     assert mine.count(expected) == 1, expected   # config.json: by the training command only
-  assert sum('/heatmaps/' in w for w in mine) == 4 + 4            # evaluation's 4, predict's 4 images
+  assert sum('/heatmaps/' in w for w in mine) == 4               # evaluation's 4 (predict's: below)
   assert any(w.startswith('cache/tfds/') and w.endswith('dataset_info.json') for w in mine)
   assert sum(w.startswith('cache/tfds/') and w.endswith('images.npy') for w in mine) == 4  # made, its rows
   assert any(w.startswith('work/toy/checkpoints/') and '_CHECKPOINT_METADATA' in w for w in mine)
@@ -155,7 +174,9 @@ def test_each_process_decodes_its_own_slice_and_no_feature_memo(normal_runs):
   memo stays off on the 2x2 run (empty at the end) and is used by the 1x4 run."""
   (one, _, _), (two, _, _) = normal_runs['1x4'], normal_runs['2x2']
   assert_own_slices(two, one, ('Subset', 16))      # the feature cache's pass over the training split
-  assert_own_slices(two, one, ('ArraySource', 8))  # evaluation's pass over the test split
+  # Evaluation's pass over the test split: 5 + 4 rows, process 1's slice of the second batch all
+  # padding (it decodes row 8 as a filler).
+  assert assert_own_slices(two, one, ('ArraySource', 9)) == [5, 5]
   assert one.audit(0)['memo_bytes'] > 0
   assert two.audit(0)['memo_bytes'] == two.audit(1)['memo_bytes'] == 0
 
@@ -237,3 +258,104 @@ def test_stacked_models_across_processes_train_as_they_would_alone(normal_runs, 
     np.testing.assert_allclose([losses[s] for s in want[2]], list(want[2].values()), rtol=1e-5)
     for name, value in params.items():
       np.testing.assert_allclose(value, want[1][name], atol=1e-4, err_msg=f'{category} {name}')
+
+
+# Each process computes, writes, reduces and stores only its own rows (issue 36).
+
+def _feature_files(procs, process: int) -> list[str]:
+  """Names of the feature cache files the process wrote (renamed into place), in order."""
+  return [pathlib.Path(path).name for event, path in procs.audit(process)['writes']
+          if '/features/' in path and event == 'os.rename' and not pathlib.Path(path).name.startswith('.')]
+
+
+def _block(run: pathlib.Path, name: str) -> np.ndarray:
+  [path] = (run / 'cache' / 'features').glob(f'*/{name}')
+  return np.asarray(npy_rows.Rows(path, 'float32'))
+
+
+def test_each_process_embeds_and_writes_only_its_own_feature_rows(normal_runs):
+  """2x2 (device feed) and host (host feed): process 0 embeds rows [0, 8) of the training set and
+  writes them, process 1 rows [8, 16); each decoded no other row for the feature pass, with no
+  all-gather of features. Their files hold the rows of the one-process cache bit for bit (each device
+  embeds the same share of each batch as on 1x4)."""
+  one, _, run1 = normal_runs['1x4']
+  assert _feature_files(one, 0) == ['moments-0-16.p0.npy', 'rows-0-16.p0.npy']
+  whole = _block(run1, 'rows-0-16.p0.npy')
+  for name in ('2x2', 'host'):
+    two, _, run2 = normal_runs[name]
+    assert _feature_files(two, 0) == ['moments-0-8.p0.npy', 'rows-0-8.p0.npy'], name
+    assert _feature_files(two, 1) == ['moments-8-16.p1.npy', 'rows-8-16.p1.npy'], name
+    np.testing.assert_array_equal(_block(run2, 'rows-0-8.p0.npy'), whole[:8])
+    np.testing.assert_array_equal(_block(run2, 'rows-8-16.p1.npy'), whole[8:])
+    feature_pass = [{r[-1] for r in batched_reads(two, p, ('Subset', 16)) if r[0] == 0} for p in (0, 1)]
+    assert feature_pass == [set(range(8)), set(range(8, 16))], name
+
+
+def test_each_process_keeps_the_moments_of_its_rows_and_all_merge_to_one_process(normal_runs):
+  """Each block's moments file counts its own rows; process 0's and 1's merged give the one-process
+  statistics (FeatureNorm's mean and std follow from them: the parameters are compared above)."""
+  run1, run2 = normal_runs['1x4'][2], normal_runs['2x2'][2]
+  part = lambda run, name: Moments.from_array(np.load(next((run / 'cache' / 'features').glob(f'*/{name}'))))
+  a, b = part(run2, 'moments-0-8.p0.npy'), part(run2, 'moments-8-16.p1.npy')
+  whole = part(run1, 'moments-0-16.p0.npy')
+  assert a.count == b.count == whole.count // 2
+  merged = Moments.combine([a, b])
+  np.testing.assert_allclose(merged.mean, whole.mean, rtol=1e-12, atol=1e-12)
+  np.testing.assert_allclose(merged.std, whole.std, rtol=1e-10)
+
+
+def test_two_processes_train_from_the_host_feed_as_one_and_were_told_the_needs(normal_runs, toy_root):
+  """The host feed, which reads the other process's block from the shared cache folder, trains 2x2
+  as 1x4 (device feed) does; every run printed what it will need (preflight) before any work."""
+  run1, run2 = normal_runs['1x4'][2], normal_runs['host'][2]
+  assert_same_training(params_and_losses(run2 / 'work' / 'toy', toy_root, run2 / 'cache'),
+                       params_and_losses(run1 / 'work' / 'toy', toy_root, run1 / 'cache'), NORMAL_STEPS)
+  for name, (procs, _, _) in normal_runs.items():
+    out = procs.output(0)
+    assert 'adtr_jax: this run will need, per process:' in out and 'feature cache:' in out, name
+    assert out.index('this run will need') < out.index('preparing'), name
+
+
+def rows_per_process(n: int, processes: int) -> list[int]:
+  """How many of n rows each process scores in a pass (split_pass deals each batch's rows in turn)."""
+  order = split_pass.pass_order(n, BATCH, processes)
+  b = BATCH // processes
+  return [sum(len(order[start + p * b:start + (p + 1) * b]) for start in range(0, n, BATCH))
+          for p in range(processes)]
+
+
+def test_each_process_reduces_only_its_own_rows(normal_runs):
+  """Rows added to the reducers (tests/multiprocess_audit counts them in each pass of
+  inference.reduce_split) per process: 2x2 splits each pass between the processes (5 + 4 of the 9
+  test images; 4 + 1 of the 5 predicted, one padded batch), 1x4 adds them all; no scratch folder is
+  left. Each process's peak RSS is printed, not asserted: at this size JAX and compilation are nearly
+  all of it (adtr_jax.scale_benchmark --scale_processes=2 measures it at larger N)."""
+  assert rows_per_process(9, 2) == [5, 4] and rows_per_process(5, 2) == [4, 1]
+  for stage, desc, n in ((0, 'eval toy', 9), (1, 'predict toy', 5)):
+    for layout, (processes, _) in LAYOUTS.items():
+      audits = [normal_runs[layout][stage].audit(p)['reduced'] for p in range(processes)]
+      got = [[rows for d, rows in reduced if d == desc] for reduced in audits]
+      assert got == [[rows] for rows in rows_per_process(n, processes)], (layout, desc, audits)
+  for layout in LAYOUTS:
+    assert not list(normal_runs[layout][2].rglob('scratch-*')), layout
+  peaks = {layout: [round(normal_runs[layout][stage].audit(p)['peak_rss_kib'] / 1024)
+                    for stage in (0, 1) for p in range(processes)]
+           for layout, (processes, _) in LAYOUTS.items()}
+  print(f'train_and_eval, then predict: peak RSS per process (MiB): {peaks}')
+
+
+def test_each_process_writes_its_own_rows_overlays(normal_runs, toy_root):
+  """predict's overlays of 2x2: each process wrote those of the rows it scored (dealt in turn), and
+  process 0 alone wrote predictions.csv."""
+  _, predicted, run = normal_runs['2x2']
+  names = sorted(p.stem for p in (toy_root / PREDICTED).iterdir())
+  order = split_pass.pass_order(len(names), BATCH, 2)
+  mine = {0: {names[i] for i in order[:BATCH // 2]}, 1: {names[i] for i in order[BATCH // 2:BATCH]}}
+  assert [len(mine[p]) for p in (0, 1)] == [4, 1]
+  for p in (0, 1):
+    writes = [w for _, w in predicted.audit(p)['writes']]
+    overlays = {w.rsplit('/', 1)[1].split('_', 1)[1].removesuffix('.png') for w in writes
+                if '/toy/predict/heatmaps/' in w}
+    assert overlays == mine[p], p
+    assert any(w.endswith('/toy/predict/predictions.csv') for w in writes) == (p == 0)
+  assert len(list((run / 'work/toy/predict/heatmaps').iterdir())) == len(names)

@@ -68,3 +68,28 @@ def test_on_cpu_the_device_feed_counts_as_host_memory(toy_root, tmp_path, monkey
   config.backbone.feature_memo_mb = 0
   with pytest.raises(errors.ConfigError, match='set --config.train.feature_cache=host'):
     _need(config, tmp_path)
+
+
+def test_auto_feed_is_host_on_cpu_and_device_on_an_accelerator_while_its_share_fits(toy_root, tmp_path,
+                                                                                  monkeypatch):
+  """train.feature_cache='auto' (the default): on CPU devices the host feed (no device feed in host
+  memory); on an accelerator (its platform and memory patched in: none here) the device feed while a
+  device's share is at most half of its memory, else the host feed, set on the members' configs so
+  that training uses it, and said."""
+  from adtr_jax import defaults
+  assert defaults.get_config().train.feature_cache == 'auto'
+  config = tiny_config(toy_root, tmp_path / 'cache', feature_cache='auto')
+  assert members.feed_kind(config) == 'host'
+  need, said = _need(config, tmp_path)
+  assert need.device == 0 and preflight.HOST_CHUNK in need.host and 'feed: host' in said
+  monkeypatch.setattr(members, 'platform', lambda: 'gpu')
+  share = 16 // 8 * ROW                                             # each of the 8 devices' rows
+  for memory, kind in ((2 * share, 'device'), (2 * share - 1, 'host')):
+    monkeypatch.setattr(preflight, 'device_memory', lambda: memory)
+    group = members.members_of(tiny_config(toy_root, tmp_path / 'cache', feature_cache='auto'), tmp_path / 'w')
+    assert members.feed_kind(group[0].config) == 'device'
+    lines = []
+    need = preflight.check([group], say=lambda text, **_: lines.append(text))
+    assert members.feed_kind(group[0].config) == kind, memory
+    assert (need.device == share) == (kind == 'device')
+    assert ('feed: auto chose host' in lines[0]) == (kind == 'host'), lines

@@ -5,6 +5,7 @@ function of adtr_jax/protocols.py on the same maps, and the official figures whe
 import json
 import pathlib
 import tracemalloc
+import types
 import warnings
 
 import numpy as np
@@ -272,6 +273,10 @@ def test_ad2_submission_passes_the_checkers_rules(tmp_path):
     pr.Ad2Submission(short, 'sheet_metal', 'test_private', out, threshold)
   with pytest.raises(errors.DataError, match='submission holds the objects'):
     pr.Ad2Submission(short, 'bottle', 'test_private', out, threshold)
+  pr.check_submission(data, 'sheet_metal')   # what predict checks before scoring: these pass
+  fewer = types.SimpleNamespace(unlabelled={**data.unlabelled, 'test_private': types.SimpleNamespace(paths=short)})
+  with pytest.raises(errors.DataError, match=f'checker wants exactly the {n} images'):
+    pr.check_submission(fewer, 'sheet_metal')
 
 
 # ------------------------------------------------------------------------------- what runs where

@@ -127,7 +127,7 @@ def test_groups_split_on_shapes_not_numbers(root, tmp_path, capsys):
       ['confetti'], ['confetti2'], ['host', 'host_lr']]
   out = capsys.readouterr().out
   assert f'{tmp_path / "confetti"} trains alone: a model fed from images is not stacked' in out
-  assert f'{tmp_path / "confetti"} trains from images, not from the device feature cache' in out
+  assert f'{tmp_path / "confetti"} trains from images, not from the feature cache (train.feature_cache=device)' in out
   assert [[m.workdir.name for m in g] for g in members.plan(todo[:3], stack=False)] == [
       ['base'], ['lr'], ['cat']]
 

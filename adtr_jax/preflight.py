@@ -135,8 +135,9 @@ def _group_need(group: list[members.Member], need: Need, resized: set) -> None:
   cpu = mesh.devices.flat[0].platform == 'cpu'
   shape, row = feature_row_bytes(config)
   size = feature_cache.padded_size([n for _, n in sets.values() if n is not None], mesh)
+  per_device = len(sets) * (size // sharding.data_size(mesh)) * row   # the device feed's share
   if kind == 'device' and config.train.feature_cache == 'auto':
-    kind = _settle_auto(group, len(sets) * (size // sharding.data_size(mesh)) * row, need)
+    kind = _settle_auto(group, per_device, need)
   if kind in ('device', 'host'):
     # The device feed keeps this process's block of each set; the host feed reads any row.
     block = size // sharding.data_slice(mesh)[1]
@@ -154,7 +155,6 @@ def _group_need(group: list[members.Member], need: Need, resized: set) -> None:
       need.lines.append(f'feature cache: rows of {" x ".join(map(str, shape))} '
                         f'{config.train.feature_cache_dtype}{later}')
   if kind == 'device':
-    per_device = len(sets) * (size // sharding.data_size(mesh)) * row
     need.device = max(need.device, per_device)
     if cpu:
       _add_host(need, DEVICE_FEED_ON_CPU, per_device * local)
